@@ -1,0 +1,51 @@
+"""The `latentflow` command: one subcommand per module in `latentflow.commands`.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets
+`func` to a callable taking the parsed namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from latentflow.errors import LatentflowError
+
+COMMAND_MODULES = ("toy", "encode", "train", "plot_log", "export", "sample", "fid_stats", "evaluate", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(prog="latentflow", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"latentflow.commands.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"latentflow.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the command, and turn user errors into one-line messages."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (LatentflowError, FileNotFoundError) as error:
+        print(f"latentflow {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"latentflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

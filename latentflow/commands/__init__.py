@@ -1,0 +1,1 @@
+"""Subcommands of the `latentflow` CLI, one module each (see `latentflow.cli`)."""
