@@ -1,0 +1,239 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) as a velocity field on latents.
+
+The network follows the paper's design: the latent is cut into p x p patches, each
+patch becomes a token with a fixed 2D sine-cosine position embedding, and a stack of
+transformer blocks is conditioned on the time and class embeddings through adaLN-zero
+(per-block shift, scale and gate regressed from the conditioning vector, initialised
+to zero so every block starts as the identity and the output starts at zero).
+
+Time is our continuous t in [0, 1] (t=0 noise, t=1 data); the embedder scales it by
+`time_scale` (1000) before the sinusoidal features so the frequencies match the
+integer-timestep models it was designed for. Classes 0..num_classes-1 are real
+labels; id `num_classes` is the null class used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from latentflow.errors import LatentflowError
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sine-cosine features of scalar values.
+
+    Args:
+        values: (B,) float tensor.
+        dim: number of features (even or odd; an odd dim gets a zero pad).
+        max_period: the longest wavelength.
+
+    Returns:
+        (B, dim) float32 features [cos | sin].
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    angles = values.float()[:, None] * freqs[None]  # (B, half)
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def sincos_position_embedding_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding of a grid_size x grid_size token grid.
+
+    Returns:
+        (grid_size**2, dim) float32, row-major over (row, column).
+    """
+    if dim % 4:
+        raise LatentflowError(f"DiT hidden_size must be divisible by 4 for 2D position embeddings, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+    row_embedding = sinusoidal_embedding(rows.flatten(), dim // 2)  # (G*G, dim/2)
+    col_embedding = sinusoidal_embedding(cols.flatten(), dim // 2)  # (G*G, dim/2)
+    return torch.cat([col_embedding, row_embedding], dim=-1)  # (G*G, dim)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x (B, N, D), shift/scale (B, D) -> (B, N, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Continuous t in [0, 1] -> (B, hidden_size) through sinusoidal features and an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256, time_scale: float = 1000.0) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = sinusoidal_embedding(t * self.time_scale, self.frequency_dim)  # (B, F)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise LatentflowError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape  # (B, N, D)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)  # (B, N, 3, H, D/H)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        out = F.scaled_dot_product_attention(query, key, value)  # (B, H, N, D/H)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        # x (B, N, D), condition (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(condition).chunk(6, -1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from tokens to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(condition).chunk(2, dim=-1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Diffusion Transformer predicting the velocity (or noise, for ddpm) of latents.
+
+    Args:
+        in_channels: latent channels C.
+        sample_size: latent side h = w (must be divisible by patch_size).
+        patch_size: side p of the square patches.
+        hidden_size: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads (must divide hidden_size).
+        mlp_ratio: MLP width as a multiple of hidden_size.
+        num_classes: number of real classes; 0 means unconditional. Class id `num_classes`
+            is the null class for classifier-free guidance.
+        time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        time_scale: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        if sample_size % patch_size:
+            raise LatentflowError(f"DiT sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        self.grid_size = sample_size // patch_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        self.register_buffer(
+            "pos_embed", sincos_position_embedding_2d(hidden_size, self.grid_size)[None], persistent=False
+        )  # (1, N, D)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, small embeddings, and zeroed adaLN/output layers (adaLN-zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) tokens -> (B, C, h, w) latents."""
+        p, g, c = self.config.patch_size, self.grid_size, self.config.in_channels
+        x = tokens.reshape(tokens.shape[0], g, g, p, p, c)  # (B, g, g, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, g, p, g, p)
+        return x.reshape(tokens.shape[0], c, g * p, g * p)  # (B, C, h, w)
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the velocity (noise for ddpm) at x_t.
+
+        Args:
+            x_t: (B, C, h, w) latents on the path at time t.
+            t: (B,) float times in [0, 1] (a scalar tensor is broadcast).
+            class_labels: (B,) long in 0..num_classes (num_classes = null), or None
+                (the null class when the model is class-conditional).
+
+        Returns:
+            (B, C, h, w) prediction.
+        """
+        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t  # (B,)
+        x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed.to(x_t.dtype)  # (B, N, D)
+        condition = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            condition = condition + self.y_embedder(self._labels_or_null(class_labels, x_t))  # (B, D)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, condition)  # (B, N, D)
+            else:
+                x = block(x, condition)  # (B, N, D)
+        return self.unpatchify(self.final_layer(x, condition))  # (B, C, h, w)
+
+    def _labels_or_null(self, class_labels: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
+        """(B,) labels, the null class when `class_labels` is None."""
+        if class_labels is None:
+            return torch.full((x_t.shape[0],), self.config.num_classes, dtype=torch.long, device=x_t.device)
+        return class_labels.reshape(-1).to(device=x_t.device, dtype=torch.long)

@@ -1,0 +1,90 @@
+"""A U-Net velocity field built on diffusers' `UNet2DModel`.
+
+`UNet2DModel` embeds integer-like timesteps; our continuous t in [0, 1] is scaled by
+`time_scale` (1000) first. Class conditioning uses the U-Net's own class embedding
+table with one extra row: id `num_classes` is the null class for classifier-free
+guidance, as in `DiT`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+
+from latentflow.errors import LatentflowError
+
+
+class UNet(ModelMixin, ConfigMixin):
+    """U-Net predicting the velocity (or noise, for ddpm) of latents.
+
+    Args:
+        in_channels: latent channels C.
+        sample_size: latent side h = w (divisible by 2**(levels-1)).
+        block_out_channels: channels per resolution level.
+        attention_levels: for each level, whether its blocks use self-attention.
+        layers_per_block: ResNet blocks per level.
+        attention_head_dim: channels per attention head.
+        norm_num_groups: GroupNorm groups (must divide every entry of block_out_channels).
+        num_classes: number of real classes; 0 means unconditional; id num_classes is null.
+        time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        sample_size: int = 32,
+        block_out_channels: tuple[int, ...] = (128, 256, 256),
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        layers_per_block: int = 2,
+        attention_head_dim: int = 32,
+        norm_num_groups: int = 32,
+        num_classes: int = 0,
+        time_scale: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        if len(attention_levels) != len(block_out_channels):
+            raise LatentflowError(
+                f"UNet attention_levels {list(attention_levels)} must have one entry per block_out_channels "
+                f"level {list(block_out_channels)}"
+            )
+        down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in attention_levels)
+        up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention_levels))
+        self.unet = UNet2DModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            num_class_embeds=num_classes + 1 if num_classes > 0 else None,
+        )
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the velocity (noise for ddpm) at x_t.
+
+        Args:
+            x_t: (B, C, h, w) latents at time t.
+            t: (B,) float times in [0, 1] (a scalar tensor is broadcast).
+            class_labels: (B,) long in 0..num_classes, or None (the null class when conditional).
+
+        Returns:
+            (B, C, h, w) prediction.
+        """
+        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t  # (B,)
+        labels = None
+        if self.config.num_classes > 0:
+            if class_labels is None:
+                labels = torch.full((x_t.shape[0],), self.config.num_classes, dtype=torch.long, device=x_t.device)
+            else:
+                labels = class_labels.reshape(-1).to(device=x_t.device, dtype=torch.long)  # (B,)
+        timesteps = t.float() * self.config.time_scale  # (B,)
+        return self.unet(x_t, timesteps, class_labels=labels).sample  # (B, C, h, w)

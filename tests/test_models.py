@@ -1,0 +1,120 @@
+"""DiT and U-Net backbones: shapes, adaLN-zero init, class conditioning, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentflow.errors import LatentflowError
+from latentflow.models import MODEL_PRESETS, DiT, UNet, load_model, make_model
+
+TINY_DIT = {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 2}
+TINY_UNET = {"block_out_channels": (32, 32), "attention_levels": (False, True), "layers_per_block": 1,
+             "attention_head_dim": 8, "norm_num_groups": 8}
+
+
+def tiny(kind: str, num_classes: int = 3, in_channels: int = 4, sample_size: int = 8) -> torch.nn.Module:
+    torch.manual_seed(0)
+    settings = TINY_DIT if kind == "dit" else TINY_UNET
+    return make_model(kind, in_channels=in_channels, sample_size=sample_size, num_classes=num_classes, **settings)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Move every weight off its (partly zero) init so outputs depend on all inputs."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+@pytest.mark.parametrize("in_channels,sample_size", [(4, 8), (32, 8), (3, 16)])
+def test_output_shape_matches_input(kind: str, in_channels: int, sample_size: int) -> None:
+    model = tiny(kind, in_channels=in_channels, sample_size=sample_size)
+    x_t = torch.randn(3, in_channels, sample_size, sample_size)
+    out = model(x_t, torch.rand(3), torch.tensor([0, 1, 3]))
+    assert out.shape == x_t.shape
+
+
+def test_dit_adaln_zero_init_gives_zero_output() -> None:
+    model = tiny("dit")
+    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 2]))
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_labels_and_time_change_output_and_none_means_null_class(kind: str) -> None:
+    model = randomize(tiny(kind, num_classes=3)).eval()
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        out_a = model(x_t, t, torch.tensor([0, 1]))
+        out_b = model(x_t, t, torch.tensor([2, 2]))
+        out_null = model(x_t, t, torch.tensor([3, 3]))  # null id = num_classes
+        out_none = model(x_t, t)
+        out_later = model(x_t, t + 0.1, torch.tensor([0, 1]))
+    assert not torch.allclose(out_a, out_b, atol=1e-4)
+    assert not torch.allclose(out_a, out_later, atol=1e-4)
+    torch.testing.assert_close(out_none, out_null)
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_save_pretrained_round_trip_is_exact(kind: str, tmp_path) -> None:
+    model = randomize(tiny(kind)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 3
+    loaded = load_model(tmp_path).eval()
+    assert type(loaded) is type(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x_t, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_t, t, torch.tensor([1, 0])), model(x_t, t, torch.tensor([1, 0])))
+
+
+def test_from_pretrained_by_class() -> None:
+    assert DiT.from_config(tiny("dit").config).config.hidden_size == 32
+    assert UNet.from_config(tiny("unet").config).config.num_classes == 3
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_gradient_checkpointing_gives_same_gradients(kind: str) -> None:
+    model = randomize(tiny(kind))
+    x_t, t, labels = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x_t, t, labels).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    for a, b in zip(plain, gradients()):
+        torch.testing.assert_close(a, b)
+
+
+def test_presets_have_the_dit_paper_sizes() -> None:
+    assert {f"DiT-{s}/{p}" for s in "S B L XL".split() for p in (2, 4, 8)} <= set(MODEL_PRESETS)
+    model = make_model("DiT-S/2", in_channels=4, sample_size=32, num_classes=1000)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 32e6 < parameters < 34e6  # the paper's DiT-S/2 has 33M parameters
+    assert MODEL_PRESETS["DiT-XL/2"][1] == {"hidden_size": 1152, "depth": 28, "num_heads": 16, "patch_size": 2}
+
+
+def test_unknown_name_or_setting_lists_choices() -> None:
+    with pytest.raises(LatentflowError, match="DiT-XL/2"):
+        make_model("DiT-XXL/2")
+    with pytest.raises(LatentflowError, match="hidden_size"):
+        make_model("DiT-S/2", hiden_size=3)
+    with pytest.raises(LatentflowError, match="divisible"):
+        make_model("dit", sample_size=9, patch_size=2)
+
+
+def test_bf16_autocast_forward_runs_on_cpu() -> None:
+    model = randomize(tiny("dit"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
