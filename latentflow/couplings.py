@@ -124,7 +124,9 @@ class _BlockwiseCoupling(Coupling):
             local_noise, local_data = self.solve(cost.cpu().double().numpy(), generator)
             x0_parts.append(noise_rows[local_noise])
             x1_parts.append(data_rows[local_data])
-        return torch.cat(x0_parts), torch.cat(x1_parts)
+        x0_index, x1_index = torch.cat(x0_parts), torch.cat(x1_parts)
+        order = torch.argsort(x1_index, stable=True)  # keep the data's own order where possible
+        return x0_index[order], x1_index[order]
 
     @abstractmethod
     def solve(self, cost: np.ndarray, generator) -> tuple[torch.Tensor, torch.Tensor]:
