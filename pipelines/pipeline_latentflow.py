@@ -1,0 +1,341 @@
+"""LatentFlowPipeline: sample a latent flow-matching (or DDPM) model and decode with its VAE.
+
+    from pipelines.pipeline_latentflow import LatentFlowPipeline
+    pipe = LatentFlowPipeline.from_pretrained("PIPE_DIR").to("cpu")
+    out = pipe(batch_size=4, num_inference_steps=8, solver="euler", generator=torch.Generator().manual_seed(0))
+    out.images[0].save("sample.png"); print(out.nfe)
+
+or, without importing this module first,
+`DiffusionPipeline.from_pretrained("PIPE_DIR", custom_pipeline="pipelines/pipeline_latentflow.py",
+trust_remote_code=True)` (diffusers runs this file for you, which imports the `latentflow` modules that
+`model_index.json` names).
+
+Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is integrated with
+`latentflow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+import latentflow.models  # noqa: F401  (model_index.json names latentflow.models.* classes)
+from latentflow.errors import LatentflowError
+from latentflow.export import LatentFlowScheduler, check_vae_fingerprint
+from latentflow.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ddim_sample, integrate
+
+try:  # the VAE may be a latentflow class (e.g. TAEF2); make its module importable by name for diffusers
+    import latentflow.vae  # noqa: F401
+except ImportError:  # pragma: no cover - only while the VAE module is being written
+    pass
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+NOISE_SOLVERS = ("ddim",)
+STAGES_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+"""Velocity evaluations per step of the one-step fixed-grid methods (these also support step callbacks)."""
+
+Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LatentFlowPipelineOutput(BaseOutput):
+    """Output of LatentFlowPipeline.
+
+    Attributes:
+        images: list of PIL images, numpy (B, H, W, 3) in [0, 1], torch (B, 3, H, W) in [0, 1], or for
+            output_type="latent" the latents (B, C, h, w) in the latent cache's space (decodable by the VAE).
+        nfe: exact number of evaluations of the sampled field (velocity or noise); one evaluation covers the
+            whole batch, and with classifier-free guidance the conditional and unconditional halves together.
+        class_labels: (B,) class ids sampled with, or None for an unconditional model.
+    """
+
+    images: Any
+    nfe: int
+    class_labels: torch.Tensor | None = None
+
+
+class LatentFlowPipeline(DiffusionPipeline):
+    """Generate images by integrating a learned velocity field in a VAE's latent space.
+
+    Args:
+        transformer: the velocity (or noise) model, `model(x_t, t, class_labels=None)` with t in [0, 1].
+        vae: the diffusers VAE the training latents were encoded with.
+        scheduler: `LatentFlowScheduler`, the sampling settings and latent statistics.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler) -> None:
+        super().__init__()
+        _check_components(transformer, vae, scheduler)
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        solver: str | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, float, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> LatentFlowPipelineOutput | tuple:
+        """Sample images.
+
+        Args:
+            batch_size: number of images (taken from `latents` or a list of `class_labels` when given).
+            num_inference_steps: steps of fixed-step solvers and DDIM (default: the scheduler's).
+            solver: torchdiffeq method for velocity models ("euler", "midpoint", "rk4", "dopri5", ...), "ddim"
+                for noise models (default: the scheduler's).
+            atol, rtol: tolerances of adaptive solvers (default: the scheduler's).
+            class_labels: ids or label names, one or one per image; None on a class-conditional model draws
+                uniform labels with `generator`.
+            guidance_scale: classifier-free guidance w, v = v_null + w (v_class - v_null); 1 means none (and no
+                extra evaluations).
+            eta: DDIM stochasticity for noise models (0 deterministic, 1 ancestral).
+            generator: torch generator(s) for the initial noise, labels and DDIM noise.
+            latents: (B, C, h, w) initial noise x0 at t=0 instead of drawing it.
+            output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], or "latent".
+            return_dict: return a LatentFlowPipelineOutput (else a tuple (images, nfe)).
+            callback_on_step_end: called as fn(pipe, step, t, {"latents": x}) after each step of a one-step
+                fixed-grid solver (euler, midpoint, heun2, heun3, rk4); may return {"latents": new_x}.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (only "latents").
+
+        Returns:
+            LatentFlowPipelineOutput(images, nfe, class_labels).
+        """
+        settings = self._resolve_settings(num_inference_steps, solver, atol, rtol, eta, output_type)
+        device, dtype = self._execution_device, self.transformer.dtype
+        x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
+        labels = self._class_labels(class_labels, x0.shape[0], generator, device)
+        field = self._guided_field(labels, guidance_scale)
+        if callback_on_step_end is not None:
+            _check_callback(settings["solver"], callback_on_step_end_tensor_inputs)
+        x1, nfe = self._sample(field, x0, settings, generator, callback_on_step_end)
+        images = self._postprocess(x1, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nfe
+        return LatentFlowPipelineOutput(images=images, nfe=nfe, class_labels=labels)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # settings and inputs
+
+    def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type) -> dict[str, Any]:
+        """Call arguments with the scheduler's defaults filled in, validated."""
+        config = self.scheduler.config
+        settings = {
+            "solver": solver or self.scheduler.default_solver,
+            "steps": config.num_inference_steps if steps is None else steps,
+            "atol": config.atol if atol is None else atol,
+            "rtol": config.rtol if rtol is None else rtol,
+            "eta": config.eta if eta is None else eta,
+        }
+        if output_type not in OUTPUT_TYPES:
+            raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
+        _check_solver(settings["solver"], config.prediction_type)
+        return settings
+
+    def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = self.scheduler.config
+        return (batch_size, config.latent_channels, *config.latent_size)
+
+    def _initial_noise(self, batch_size, class_labels, generator, latents, device, dtype) -> torch.Tensor:
+        """(B, C, h, w) noise x0 at t=0: the given latents, else drawn with `generator`."""
+        if latents is not None:
+            if tuple(latents.shape[1:]) != self._latent_shape(1)[1:]:
+                raise LatentflowError(
+                    f"latents have shape {tuple(latents.shape)}; expected (B, {', '.join(map(str, self._latent_shape(1)[1:]))})"
+                )
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(class_labels, (list, tuple, torch.Tensor)) and batch_size == 1:
+            batch_size = len(class_labels)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise LatentflowError(f"got {len(generator)} generators for a batch of {batch_size}")
+        return randn_tensor(self._latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
+
+    def _class_labels(self, class_labels, batch_size: int, generator, device) -> torch.Tensor | None:
+        """(B,) long class ids, or None for an unconditional model."""
+        num_classes = self.scheduler.config.num_classes
+        if num_classes == 0:
+            if class_labels is not None:
+                raise LatentflowError("class_labels given, but this pipeline's model is unconditional")
+            return None
+        if class_labels is None:
+            first = generator[0] if isinstance(generator, list) else generator
+            drawn = torch.randint(num_classes, (batch_size,), generator=first, device=_generator_device(first))
+            return drawn.to(device)
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels] * batch_size
+        ids = [self.scheduler.class_id(label) for label in class_labels]
+        if len(ids) != batch_size:
+            raise LatentflowError(f"got {len(ids)} class labels for a batch of {batch_size}")
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the field and its integration
+
+    def _model(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        output = self.transformer(x, t, class_labels=labels)
+        return output.sample if hasattr(output, "sample") else output
+
+    def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float) -> Field:
+        """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1."""
+        if guidance_scale == 1.0:
+            return lambda x, t: self._model(x, t, labels)
+        if labels is None:
+            raise LatentflowError(f"guidance_scale={guidance_scale} needs a class-conditional model; use 1.0")
+        null = torch.full_like(labels, self.scheduler.null_class_id)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            both = self._model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, h, w)
+            conditional, unconditional = both.chunk(2)
+            return unconditional + guidance_scale * (conditional - unconditional)
+
+        return guided
+
+    def _sample(self, field: Field, x0: torch.Tensor, settings: dict, generator, callback) -> tuple[torch.Tensor, int]:
+        """Integrate from noise x0 (t=0) to data (t=1); returns (x1 (B, C, h, w), nfe)."""
+        solver, steps = settings["solver"], settings["steps"]
+        total = steps * STAGES_PER_STEP[solver] if solver in STAGES_PER_STEP else (steps if solver == "ddim" else None)
+        with self._progress(total) as bar:
+            counted = _counting(field, bar)
+            if solver == "ddim":
+                first = generator[0] if isinstance(generator, list) else generator
+                output = ddim_sample(counted, x0, self.scheduler.ddpm_schedule(), steps, settings["eta"], first)
+                return output.x, output.nfe
+            if callback is not None:
+                return self._integrate_stepwise(counted, x0, solver, steps, callback)
+            output = integrate(counted, x0, method=solver, steps=steps, atol=settings["atol"], rtol=settings["rtol"])
+            return output.x, output.nfe
+
+    def _integrate_stepwise(self, field: Field, x: torch.Tensor, solver: str, steps: int, callback) -> tuple:
+        """One `integrate` call per grid interval [t_i, t_i+1] (time rescaled to [0, 1]), calling back after each."""
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype, device=x.device)
+        nfe = 0
+        for step in range(steps):
+            start, width = grid[step], grid[step + 1] - grid[step]
+            rescaled = _rescaled_field(field, start, width)
+            output = integrate(rescaled, x, method=solver, steps=1)
+            x, nfe = output.x, nfe + output.nfe
+            returned = callback(self, step, float(grid[step + 1]), {"latents": x}) or {}
+            x = returned.get("latents", x)
+        return x, nfe
+
+    def _progress(self, total: int | None):
+        if total:
+            return self.progress_bar(total=total)
+        return tqdm(total=None, **getattr(self, "_progress_bar_config", {}))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # decoding
+
+    def _to_cache_space(self, x1: torch.Tensor) -> torch.Tensor:
+        """Undo the per-channel normalisation the model was trained with (if any)."""
+        statistics = self.scheduler.channel_statistics()
+        if statistics is None:
+            return x1
+        mean, std = statistics
+        return x1 * std.to(x1) + mean.to(x1)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cache-space latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], with the VAE's own scale/shift."""
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        raw = latents.to(self.vae.dtype) / config.scaling_factor + shift
+        decoded = self.vae.decode(raw)
+        return decoded.sample if hasattr(decoded, "sample") else decoded
+
+    def _postprocess(self, x1: torch.Tensor, output_type: str) -> Any:
+        latents = self._to_cache_space(x1)
+        if output_type == "latent":
+            return latents
+        images = (self.decode_latents(latents).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _counting(field: Field, bar) -> Field:
+    """The field, advancing the progress bar by one per evaluation."""
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        value = field(x, t)
+        bar.update(1)
+        return value
+
+    return counted
+
+
+def _rescaled_field(field: Field, start: torch.Tensor, width: torch.Tensor) -> Field:
+    """g(x, s) = width * field(x, start + s * width): integrating g over s in [0, 1] covers [start, start + width]."""
+    return lambda x, s: width * field(x, start + s * width)
+
+
+def _check_solver(solver: str, prediction_type: str) -> None:
+    if prediction_type == "noise":
+        if solver not in NOISE_SOLVERS:
+            raise LatentflowError(f"a noise-prediction (ddpm) model samples with solver='ddim', not {solver!r}")
+        return
+    valid = sorted(FIXED_STEP_METHODS + ADAPTIVE_METHODS)
+    if solver not in valid:
+        raise LatentflowError(f"unknown solver {solver!r} for a velocity model; choose one of {valid}")
+
+
+def _check_callback(solver: str, tensor_inputs: Sequence[str]) -> None:
+    if solver not in STAGES_PER_STEP:
+        raise LatentflowError(
+            f"callback_on_step_end works with the one-step fixed-grid solvers {sorted(STAGES_PER_STEP)}, not {solver!r}"
+        )
+    if set(tensor_inputs) - {"latents"}:
+        raise LatentflowError(f"callback_on_step_end_tensor_inputs may only contain 'latents', got {list(tensor_inputs)}")
+
+
+def _check_components(transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler) -> None:
+    """Refuse component combinations that cannot sample correctly, naming the mismatch."""
+    config = scheduler.config
+    model_channels = getattr(transformer.config, "in_channels", None)
+    vae_channels = getattr(vae.config, "latent_channels", None)
+    if model_channels is not None and model_channels != config.latent_channels:
+        raise LatentflowError(
+            f"transformer in_channels={model_channels} but scheduler latent_channels={config.latent_channels}"
+        )
+    if vae_channels is not None and vae_channels != config.latent_channels:
+        raise LatentflowError(
+            f"vae latent_channels={vae_channels} but the model works on {config.latent_channels}-channel latents"
+        )
+    model_classes = getattr(transformer.config, "num_classes", 0) or 0
+    if model_classes != config.num_classes:
+        raise LatentflowError(f"transformer num_classes={model_classes} but scheduler num_classes={config.num_classes}")
+    check_vae_fingerprint(config.vae_fingerprint, vae, "LatentFlowPipeline")
+
+
+__all__ = ["LatentFlowPipeline", "LatentFlowPipelineOutput", "LatentFlowScheduler"]
