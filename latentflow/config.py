@@ -1,0 +1,318 @@
+"""Training configuration: dataclasses loaded from YAML, validated, with dotted overrides.
+
+A config file mirrors `Config`: top-level sections `data`, `model`, `objective`, `optim`,
+`train`, `checkpoint`, `sample` and `log`, plus `output_dir`. Unknown keys and values of
+the wrong type are `LatentflowError`s that list the valid keys or the expected type.
+`--set train.max_steps=100` style overrides are parsed as YAML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from latentflow.errors import LatentflowError
+
+OBJECTIVE_NAMES = ("rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm")
+
+
+@dataclass
+class DataConfig:
+    """Where the latents come from and how they are batched.
+
+    `batch_size` is the global batch: per-process micro-batch x processes x grad accumulation.
+    """
+
+    cache: str = ""
+    batch_size: int = 256
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    sample_posterior: bool = True
+    random_flip: bool = True
+    normalize: bool = False
+    in_memory: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A preset or class name for `latentflow.models.make_model`, plus free constructor settings."""
+
+    name: str = "DiT-S/2"
+    settings: dict[str, Any] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """The objective (`latentflow.objectives.make_objective`) and how noise is paired.
+
+    `ot_scope`: 'local' pairs each process's batch in its loader workers; 'global' gathers
+    noise and latents from all processes and solves one plan for the global batch.
+    `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
+    """
+
+    name: Literal["rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm"] = "otcfm"
+    sigma: float | None = None
+    reg: float = 0.05
+    class_aware: bool = False
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    ot_scope: Literal["local", "global"] = "local"
+    label_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then constant or cosine learning rate; `grad_clip` 0 disables clipping."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Length, precision, EMA, and the non-finite guard (stop after `max_nonfinite_steps` in a row).
+
+    `ema_warmup` uses decay min(ema_decay, (1 + n) / (10 + n)) after n updates (off = the DiT recipe).
+    """
+
+    max_steps: int = 1000
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    max_nonfinite_steps: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every `every` optimizer steps (0: only at the end), keep the newest `keep`."""
+
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class SampleConfig:
+    """Fixed-noise sample grids from the EMA weights every `every` steps (0: never).
+
+    `vae` overrides the VAE named in the cache manifest (a hub id or local folder).
+    """
+
+    every: int = 1000
+    num_images: int = 16
+    solver: str = "euler"
+    steps: int = 32
+    seed: int = 0
+    vae: str | None = None
+
+
+@dataclass
+class LogConfig:
+    """Metrics every `every` steps to OUT/log.csv and the accelerate trackers."""
+
+    every: int = 10
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "latentflow"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    """A full training run."""
+
+    output_dir: str = "runs/latentflow"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against `annotation` and return it converted (int -> float, nested dataclasses)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _from_dict(annotation, value, where)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise LatentflowError(f"{where}: {value!r} is not valid; expected {_type_name(annotation)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            return _convert(value, option, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise LatentflowError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_convert(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LatentflowError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise LatentflowError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise LatentflowError(f"{where or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        valid = ", ".join(f"{name} ({_type_name(hints[name])})" for name in names)
+        raise LatentflowError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {valid}")
+    prefix = f"{where}." if where else ""
+    return cls(**{key: _convert(value, hints[key], prefix + key) for key, value in data.items()})
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build and type-check a `Config` from nested dicts (as read from YAML)."""
+    try:
+        return _from_dict(Config, data, "")
+    except LatentflowError as error:
+        raise LatentflowError(f"{source}: {error}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to nested dicts, in place."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise LatentflowError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=100")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LatentflowError(f"override {override!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise LatentflowError(f"{path}: expected a mapping of sections at the top level")
+    apply_overrides(data, overrides)
+    return config_from_dict(data, str(path) if path else "config")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise LatentflowError(message)
+
+
+def validate_config(config: Config, num_processes: int = 1) -> None:
+    """Refuse settings that cannot work, e.g. a batch that does not split over the processes."""
+    data, optim, objective = config.data, config.optim, config.objective
+    _require(bool(data.cache), "data.cache: set the latent cache folder (written by `latentflow encode`)")
+    split = num_processes * optim.grad_accumulation
+    _require(
+        data.batch_size >= split and data.batch_size % split == 0,
+        f"data.batch_size {data.batch_size} must be a positive multiple of processes ({num_processes}) x "
+        f"optim.grad_accumulation ({optim.grad_accumulation}) = {split}",
+    )
+    _require(config.train.max_steps >= 1, f"train.max_steps must be >= 1, got {config.train.max_steps}")
+    _require(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
+    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+             f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+    _require(optim.warmup_steps >= 0 and optim.grad_clip >= 0 and optim.grad_accumulation >= 1,
+             "optim.warmup_steps and optim.grad_clip must be >= 0, optim.grad_accumulation >= 1")
+    _require(0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    _require(0 <= config.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    _require(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    _require(0 <= objective.label_dropout < 1, f"objective.label_dropout must be in [0, 1), got {objective.label_dropout}")
+    _require(objective.ot_scope == "local" or objective.name in ("otcfm", "otcfm-sinkhorn"),
+             f"objective.ot_scope 'global' needs an OT objective (otcfm, otcfm-sinkhorn), not {objective.name!r}")
+    _require(config.checkpoint.every >= 0 and config.checkpoint.keep >= 1,
+             "checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    _require(config.sample.every >= 0 and config.sample.num_images >= 1 and config.sample.steps >= 1,
+             "sample.every must be >= 0, sample.num_images and sample.steps >= 1")
+    _require(config.log.every >= 1, f"log.every must be >= 1, got {config.log.every}")
+    unknown_trackers = sorted(set(config.log.trackers) - {"tensorboard", "wandb", "csv"})
+    _require(not unknown_trackers, f"log.trackers {unknown_trackers} unknown; choose from tensorboard, wandb, csv")
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Nested plain dicts (YAML/JSON-safe)."""
+    return asdict(config)
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """Dotted keys -> scalars (lists and dicts as strings), for tracker hyper-parameters."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "settings":
+                walk(value, f"{prefix}{key}.")
+            elif value is None or isinstance(value, (list, tuple, dict)):
+                flat[prefix + key] = str(value)
+            else:
+                flat[prefix + key] = value
+
+    walk(config_to_dict(config), "")
+    return flat
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

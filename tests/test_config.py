@@ -1,0 +1,84 @@
+"""YAML configs: shipped files load, unknown keys and wrong types are refused, overrides work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentflow.config import Config, load_config, save_config, validate_config
+from latentflow.errors import LatentflowError
+from latentflow.models import make_model
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["flowers64_dit_s2_otcfm.yaml", "imagenet256_dit_xl2_otcfm.yaml"])
+def test_shipped_configs_load_validate_and_build_their_model(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    validate_config(config, num_processes=8 if "imagenet" in name else 1)
+    assert isinstance(config.optim.lr, float)
+    if "imagenet" in name:
+        assert (config.model.name, config.data.batch_size, config.optim.lr) == ("DiT-XL/2", 256, 1e-4)
+        assert config.train.ema_decay == 0.9999 and config.objective.ot_scope == "global"
+    else:
+        model = make_model(config.model.name, in_channels=32, sample_size=8, num_classes=5, **config.model.settings)
+        assert sum(p.numel() for p in model.parameters()) < 10e6  # small enough for a 2-core CPU
+
+
+@pytest.mark.parametrize("name", ["cpu_2proc", "1gpu", "8gpu"])
+def test_accelerate_configs_are_yaml_with_process_counts(name: str) -> None:
+    data = yaml.safe_load((CONFIGS / "accelerate" / f"{name}.yaml").read_text())
+    assert data["num_processes"] == {"cpu_2proc": 2, "1gpu": 1, "8gpu": 8}[name]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(LatentflowError, match=r"optim: unknown key\(s\) \['learning_rate'\].*lr \(float\)"):
+        load_config(write(tmp_path, {"optim": {"learning_rate": 1e-3}}))
+    with pytest.raises(LatentflowError, match=r"unknown key\(s\) \['trian'\].*train"):
+        load_config(write(tmp_path, {"trian": {}}))
+
+
+def test_wrong_type_names_field_and_expected_type(tmp_path: Path) -> None:
+    with pytest.raises(LatentflowError, match=r"train.max_steps: expected int, got str 'many'"):
+        load_config(write(tmp_path, {"train": {"max_steps": "many"}}))
+    with pytest.raises(LatentflowError, match=r"objective.name: 'otfm' is not valid; expected one of 'rf'"):
+        load_config(write(tmp_path, {"objective": {"name": "otfm"}}))
+    with pytest.raises(LatentflowError, match=r"train.max_steps: expected int, got bool"):
+        load_config(write(tmp_path, {"train": {"max_steps": True}}))
+
+
+def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"data": {"cache": "c"}}),
+                         ["train.max_steps=7", "optim.lr=3e-4", "model.settings.depth=2", "log.trackers=[]",
+                          "objective.sigma=null"])
+    assert (config.train.max_steps, config.optim.lr, config.model.settings, config.log.trackers) == (7, 3e-4, {"depth": 2}, [])
+    assert config.objective.sigma is None
+    with pytest.raises(LatentflowError, match="unknown key"):
+        load_config(None, ["train.max_step=7"])
+    with pytest.raises(LatentflowError, match="section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_impossible_values_are_refused() -> None:
+    config = load_config(None, ["data.cache=x", "data.batch_size=4", "optim.grad_accumulation=2"])
+    validate_config(config, num_processes=2)
+    with pytest.raises(LatentflowError, match=r"batch_size 4 must be a positive multiple of processes \(8\)"):
+        validate_config(config, num_processes=8)
+    with pytest.raises(LatentflowError, match="ot_scope 'global' needs an OT objective"):
+        validate_config(load_config(None, ["data.cache=x", "objective.name=rf", "objective.ot_scope=global"]))
+    with pytest.raises(LatentflowError, match="data.cache"):
+        validate_config(Config())
+
+
+def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "flowers64_dit_s2_otcfm.yaml", ["train.max_steps=3"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
