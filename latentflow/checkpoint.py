@@ -1,0 +1,126 @@
+"""Training checkpoints: atomic folders with a completeness record, newest-intact lookup.
+
+A checkpoint is the folder `OUT/checkpoints/step-XXXXXXXX/`, holding accelerate's
+`save_state` files (model, optimizer, RNG states, grad scaler) plus our own files (EMA
+weights as safetensors, the trainer state and the model config as JSON). It is written
+under a temporary name and renamed into place only when complete; `checkpoint.json`,
+written last, records every file's size, so a truncated or partial checkpoint is caught
+before anything is loaded from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentflow.config import write_text_atomic
+from latentflow.errors import LatentflowError
+
+RECORD_NAME = "checkpoint.json"
+_STEP_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class CheckpointInfo:
+    """A verified checkpoint folder, its optimizer step, and newer ones skipped as broken."""
+
+    path: Path
+    step: int
+    skipped: tuple[str, ...] = ()
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """The folder holding a run's checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint at `step`."""
+    return f"step-{step:08d}"
+
+
+def temporary_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint at `step` is written before it is renamed into place."""
+    return checkpoint_root(output_dir) / f".tmp-{checkpoint_name(step)}"
+
+
+def write_record(folder: Path, step: int) -> None:
+    """Write `checkpoint.json` (step and file sizes) into a fully written folder."""
+    files = {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != RECORD_NAME
+    }
+    write_text_atomic(folder / RECORD_NAME, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def publish(temporary: Path, step: int, keep: int) -> Path:
+    """Record, rename the temporary folder into place, and delete all but the newest `keep`."""
+    write_record(temporary, step)
+    final = temporary.parent / checkpoint_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in sorted(list_checkpoints(temporary.parent), key=lambda p: p.step)[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """Checkpoint folders under `root` by name (unverified), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_PATTERN.match(p.name)) and p.is_dir()]
+    return [CheckpointInfo(path, step) for step, path in sorted(found)]
+
+
+def verify_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Check that a checkpoint folder is complete: record present, every file present at its size.
+
+    Raises:
+        LatentflowError: naming the folder and what is missing or truncated.
+    """
+    path = Path(path)
+    record_file = path / RECORD_NAME
+    if not path.is_dir():
+        raise LatentflowError(f"checkpoint {path} does not exist or is not a folder")
+    try:
+        record = json.loads(record_file.read_text())
+        files, step = dict(record["files"]), int(record["step"])
+    except FileNotFoundError:
+        raise LatentflowError(f"checkpoint {path} is incomplete: {RECORD_NAME} is missing (interrupted save?)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise LatentflowError(f"checkpoint {path} is corrupt: {record_file} unreadable ({error})") from None
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise LatentflowError(f"checkpoint {path} is corrupt: file {name} is missing")
+        if file.stat().st_size != size:
+            raise LatentflowError(
+                f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, {size} were written"
+            )
+    return CheckpointInfo(path, step)
+
+
+def find_checkpoint(output_dir: str | Path, which: str) -> CheckpointInfo:
+    """Resolve `--resume`: 'latest' (the newest intact checkpoint of the run) or a folder path.
+
+    Raises:
+        LatentflowError: no intact checkpoint, or the named one is incomplete/corrupt.
+    """
+    if which != "latest":
+        return verify_checkpoint(which)
+    root = checkpoint_root(output_dir)
+    problems = []
+    for candidate in reversed(list_checkpoints(root)):
+        try:
+            info = verify_checkpoint(candidate.path)
+            return CheckpointInfo(info.path, info.step, tuple(problems))
+        except LatentflowError as error:
+            problems.append(str(error))
+    detail = ("; skipped: " + "; ".join(problems)) if problems else ""
+    raise LatentflowError(f"--resume latest: no intact checkpoint under {root}{detail}")

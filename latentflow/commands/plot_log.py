@@ -1,0 +1,20 @@
+"""`latentflow plot-log OUT`: draw a run's OUT/log.csv curves to OUT/log.png."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("plot-log", help="plot a training run's log.csv to PNG")
+    parser.add_argument("run_dir", type=Path, help="the training output_dir holding log.csv")
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/log.png)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentflow.train_plots import plot_log
+
+    print(plot_log(args.run_dir, args.out))
+    return 0

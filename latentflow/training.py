@@ -1,0 +1,426 @@
+"""The accelerate training loop for DiT / U-Net velocity fields on cached latents.
+
+`Trainer(config).fit(resume=None)` runs a whole job: DDP over the launched processes,
+mixed precision with a guard that skips non-finite steps, gradient accumulation and
+clipping, AdamW with warmup and optional cosine decay, EMA weights, atomic checkpoints
+with exact resume, fixed-noise sample grids, metrics to trackers and OUT/log.csv, and
+the EMA model exported in diffusers format at the end.
+
+The pieces are public so tests and benchmarks can drive them: `batches()` yields the
+prepared micro-batches of one optimizer step and `train_step(...)` performs that step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from latentflow import checkpoint as ckpt
+from latentflow.config import Config, flat_config, save_config, validate_config, write_text_atomic
+from latentflow.errors import LatentflowError
+from latentflow.models import make_model
+from latentflow.objectives import Objective, TrainingBatch, make_objective
+from latentflow.solvers import ddim_sample, integrate
+from latentflow.train_utils import (
+    EMA, CsvLog, PairingTransform, drop_labels, global_ot_pairing, image_grid, learning_rate, save_png_atomic,
+    seed_for,
+)
+
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores besides the weights."""
+
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, reduced over processes.
+
+    Attributes:
+        loss: mean loss over the global batch (nan/inf when the step was skipped for it).
+        grad_norm: total gradient norm before clipping.
+        skipped: the step was not applied because the loss or gradients were not finite.
+        lr: the learning rate used.
+        ot_cost: mean squared noise-data distance of the pairs (global in global OT), or None.
+    """
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+    lr: float
+    ot_cost: float | None = None
+
+
+@dataclass
+class FitResult:
+    """The end of `fit`: final step, the per-step losses seen, and where the model went."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    model_dir: Path | None = None
+
+
+def _open_cache(path: str):
+    from latentflow.data.cache import LatentCache
+
+    return LatentCache(path)
+
+
+def check_model_matches_cache(model_config: dict[str, Any], cache_shape: tuple[int, ...], num_classes: int,
+                              cache_path: str, source: str) -> None:
+    """Refuse a model whose input shape or classes disagree with the cache.
+
+    Raises:
+        LatentflowError: naming both shapes and where the model's came from.
+    """
+    channels, height, width = cache_shape
+    if height != width:
+        raise LatentflowError(f"cache {cache_path}: latents {tuple(cache_shape)} are not square; models need h == w")
+    model_shape = (model_config.get("in_channels"), model_config.get("sample_size"), model_config.get("sample_size"))
+    if model_shape != (channels, height, width):
+        raise LatentflowError(
+            f"cache {cache_path} holds latents of shape {tuple(cache_shape)} but the model ({source}) takes "
+            f"{model_shape}; encode a matching cache or drop in_channels/sample_size from model.settings"
+        )
+    if model_config.get("num_classes", 0) != num_classes:
+        raise LatentflowError(
+            f"cache {cache_path} has {num_classes} classes but the model ({source}) has "
+            f"num_classes={model_config.get('num_classes')}"
+        )
+
+
+class Trainer:
+    """Everything for one training job; see the module docstring.
+
+    Args:
+        config: the validated run configuration.
+        accelerator: an existing Accelerator (default: one built from the config).
+    """
+
+    def __init__(self, config: Config, accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.train.mixed_precision,
+            log_with=[t for t in config.log.trackers if t != "csv"] or None,
+            project_dir=config.output_dir,
+        )
+        validate_config(config, self.accelerator.num_processes)
+        self.output_dir = Path(config.output_dir)
+        self.cache = _open_cache(config.data.cache)
+        self.num_classes = int(self.cache.num_classes)
+        self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
+        self.objective: Objective = make_objective(
+            config.objective.name, sigma=config.objective.sigma, reg=config.objective.reg,
+            class_aware=config.objective.class_aware, time_sampler=config.objective.time_sampler,
+        )
+        self.state = TrainState()
+        self._build_model()
+
+    # ----------------------------------------------------------------- setup
+    def _build_model(self) -> None:
+        config, cache_shape = self.config, tuple(self.cache.latent_shape)
+        settings = {"in_channels": cache_shape[0], "sample_size": cache_shape[1], "num_classes": self.num_classes,
+                    **config.model.settings}
+        check_model_matches_cache(settings, cache_shape, self.num_classes, config.data.cache, "model.settings")
+        set_seed(config.train.seed)
+        model = make_model(config.model.name, **settings)
+        if config.model.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema.model.to(self.accelerator.device)
+        if config.model.compile:
+            self.model = torch.compile(self.model)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The bare model (no DDP / compile wrappers)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def batches(self) -> Iterator[list[TrainingBatch | dict[str, Any]]]:
+        """Endless iterator over optimizer steps, each a list of `grad_accumulation` micro-batches.
+
+        Starts at the data position of `self.state.step`, so resumed runs continue exactly.
+        """
+        from latentflow.data.cache import make_latent_loader
+
+        config, accumulation = self.config, self.config.optim.grad_accumulation
+        transform = PairingTransform(
+            self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
+            config.objective.label_dropout, pair=config.objective.ot_scope == "local",
+        )
+        loader = make_latent_loader(
+            self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes, shuffle_buffer=config.data.shuffle_buffer,
+            sample_posterior=config.data.sample_posterior, random_flip=config.data.random_flip,
+            normalize=config.data.normalize, in_memory=config.data.in_memory, num_workers=config.data.num_workers,
+            batch_transform=transform, start_batch=self.state.step * accumulation,
+        )
+        iterator = iter(loader)
+        while True:
+            yield list(islice(iterator, accumulation))
+
+    # ------------------------------------------------------------------ step
+    def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch, float | None]:
+        """Move a micro-batch to the device; in global OT mode pair it across processes first.
+
+        `position` (the micro-batch's index in the run) seeds the plan identically on every process.
+        """
+        device = self.accelerator.device
+        if isinstance(micro, TrainingBatch):
+            return micro.to(device), micro.ot_cost
+        labels = micro["labels"].to(device) if micro.get("labels") is not None else None
+        shared = torch.Generator().manual_seed(seed_for(self.config.train.seed, position, 2))
+        result = global_ot_pairing(
+            micro["latents"].to(device), labels, self.objective.coupling, self.accelerator.gather,
+            self.accelerator.process_index, torch.Generator().manual_seed(micro["seed"]), shared,
+        )
+        generator = torch.Generator().manual_seed(micro["seed"] + 1)
+        batch = self.objective.prepare_paired(result.pairing, generator)
+        batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
+        return batch.to(device), result.global_cost
+
+    def train_step(self, micro_batches: list[TrainingBatch | dict[str, Any]]) -> StepResult:
+        """One optimizer step over `grad_accumulation` micro-batches, with the non-finite guard."""
+        accelerator, config = self.accelerator, self.config
+        lr = learning_rate(self.state.step, config.optim, config.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        losses, costs = [], []
+        for index, micro in enumerate(micro_batches):
+            batch, cost = self._to_training_batch(micro, self.state.step * len(micro_batches) + index)
+            costs.append(cost)
+            last = index == len(micro_batches) - 1
+            with (nullcontext() if last else accelerator.no_sync(self.model)), accelerator.autocast():
+                output = self.model(batch.x_t, batch.t, batch.labels)  # (b, C, h, w)
+                loss = self.objective.loss(output, batch).mean()
+            accelerator.backward(loss / len(micro_batches))
+            losses.append(loss.detach().float())
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+        max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        self._apply_or_skip(finite)
+        ot_cost = None if costs[0] is None else float(sum(costs) / len(costs))
+        return StepResult(float(loss), float(grad_norm), not finite, lr, ot_cost)
+
+    def _apply_or_skip(self, finite: bool) -> None:
+        """Step optimizer and EMA, or skip a non-finite step and stop after too many in a row."""
+        if finite:
+            self.optimizer.step()
+            self.ema.update(self.unwrapped)
+            self.state.nonfinite_in_a_row = 0
+        else:
+            if self.accelerator.scaler is not None:
+                self.accelerator.scaler.update()  # fp16: lower the loss scale as a skipped scaler step would
+            self.state.nonfinite_in_a_row += 1
+            self.state.skipped_steps += 1
+            self.accelerator.print(
+                f"step {self.state.step + 1}: loss or gradients not finite, step skipped "
+                f"({self.state.nonfinite_in_a_row} in a row)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        limit = self.config.train.max_nonfinite_steps
+        if self.state.nonfinite_in_a_row >= limit:
+            raise LatentflowError(
+                f"training stopped at step {self.state.step}: {limit} steps in a row had a non-finite loss or "
+                f"gradient norm (train.max_nonfinite_steps={limit}); lower optim.lr, enable optim.grad_clip, use "
+                f"bf16 instead of fp16, or check the cache {self.config.data.cache} for NaN latents"
+            )
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint at the current step atomically; returns its folder on the main process."""
+        accelerator, step = self.accelerator, self.state.step
+        temporary = ckpt.temporary_dir(self.output_dir, step)
+        if accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            save_file(self.ema.state_dict(), temporary / EMA_FILE)
+            write_text_atomic(temporary / STATE_FILE, json.dumps(self.state.__dict__))
+            write_text_atomic(temporary / MODEL_CONFIG_FILE, json.dumps(dict(self.unwrapped.config), default=list))
+            final = ckpt.publish(temporary, step, self.config.checkpoint.keep)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, which: str) -> ckpt.CheckpointInfo:
+        """Restore model, optimizer, RNG, EMA and counters from 'latest' or a checkpoint folder."""
+        info = ckpt.find_checkpoint(self.output_dir, which)
+        for problem in info.skipped:
+            self.accelerator.print(f"warning: {problem}; falling back to an older checkpoint")
+        model_config = json.loads((info.path / MODEL_CONFIG_FILE).read_text())
+        check_model_matches_cache(model_config, tuple(self.cache.latent_shape), self.num_classes,
+                                  self.config.data.cache, f"checkpoint {info.path}")
+        self.accelerator.load_state(str(info.path))
+        self.ema.load_state_dict(load_file(info.path / EMA_FILE, device=str(self.accelerator.device)))
+        self.state = TrainState(**json.loads((info.path / STATE_FILE).read_text()))
+        return info
+
+    # --------------------------------------------------------------- samples
+    def _load_vae_on_main(self):
+        """The VAE for sample grids on the main process (None elsewhere); every process fails together."""
+        from latentflow.vae import load_vae
+
+        vae, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                vae = load_vae(self.config.sample.vae or vae_source(self.cache.vae_identity),
+                               device=self.accelerator.device)
+            except (LatentflowError, OSError) as caught:
+                error = caught
+        failures = self.accelerator.reduce(torch.tensor([float(error is not None)], device=self.accelerator.device))
+        if error is not None:
+            raise LatentflowError(f"sample grids need the cache's VAE: {error} (set sample.vae, or sample.every=0)")
+        if float(failures) > 0:
+            raise LatentflowError("the main process could not load the VAE for sample grids (see its error)")
+        return vae
+
+    @torch.no_grad()
+    def sample_latents(self) -> tuple[torch.Tensor, float | None]:
+        """Fixed-noise samples from the EMA model: (N, C, h, w) latents (un-normalised) and path straightness."""
+        from latentflow.metrics import path_straightness
+
+        sample, device = self.config.sample, self.accelerator.device
+        generator = torch.Generator().manual_seed(sample.seed)
+        noise = torch.randn((sample.num_images, *self.cache.latent_shape), generator=generator).to(device)
+        labels = (torch.arange(sample.num_images) % self.num_classes).to(device) if self.num_classes else None
+        model = self.ema.model
+
+        def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t, labels).float()
+
+        if self.objective.prediction == "noise":
+            latents, straightness = ddim_sample(field, noise, steps=sample.steps).x, None
+        else:
+            out = integrate(field, noise, method=sample.solver, steps=sample.steps, return_trajectory=True)
+            latents, straightness = out.x, path_straightness(field, out.trajectory, out.times)
+        if self.config.data.normalize:
+            mean, std = self.cache.channel_mean.to(device), self.cache.channel_std.to(device)
+            latents = latents * std[:, None, None] + mean[:, None, None]
+        return latents, straightness
+
+    def write_samples(self, vae) -> float | None:
+        """Decode the fixed-noise samples to OUT/samples/step-XXXXXX.png; returns path straightness."""
+        latents, straightness = self.sample_latents()
+        images = vae.decode(latents)
+        save_png_atomic(image_grid(images), self.output_dir / "samples" / f"step-{self.state.step:06d}.png")
+        return straightness
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, resume: str | None = None) -> FitResult:
+        """Train to `train.max_steps`, resuming from 'latest' or a checkpoint folder if given."""
+        accelerator, config = self.accelerator, self.config
+        if resume:
+            info = self.load_checkpoint(resume)
+            accelerator.print(f"resumed from {info.path} at step {info.step}")
+        vae = self._load_vae_on_main() if config.sample.every else None
+        csv_log = None
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+            csv_log = CsvLog(self.output_dir / "log.csv", self.state.step if resume else None)
+        if accelerator.log_with:
+            accelerator.init_trackers(config.log.project, config=flat_config(config))
+        result = self._loop(csv_log, vae)
+        self.export()
+        accelerator.end_training()
+        return result
+
+    def _loop(self, csv_log: CsvLog | None, vae) -> FitResult:
+        accelerator, config = self.accelerator, self.config
+        result = FitResult(step=self.state.step)
+        progress = tqdm(total=config.train.max_steps, initial=self.state.step, desc="train",
+                        disable=not (accelerator.is_main_process and config.log.progress_bar))
+        batches = self.batches()
+        busy, steps_since = 0.0, 0  # seconds spent fetching and stepping since the last log row
+        while self.state.step < config.train.max_steps:
+            tick = time.perf_counter()
+            step_result = self.train_step(next(batches))
+            busy += time.perf_counter() - tick
+            result.losses.append(step_result.loss)
+            steps_since += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_result.loss:.4f}")
+            step = self.state.step
+            straightness = None
+            if vae is not None and (step % config.sample.every == 0 or step == config.train.max_steps):
+                straightness = self.write_samples(vae)
+            if step % config.log.every == 0 or step == config.train.max_steps:
+                row = {**step_result.__dict__, "step": step, "skipped_steps": self.state.skipped_steps,
+                       "images_per_s": steps_since * config.data.batch_size / max(busy, 1e-9),
+                       "straightness": straightness}
+                row.pop("skipped")
+                self._log(row, csv_log)
+                busy, steps_since = 0.0, 0
+            if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        result.step = self.state.step
+        return result
+
+    def _log(self, row: dict[str, Any], csv_log: CsvLog | None) -> None:
+        if csv_log is not None:
+            csv_log.append(row)
+        if self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+
+    def export(self) -> Path | None:
+        """Write the EMA model to OUT/model (diffusers format) and the cache manifest beside it."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        target = self.output_dir / "model"
+        temporary = self.output_dir / ".model.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        self.ema.model.save_pretrained(temporary)
+        shutil.rmtree(target, ignore_errors=True)
+        temporary.rename(target)
+        write_text_atomic(self.output_dir / "cache_manifest.json", json.dumps(self.cache.manifest, indent=1))
+        return target
+
+
+def vae_source(identity: dict[str, Any]) -> str:
+    """The load_vae argument recorded in a cache's VAE identity."""
+    for key in ("source", "path", "name_or_path", "repo_id", "name"):
+        if identity.get(key):
+            return str(identity[key])
+    raise LatentflowError(
+        f"the cache manifest's VAE identity {identity} names no VAE to load; set sample.vae to the VAE's folder or hub id"
+    )
+
+
+def train(config: Config, resume: str | None = None) -> FitResult:
+    """Build a Trainer for `config` and run it (the entry point of the CLI and scripts/train.py)."""
+    return Trainer(config).fit(resume=resume)
