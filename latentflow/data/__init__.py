@@ -1,0 +1,1 @@
+"""Image sources, preprocessing, and the latent cache (writer, manifest, reader)."""

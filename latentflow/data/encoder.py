@@ -1,0 +1,241 @@
+"""Encode an image source into a latent cache (shards + manifest), resumably and exactly once per input.
+
+DataLoader workers read and preprocess batches (uint8) while the main process runs the VAE and writes shards.
+Under ``accelerate launch`` every process takes every world_size-th pending input, writes its own shards, and
+rank 0 writes the single manifest at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from latentflow.data.manifest import build_manifest, check_compatible, write_settings, write_skipped
+from latentflow.data.preprocess import PreprocessConfig, check_resolution, preprocess_bytes, to_model_input
+from latentflow.data.sources import Record, Source, open_source
+from latentflow.data.writer import (INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries,
+                                    write_json_atomic)
+from latentflow.errors import LatentflowError
+from latentflow.vae import FrozenVAE, load_vae
+
+
+@dataclass
+class EncodeConfig:
+    """Settings of one ``latentflow encode`` run (see the CLI for each)."""
+
+    vae: str
+    data: str
+    out: str | Path
+    resolution: int = 64
+    batch_size: int = 32
+    num_workers: int | None = None
+    flip: bool = False
+    shard_size: int = 1000
+    dtype: str = "fp32"
+    labels: bool | None = None
+    overwrite: bool = False
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    min_size: int = 1
+    device: str | None = None
+    progress: bool = True
+    command: list[str] | None = None
+    preprocess_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncodeResult:
+    """What a run did: inputs it encoded / skipped, and the cache totals (from the manifest)."""
+
+    out: Path
+    encoded: int
+    skipped: int
+    num_samples: int
+    num_skipped: int
+    already_complete: bool
+    manifest: dict[str, Any] | None
+
+
+class _Distributed:
+    """Rank, world size, device and barriers: accelerate's state when launched with several processes."""
+
+    def __init__(self, device: str | None):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState()
+        self.rank = self.state.process_index if self.state else 0
+        self.world_size = self.state.num_processes if self.state else 1
+        default = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device else default
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+class _BatchReader(Dataset):
+    """Item i = batch i of `records`: uint8 pixels (n, H, W, 3), the record positions, sizes, and failures."""
+
+    def __init__(self, source: Source, records: list[Record], batch_size: int, config: PreprocessConfig):
+        self.source, self.records, self.config = source, records, config
+        self.batches = [range(start, min(start + batch_size, len(records)))
+                        for start in range(0, len(records), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        pixels, positions, sizes, failures = [], [], [], []
+        for position in self.batches[item]:
+            try:
+                result = preprocess_bytes(self.source.read(self.records[position]), self.config)
+            except Exception as error:  # any unreadable input is a skip, never a crash
+                failures.append((position, f"{type(error).__name__}: {error}".strip()[:500]))
+                continue
+            pixels.append(torch.from_numpy(result.pixels.copy()))
+            positions.append(position)
+            sizes.append(result.original_size)
+        resolution = self.config.resolution
+        stacked = torch.stack(pixels) if pixels else torch.zeros(0, resolution, resolution, 3, dtype=torch.uint8)
+        return {"pixels": stacked, "positions": positions, "sizes": sizes, "failures": failures}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode images; the VAE in the main process gets the cores
+
+
+def _settings(config: EncodeConfig, vae: FrozenVAE, source: Source, preprocess: PreprocessConfig) -> dict[str, Any]:
+    return {"vae": vae.identity, "resolution": config.resolution, "flip": config.flip,
+            "preprocessing": {**preprocess.to_dict(), **config.preprocess_extra}, "storage_dtype": "float16",
+            "compute_dtype": str(vae.dtype).replace("torch.", ""), "source": source.description,
+            "label_names": source.label_names}
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, dist: _Distributed) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    exists = check_compatible(out, settings) if not overwrite else False
+    dist.barrier()  # every rank has checked before rank 0 changes anything
+    if dist.rank == 0:
+        if overwrite:
+            _clear_cache(out)
+        if not exists:
+            write_settings(out, settings)
+    remove_stale_temporaries(out, dist.rank if dist.world_size > 1 else None)
+    dist.barrier()
+
+
+def _clear_cache(out: Path) -> None:
+    for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*")) + \
+            [out / "manifest.json", out / "skipped.jsonl"]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / INDEX_DIR, ignore_errors=True)
+
+
+def _pending(source: Source, out: Path) -> list[Record]:
+    done = set()
+    for index in read_indexes(out):
+        done.update(index.keys)
+        done.update(entry["key"] for entry in index.skipped)
+    keys = [record.key for record in source.records]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise LatentflowError(f"--data: two inputs map to the same key {duplicate!r}")
+    return [record for record in source.records if record.key not in done]
+
+
+def _encode_batch(vae: FrozenVAE, pixels: torch.Tensor, flip: bool, device: torch.device) -> list[dict[str, Any]]:
+    images = to_model_input(pixels.to(device, non_blocking=True))  # (n, 3, H, W) in [-1, 1]
+    count = images.shape[0]
+    if flip:
+        images = torch.cat([images, images.flip(-1)])  # (2n, 3, H, W)
+    encoded = vae.encode(images)
+    mean, std = encoded.mean.cpu(), None if encoded.std is None else encoded.std.cpu()
+    outputs = []
+    for j in range(count):
+        item = {"mean": mean[j], "std": None if std is None else std[j]}
+        if flip:
+            item.update(flip_mean=mean[count + j], flip_std=None if std is None else std[count + j])
+        outputs.append(item)
+    return outputs
+
+
+def _run_loop(config: EncodeConfig, vae: FrozenVAE, source: Source, records: list[Record],
+              preprocess: PreprocessConfig, dist: _Distributed, out: Path) -> tuple[int, int]:
+    writer = ShardWriter(out, config.shard_size, dist.rank, dist.world_size)
+    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = DataLoader(_BatchReader(source, records, config.batch_size, preprocess), batch_size=None,
+                        num_workers=workers, worker_init_fn=_worker_init if workers else None,
+                        prefetch_factor=4 if workers else None, pin_memory=dist.device.type == "cuda")
+    encoded = skipped = 0
+    bar = tqdm(total=len(records), unit="img", dynamic_ncols=True, disable=not config.progress or dist.rank != 0,
+               desc=f"encode rank {dist.rank}/{dist.world_size}" if dist.world_size > 1 else "encode")
+    for batch in loader:
+        for position, reason in batch["failures"]:
+            record = records[position]
+            writer.skip(record.key, record.origin, reason)
+        skipped += len(batch["failures"])
+        if batch["positions"]:
+            latents = _encode_batch(vae, batch["pixels"], config.flip, dist.device)
+            for position, size, item in zip(batch["positions"], batch["sizes"], latents):
+                record = records[position]
+                info = {"source": record.origin, "original_size": list(size)}
+                writer.add(LatentSample(key=record.key, label=record.label, info=info, **item))
+            encoded += len(batch["positions"])
+        bar.update(len(batch["positions"]) + len(batch["failures"]))
+    writer.finish_shard()
+    bar.close()
+    return encoded, skipped
+
+
+def _finish(out: Path, settings: dict[str, Any], command: str) -> dict[str, Any]:
+    indexes = read_indexes(out)
+    manifest = build_manifest(settings, indexes, settings.get("label_names"), command)
+    write_skipped(out, indexes)
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def encode_dataset(config: EncodeConfig) -> EncodeResult:
+    """Encode `config.data` into the cache `config.out`; resumes a partial cache, skips a finished one.
+
+    Returns:
+        EncodeResult; ``num_samples == 0`` means nothing could be encoded (the CLI exits non-zero).
+    """
+    dist = _Distributed(config.device)
+    out = Path(config.out)
+    vae = load_vae(config.vae, dtype=config.dtype, device=dist.device)
+    check_resolution(config.resolution, vae.downsampling_factor)
+    preprocess = PreprocessConfig(resolution=config.resolution, min_size=config.min_size)
+    source = open_source(config.data, config.labels, config.split, config.image_column, config.label_column)
+    settings = _settings(config, vae, source, preprocess)
+    _prepare_out(out, settings, config.overwrite, dist)
+    pending = _pending(source, out)
+    dist.barrier()  # all ranks computed the same pending list before anyone writes
+    command = shlex.join(config.command if config.command is not None else sys.argv)
+    if not pending and (out / "manifest.json").exists():
+        manifest = _read_manifest(out)
+        return EncodeResult(out, 0, 0, manifest["num_samples"], manifest["num_skipped"], True, manifest)
+    encoded, skipped = _run_loop(config, vae, source, pending[dist.rank::dist.world_size], preprocess, dist, out)
+    dist.barrier()
+    manifest = _finish(out, settings, command) if dist.rank == 0 else None
+    dist.barrier()
+    manifest = manifest or _read_manifest(out)
+    return EncodeResult(out, encoded, skipped, manifest["num_samples"], manifest["num_skipped"], False, manifest)
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((out / "manifest.json").read_text())
