@@ -74,7 +74,10 @@ class _Distributed:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            self.state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines
+            if self.state.num_processes != int(os.environ["WORLD_SIZE"]):
+                raise LatentflowError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up "
+                                      f"{self.state.num_processes} process(es); check the accelerate config")
         self.rank = self.state.process_index if self.state else 0
         self.world_size = self.state.num_processes if self.state else 1
         default = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
