@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -112,9 +112,29 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return mean_term + trace_term
 
 
+def trace_sqrt_product_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """tr((sigma1 sigma2)^(1/2)) straight from the features (N1, D) and (N2, D).
+
+    With A_i the centred features scaled by 1/sqrt(N_i - 1), sigma_i = A_i^T A_i, and the non-zero eigenvalues of
+    sigma1 sigma2 = A1^T (A1 A2^T) A2 are those of (A1 A2^T)(A1 A2^T)^T: the trace of the square root is the sum
+    of the singular values (nuclear norm) of the (N1, N2) matrix A1 A2^T. Cheap when N1 N2 min(N1, N2) < D^3.
+    """
+    scaled = []
+    for features in (features1, features2):
+        as64 = np.asarray(features, np.float64)
+        scaled.append((as64 - as64.mean(axis=0)) / np.sqrt(as64.shape[0] - 1))
+    return float(np.linalg.svd(scaled[0] @ scaled[1].T, compute_uv=False).sum())
+
+
 def frechet_distance_from_stats(stats1: FeatureStatistics, stats2: FeatureStatistics) -> float:
-    """Frechet distance between two `FeatureStatistics`."""
-    return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma)
+    """Frechet distance between two `FeatureStatistics`, via the features' nuclear norm when that is cheaper."""
+    n1, n2, dim = stats1.num_images, stats2.num_images, stats1.mu.shape[0]
+    have_features = stats1.features is not None and stats2.features is not None
+    if not have_features or n1 * n2 * min(n1, n2) >= dim**3 or stats1.mu.shape != stats2.mu.shape:
+        return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma)
+    mean_term = float(np.sum((stats1.mu - stats2.mu) ** 2))
+    cross = trace_sqrt_product_from_features(stats1.features, stats2.features)
+    return mean_term + float(np.trace(stats1.sigma) + np.trace(stats2.sigma)) - 2.0 * cross
 
 
 @dataclass
@@ -502,3 +522,257 @@ def compare_statistics(
         fd_dinov2=fd_dinov2,
         num_samples=inception_samples.num_images,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generating sample sets with a pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler configuration of a sweep: a solver with a step count (fixed-step solvers, DDIM) or a
+    tolerance (adaptive solvers, used as both atol and rtol; None keeps the pipeline's default)."""
+
+    solver: str
+    steps: int | None = None
+    tolerance: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. "euler-4", "dopri5", "dopri5-tol1e-03"."""
+        if self.steps is not None:
+            return f"{self.solver}-{self.steps}"
+        return self.solver if self.tolerance is None else f"{self.solver}-tol{self.tolerance:.0e}"
+
+
+STEPPED_SOLVERS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams",
+                   "ddim")
+
+
+def parse_sweep(items: Sequence[str]) -> list[SamplerSetting]:
+    """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances)."""
+    settings: list[SamplerSetting] = []
+    for item in items:
+        solver, _, values = item.partition(":")
+        numbers = [value for value in values.split(",") if value] if values else []
+        if solver in STEPPED_SOLVERS:
+            if not numbers:
+                raise LatentflowError(f"sweep item {item!r}: {solver} needs step counts, e.g. {solver}:1,2,4,8")
+            try:
+                settings.extend(SamplerSetting(solver, steps=int(number)) for number in numbers)
+            except ValueError as error:
+                raise LatentflowError(f"sweep item {item!r}: step counts must be integers") from error
+        elif numbers:
+            try:
+                settings.extend(SamplerSetting(solver, tolerance=float(number)) for number in numbers)
+            except ValueError as error:
+                raise LatentflowError(f"sweep item {item!r}: tolerances must be numbers like 1e-3") from error
+        else:
+            settings.append(SamplerSetting(solver))
+    if not settings:
+        raise LatentflowError("empty sweep; give items like euler:1,2,4,8 midpoint:4 dopri5")
+    return settings
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch of generated images (float (B, 3, H, W) in [0, 1]) with its NFE and class labels."""
+
+    images: torch.Tensor
+    nfe: int
+    class_labels: torch.Tensor | None
+
+
+def sample_labels(pipe, n: int, seed: int, class_label: int | str | None = None) -> list[int] | None:
+    """Class ids for `n` images: all `class_label`, or uniform draws seeded by `seed` (None if unconditional)."""
+    scheduler = pipe.scheduler
+    if scheduler.config.num_classes == 0:
+        if class_label is not None:
+            raise LatentflowError("a class was given, but this pipeline's model is unconditional")
+        return None
+    if class_label is not None:
+        return [scheduler.class_id(class_label)] * n
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(scheduler.config.num_classes, (n,), generator=generator).tolist()
+
+
+def generate_batches(
+    pipe,
+    n: int,
+    setting: SamplerSetting,
+    batch_size: int = 50,
+    seed: int = 0,
+    class_label: int | str | None = None,
+    guidance_scale: float = 1.0,
+    eta: float | None = None,
+) -> Iterator[GeneratedBatch]:
+    """Generate `n` images in batches. Image i's noise comes from its own generator seeded `seed + i`, so a
+    sample set is the same whatever the batch size, and every setting of a sweep starts from the same noise."""
+    labels = sample_labels(pipe, n, seed, class_label)
+    device = pipe._execution_device
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        generators = [torch.Generator(device).manual_seed(seed + index) for index in range(start, stop)]
+        output = pipe(
+            batch_size=stop - start,
+            num_inference_steps=setting.steps,
+            solver=setting.solver,
+            atol=setting.tolerance,
+            rtol=setting.tolerance,
+            class_labels=None if labels is None else labels[start:stop],
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generators,
+            output_type="pt",
+        )
+        yield GeneratedBatch(output.images, output.nfe, output.class_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps: metrics against NFE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    """Metrics of one sampler setting. `nfe` is the mean over batches (exact and constant for fixed-step
+    solvers; adaptive solvers may differ per batch, listed in `nfe_per_batch`)."""
+
+    setting: SamplerSetting
+    nfe: float
+    nfe_per_batch: list[int]
+    metrics: SampleMetrics
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        """Flat dict for CSV/JSON."""
+        return {
+            "setting": self.setting.label,
+            "solver": self.setting.solver,
+            "steps": self.setting.steps,
+            "tolerance": self.setting.tolerance,
+            "nfe": self.nfe,
+            "fid": self.metrics.fid,
+            "kid": self.metrics.kid,
+            "kid_std": self.metrics.kid_std,
+            "fd_dinov2": self.metrics.fd_dinov2,
+            "num_samples": self.metrics.num_samples,
+            "seconds": self.seconds,
+        }
+
+
+def evaluate_setting(
+    pipe,
+    setting: SamplerSetting,
+    reference: dict[str, FeatureStatistics],
+    extractors: Sequence[FeatureExtractor],
+    n: int,
+    batch_size: int = 50,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+) -> SweepResult:
+    """Generate `n` images with one setting and measure them against the reference."""
+    import time
+
+    began = time.perf_counter()
+    accumulator = FeatureAccumulator(extractors)
+    nfes: list[int] = []
+    for batch in generate_batches(pipe, n, setting, batch_size, seed, guidance_scale=guidance_scale):
+        accumulator.update(batch.images)
+        nfes.append(batch.nfe)
+    metrics = compare_statistics(accumulator.statistics(), reference, kid_subsets, kid_subset_size, seed)
+    return SweepResult(setting, float(np.mean(nfes)), nfes, metrics, time.perf_counter() - began)
+
+
+def write_sweep_results(results: Sequence[SweepResult], out_dir: str | os.PathLike, info: dict[str, Any]) -> dict:
+    """Write evaluation.json, evaluation.csv and fid_vs_nfe.png to `out_dir`; returns the paths."""
+    import csv
+    import io
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [result.row() for result in results]
+    document = {**info, "results": [{**row, "nfe_per_batch": r.nfe_per_batch} for row, r in zip(rows, results)]}
+    paths = {"json": out / "evaluation.json", "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
+    _write_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(paths["csv"], buffer.getvalue().encode())
+    _write_atomic(paths["png"], plot_fid_vs_nfe(results, title=str(info.get("pipeline", ""))))
+    return paths
+
+
+def plot_fid_vs_nfe(results: Sequence[SweepResult], title: str = "") -> bytes:
+    """PNG bytes of FID against NFE (log x), one line per solver."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for solver in dict.fromkeys(result.setting.solver for result in results):
+        points = sorted((r.nfe, r.metrics.fid) for r in results if r.setting.solver == solver)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=solver)
+    axes.set_xscale("log")
+    axes.set_xlabel("NFE (velocity evaluations per sample batch)")
+    axes.set_ylabel("FID")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image grids and files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2):
+    """(B, 3, H, W) float [0, 1] -> one PIL image with the images on a grid (row-major)."""
+    from PIL import Image
+
+    count, _, height, width = images.shape
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    canvas = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, 3), 255, np.uint8)
+    pixels = to_uint8_images(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    for index, image in enumerate(pixels):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        canvas[top : top + height, left : left + width] = image
+    return Image.fromarray(canvas)
+
+
+def save_image_atomic(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image (format from the suffix) via a temporary file and os.replace."""
+    import io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+    _write_atomic(path, buffer.getvalue())
+    return path

@@ -230,3 +230,15 @@ def replace_directory(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu", progress: bool = True):
+    """Load a saved LatentFlowPipeline from a local folder (no network) and move it to `device`."""
+    from pipelines.pipeline_latentflow import LatentFlowPipeline
+
+    index = Path(pipe_dir) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`")
+    pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    return pipe

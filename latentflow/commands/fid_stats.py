@@ -1,0 +1,32 @@
+"""`latentflow fid-stats`: reference feature statistics of an image folder, for FID/KID (and FD-DINOv2)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fid-stats", help="Inception (and DINOv2) feature statistics of an image folder -> .npz",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--out", type=Path, required=True, help="output .npz")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from latentflow.evaluation import folder_statistics, make_extractors, save_statistics
+
+    extractors = make_extractors(args.device, args.dinov2)
+    stats = folder_statistics(args.images_dir, extractors, args.batch_size, progress=lambda it: tqdm(it, desc="features"))
+    save_statistics(args.out, stats, source=str(args.images_dir))
+    counts = ", ".join(f"{name}: {stat.num_images} images, {stat.mu.shape[0]}-d" for name, stat in stats.items())
+    print(f"wrote {args.out} ({counts})")
+    return 0
