@@ -70,9 +70,9 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         atol: float = 1e-5,
         rtol: float = 1e-5,
         eta: float = 0.0,
-        ddpm_num_train_timesteps: int = 1000,
-        ddpm_beta_start: float = 1e-4,
-        ddpm_beta_end: float = 0.02,
+        ddpm_num_train_timesteps: int = DDPMSchedule.num_train_timesteps,
+        ddpm_beta_start: float = DDPMSchedule.beta_start,
+        ddpm_beta_end: float = DDPMSchedule.beta_end,
         latent_channels: int = 4,
         latent_size: Sequence[int] = (32, 32),
         latent_mean: Sequence[float] | None = None,
@@ -242,3 +242,93 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
     pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export of a training run
+# ----------------------------------------------------------------------------------------------------------------
+
+RUN_MODEL_DIR = "model"
+RUN_MANIFEST = "cache_manifest.json"
+RUN_CONFIG = "config.yaml"
+VAE_IDENTITY_KEYS = ("class", "files", "scaling_factor", "shift_factor", "latent_channels")
+
+
+def _identity_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a VAE identity that decide whether latents decode: weights (file hashes, else the source)
+    and the model-space factors."""
+    keys = VAE_IDENTITY_KEYS if identity.get("files") else ("class", "source", *VAE_IDENTITY_KEYS[2:])
+    return {key: identity.get(key) for key in keys}
+
+
+def check_vae_matches_manifest(identity: dict[str, Any], manifest: dict[str, Any], where: str) -> None:
+    """Refuse a VAE whose identity (from `latentflow.vae.load_vae`) differs from the cache manifest's."""
+    expected, actual = _identity_key(manifest["vae"]), _identity_key(identity)
+    differing = [key for key in expected if expected[key] != actual.get(key)]
+    if differing:
+        details = "; ".join(f"{key}: cache {expected[key]!r}, VAE {actual.get(key)!r}" for key in differing)
+        raise LatentflowError(f"{where}: this VAE is not the one the cache was encoded with ({details})")
+
+
+def scheduler_from_run(config: Any, manifest: dict[str, Any], vae_module: torch.nn.Module) -> LatentFlowScheduler:
+    """The sampling settings of a trained run: objective, latent shape/statistics, classes, sample defaults."""
+    from latentflow.objectives import make_objective
+
+    prediction = make_objective(config.objective.name).prediction
+    channels, height, width = manifest["latent_shape"]
+    normalize = bool(config.data.normalize)
+    defaults = DDPMSchedule()
+    return LatentFlowScheduler(
+        prediction_type=prediction,
+        solver="ddim" if prediction == "noise" else config.sample.solver,
+        num_inference_steps=config.sample.steps,
+        ddpm_num_train_timesteps=defaults.num_train_timesteps,
+        ddpm_beta_start=defaults.beta_start,
+        ddpm_beta_end=defaults.beta_end,
+        latent_channels=channels,
+        latent_size=[height, width],
+        latent_mean=list(manifest["channel_mean"]) if normalize else None,
+        latent_std=list(manifest["channel_std"]) if normalize else None,
+        num_classes=int(manifest["num_classes"]),
+        label_names=manifest.get("label_names") if manifest["num_classes"] else None,
+        vae_fingerprint=vae_fingerprint(vae_module),
+        objective=config.objective.name,
+    )
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str | None = None) -> Path:
+    """Turn a training run folder into a pipeline folder.
+
+    Args:
+        run_dir: a `latentflow train` output: `model/` (EMA weights, diffusers format), `cache_manifest.json`
+            and `config.yaml`.
+        out_dir: the pipeline folder to write (replaced atomically if it exists).
+        vae: where to load the VAE from, overriding the source recorded in the cache manifest; it must still be
+            the same VAE (same weight hashes and factors).
+
+    Returns:
+        The pipeline folder.
+    """
+    from latentflow.config import load_config
+    from latentflow.models import load_model
+    from latentflow.training import vae_source
+    from latentflow.vae import load_vae
+    from pipelines.pipeline_latentflow import LatentFlowPipeline
+
+    run, out = Path(run_dir), Path(out_dir)
+    manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
+    config = load_config(run / RUN_CONFIG)
+    if not (run / RUN_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"no EMA model at {run / RUN_MODEL_DIR}; is {run} a finished `latentflow train` run?")
+    model = load_model(run / RUN_MODEL_DIR).eval()
+    frozen = load_vae(vae or vae_source(manifest["vae"]))
+    check_vae_matches_manifest(frozen.identity, manifest, f"export {run}")
+    pipe = LatentFlowPipeline(transformer=model, vae=frozen.module,
+                              scheduler=scheduler_from_run(config, manifest, frozen.module))
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(str(staging), safe_serialization=True)
+    write_json_atomic(staging / CACHE_MANIFEST_NAME, manifest)
+    shutil.copyfile(run / RUN_CONFIG, staging / "training_config.yaml")
+    replace_directory(staging, out)
+    return out

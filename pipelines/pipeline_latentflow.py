@@ -16,12 +16,13 @@ Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is int
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -31,10 +32,7 @@ from latentflow.errors import LatentflowError
 from latentflow.export import LatentFlowScheduler, check_vae_fingerprint
 from latentflow.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ddim_sample, integrate
 
-try:  # the VAE may be a latentflow class (e.g. TAEF2); make its module importable by name for diffusers
-    import latentflow.vae  # noqa: F401
-except ImportError:  # pragma: no cover - only while the VAE module is being written
-    pass
+import latentflow.vae  # noqa: F401  (the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NOISE_SOLVERS = ("ddim",)
@@ -42,6 +40,18 @@ STAGES_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
 """Velocity evaluations per step of the one-step fixed-grid methods (these also support step callbacks)."""
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _expose_loading_base(module_name: str) -> None:
+    """diffusers finds a component's loading method by looking up `ModelMixin` & co. as attributes of the module
+    named in model_index.json; give our component modules that attribute where they don't import it."""
+    module = sys.modules[module_name]
+    if not hasattr(module, "ModelMixin"):
+        module.ModelMixin = ModelMixin
+
+
+for _name in ("latentflow.vae", "latentflow.models.dit", "latentflow.models.unet"):
+    _expose_loading_base(_name)
 
 
 @dataclass

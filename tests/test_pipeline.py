@@ -1,0 +1,394 @@
+"""LatentFlowPipeline with tiny real components: outputs, determinism, batching, save/load, NFE, guidance, DDIM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from latentflow.errors import LatentflowError
+from latentflow.export import LatentFlowScheduler, vae_fingerprint
+from latentflow.models import DiT
+from latentflow.solvers import ddim_sample, integrate
+from pipelines.pipeline_latentflow import LatentFlowPipeline
+
+REPO = Path(__file__).parents[1]
+SHARED = REPO.parent / "shared"
+TAEF2 = SHARED / "weights" / "taef2"
+PIPELINE_FILE = REPO / "pipelines" / "pipeline_latentflow.py"
+LABELS = ["daisy", "rose", "tulip"]
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A random 2-level AutoencoderKL: 4 latent channels, 2x down (8x8 latents <-> 16x16 images)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+    ).eval()
+
+
+def tiny_dit(num_classes: int = 3, seed: int = 0) -> DiT:
+    """A 2-block DiT; its adaLN-zero output layers are perturbed so the field is not identically 0."""
+    torch.manual_seed(seed)
+    model = DiT(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                num_classes=num_classes).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def make_pipeline(num_classes: int = 3, prediction_type: str = "velocity", **settings) -> LatentFlowPipeline:
+    vae = tiny_vae()
+    scheduler = LatentFlowScheduler(
+        prediction_type=prediction_type, latent_channels=4, latent_size=[8, 8], num_classes=num_classes,
+        label_names=LABELS[:num_classes] if num_classes else None, vae_fingerprint=vae_fingerprint(vae),
+        num_inference_steps=4, **settings,
+    )
+    pipe = LatentFlowPipeline(transformer=tiny_dit(num_classes), vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LatentFlowPipeline:
+    return make_pipeline()
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class CallCounter:
+    """Counts forward calls of a module (a forward hook) and the batch sizes it saw."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls, self.batch_sizes = 0, []
+        self.handle = module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        self.calls += 1
+        self.batch_sizes.append(inputs[0].shape[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_output_types_shapes_and_ranges(pipe, output_type):
+    out = pipe(batch_size=2, generator=seeded(), output_type=output_type, class_labels=[0, 2])
+    assert out.nfe == 4
+    assert out.class_labels.tolist() == [0, 2]
+    images = out.images
+    if output_type == "pil":
+        assert len(images) == 2 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in images)
+        assert all(i.mode == "RGB" for i in images)
+    elif output_type == "np":
+        assert isinstance(images, np.ndarray) and images.shape == (2, 16, 16, 3) and images.dtype == np.float32
+        assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    elif output_type == "pt":
+        assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    else:
+        assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
+
+
+def test_latent_output_decodes_to_the_image_output(pipe):
+    latents = pipe(batch_size=2, generator=seeded(3), output_type="latent", class_labels=[1, 1]).images
+    images = pipe(batch_size=2, generator=seeded(3), output_type="pt", class_labels=[1, 1]).images
+    decoded = (pipe.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
+    assert torch.allclose(decoded, images, atol=1e-6)
+
+
+def test_same_generator_same_images_and_different_seed_differs(pipe):
+    first = pipe(batch_size=3, generator=seeded(7), output_type="np").images
+    again = pipe(batch_size=3, generator=seeded(7), output_type="np").images
+    other = pipe(batch_size=3, generator=seeded(8), output_type="np").images
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_batch_of_four_equals_four_single_calls(pipe):
+    latents = torch.randn(4, 4, 8, 8, generator=seeded(1))
+    labels = [0, 1, 2, 1]
+    batch = pipe(latents=latents, class_labels=labels, output_type="np", solver="midpoint").images
+    singles = np.concatenate([
+        pipe(latents=latents[i : i + 1], class_labels=[labels[i]], output_type="np", solver="midpoint").images
+        for i in range(4)
+    ])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_class_names_and_errors(pipe):
+    by_name = pipe(batch_size=2, generator=seeded(), class_labels="tulip", output_type="latent")
+    assert by_name.class_labels.tolist() == [2, 2]
+    with pytest.raises(LatentflowError, match="daisy"):
+        pipe(class_labels="sunflower")
+    with pytest.raises(LatentflowError, match="output_type"):
+        pipe(output_type="jpeg")
+    with pytest.raises(LatentflowError, match="unknown solver"):
+        pipe(solver="leapfrog")
+    with pytest.raises(LatentflowError, match="latents have shape"):
+        pipe(latents=torch.zeros(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NFE and the solvers
+
+
+@pytest.mark.parametrize(("solver", "steps", "per_step"), [("euler", 3, 1), ("midpoint", 3, 2), ("rk4", 2, 4)])
+def test_fixed_step_nfe_counts_model_calls(pipe, solver, steps, per_step):
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(batch_size=2, num_inference_steps=steps, solver=solver, generator=seeded(), output_type="latent")
+    assert out.nfe == counter.calls == steps * per_step
+
+
+def test_dopri5_reports_its_true_nfe(pipe):
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(batch_size=2, solver="dopri5", atol=1e-2, rtol=1e-2, generator=seeded(), output_type="latent")
+    assert out.nfe == counter.calls
+    assert out.nfe > 6  # at least the initial evaluation and one 6-stage step
+    with CallCounter(pipe.transformer) as counter:
+        tighter = pipe(batch_size=2, solver="dopri5", atol=1e-3, rtol=1e-3, generator=seeded(), output_type="latent")
+    assert tighter.nfe == counter.calls and tighter.nfe > out.nfe
+
+
+def test_pipeline_matches_direct_integration(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(2))
+    labels = torch.tensor([0, 1])
+    expected = integrate(lambda x, t: pipe.transformer(x, t, class_labels=labels), latents, "rk4", steps=3)
+    out = pipe(latents=latents, class_labels=labels, solver="rk4", num_inference_steps=3, output_type="latent")
+    assert torch.allclose(out.images, expected.x, atol=1e-6) and out.nfe == expected.nfe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classifier-free guidance
+
+
+def test_guidance_scale_one_is_no_guidance_and_costs_no_extra_evaluations(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(4))
+    labels = torch.tensor([2, 0])
+    expected = integrate(lambda x, t: pipe.transformer(x, t, class_labels=labels), latents, "euler", steps=4)
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(latents=latents, class_labels=labels, guidance_scale=1.0, output_type="latent")
+    assert torch.allclose(out.images, expected.x, atol=1e-6)
+    assert counter.calls == out.nfe == 4 and counter.batch_sizes == [2] * 4
+
+
+def test_guidance_combines_class_and_null_predictions(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(5))
+    labels = torch.tensor([1, 2])
+    null = torch.full_like(labels, 3)  # the null class id is num_classes
+    scale = 3.0
+
+    def guided(x, t):
+        conditional = pipe.transformer(x, t, class_labels=labels)
+        unconditional = pipe.transformer(x, t, class_labels=null)
+        return unconditional + scale * (conditional - unconditional)
+
+    expected = integrate(guided, latents, "euler", steps=4)
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(latents=latents, class_labels=labels, guidance_scale=scale, output_type="latent")
+    assert torch.allclose(out.images, expected.x, atol=1e-5)
+    assert out.nfe == counter.calls == 4 and counter.batch_sizes == [4] * 4  # cond + null in one batch
+    unguided = pipe(latents=latents, class_labels=labels, output_type="latent").images
+    assert (out.images - unguided).abs().max() > 1e-3
+
+
+def test_configurable_null_class():
+    pipe = make_pipeline(null_class=0)
+    latents = torch.randn(1, 4, 8, 8, generator=seeded(6))
+    labels = torch.tensor([2])
+
+    def guided(x, t):
+        conditional = pipe.transformer(x, t, class_labels=labels)
+        unconditional = pipe.transformer(x, t, class_labels=torch.tensor([0]))
+        return unconditional + 2.0 * (conditional - unconditional)
+
+    expected = integrate(guided, latents, "euler", steps=4).x
+    out = pipe(latents=latents, class_labels=labels, guidance_scale=2.0, output_type="latent").images
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_unconditional_model_refuses_labels_and_guidance():
+    pipe = make_pipeline(num_classes=0)
+    out = pipe(batch_size=2, generator=seeded(), output_type="np")
+    assert out.images.shape == (2, 16, 16, 3) and out.class_labels is None
+    with pytest.raises(LatentflowError, match="unconditional"):
+        pipe(class_labels=[0])
+    with pytest.raises(LatentflowError, match="guidance_scale"):
+        pipe(guidance_scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDPM models sample with DDIM
+
+
+def test_ddpm_model_samples_with_ddim():
+    pipe = make_pipeline(prediction_type="noise", eta=0.0)
+    assert pipe.scheduler.default_solver == "ddim"
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(9))
+    labels = torch.tensor([0, 1])
+    expected = ddim_sample(lambda x, t: pipe.transformer(x, t, class_labels=labels), latents,
+                           pipe.scheduler.ddpm_schedule(), steps=5, eta=0.0)
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(latents=latents, class_labels=labels, num_inference_steps=5, output_type="latent")
+    assert torch.allclose(out.images, expected.x, atol=1e-6)
+    assert out.nfe == counter.calls == 5
+
+    images = pipe(latents=latents, class_labels=labels, num_inference_steps=5, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
+    stochastic = [pipe(latents=latents, class_labels=labels, num_inference_steps=5, eta=1.0,
+                       generator=seeded(s), output_type="latent").images for s in (1, 1, 2)]
+    assert torch.equal(stochastic[0], stochastic[1])
+    assert (stochastic[0] - stochastic[2]).abs().max() > 1e-3
+    assert (stochastic[0] - out.images).abs().max() > 1e-3
+    with pytest.raises(LatentflowError, match="ddim"):
+        pipe(solver="euler")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step callbacks
+
+
+def test_step_callback_sees_every_step_and_can_edit_latents(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(10))
+    labels = [0, 1]
+    seen = []
+
+    def record(p, step, t, tensors):
+        seen.append((step, round(t, 6), tensors["latents"].shape))
+        return tensors
+
+    plain = pipe(latents=latents, class_labels=labels, solver="midpoint", output_type="latent")
+    with_callback = pipe(latents=latents, class_labels=labels, solver="midpoint", output_type="latent",
+                         callback_on_step_end=record)
+    assert [s[:2] for s in seen] == [(0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0)]
+    assert with_callback.nfe == plain.nfe == 8
+    assert torch.allclose(with_callback.images, plain.images, atol=1e-5)
+
+    zeroed = pipe(latents=latents, class_labels=labels, output_type="latent",
+                  callback_on_step_end=lambda p, step, t, tensors: {"latents": torch.zeros_like(tensors["latents"])})
+    assert torch.equal(zeroed.images, torch.zeros_like(zeroed.images))
+    with pytest.raises(LatentflowError, match="callback_on_step_end"):
+        pipe(solver="dopri5", callback_on_step_end=record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save / load and consistency checks
+
+
+def test_save_then_from_pretrained_gives_identical_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["transformer"] == ["latentflow.models.dit", "DiT"]
+    assert index["scheduler"] == ["latentflow.export", "LatentFlowScheduler"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    loaded = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    expected = pipe(batch_size=2, generator=seeded(11), output_type="np").images
+    np.testing.assert_array_equal(loaded(batch_size=2, generator=seeded(11), output_type="np").images, expected)
+
+
+_LOAD_WITH_DIFFUSERS = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+assert "latentflow" not in sys.modules
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[2], trust_remote_code=True,
+                                         local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+out = pipe(batch_size=2, generator=torch.Generator().manual_seed(11), output_type="np")
+np.save(sys.argv[3], out.images)
+print(type(pipe).__name__, type(pipe.scheduler).__module__, out.nfe)
+"""
+
+
+def test_diffusion_pipeline_with_custom_pipeline_loads_offline_in_a_fresh_interpreter(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    expected = pipe(batch_size=2, generator=seeded(11), output_type="np").images
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITH_DIFFUSERS, str(tmp_path / "pipe"), str(PIPELINE_FILE),
+         str(tmp_path / "images.npy")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["LatentFlowPipeline", "latentflow.export", "4"]
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
+
+
+def test_a_different_vae_is_refused(pipe, tmp_path):
+    other = tiny_vae(seed=1)
+    with pytest.raises(LatentflowError, match="not the one the latents were encoded with"):
+        LatentFlowPipeline(transformer=pipe.transformer, vae=other, scheduler=pipe.scheduler)
+    pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(LatentflowError, match="weights_sha256"):
+        LatentFlowPipeline.from_pretrained(tmp_path / "pipe", vae=other, local_files_only=True)
+
+
+def test_mismatched_shapes_and_classes_are_refused(pipe):
+    with pytest.raises(LatentflowError, match="latent_channels"):
+        LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae,
+                           scheduler=LatentFlowScheduler(latent_channels=8, latent_size=[8, 8], num_classes=3))
+    with pytest.raises(LatentflowError, match="num_classes"):
+        LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae,
+                           scheduler=LatentFlowScheduler(latent_channels=4, latent_size=[8, 8], num_classes=0))
+
+
+def test_to_device_and_progress_bar_config(pipe, capsys):
+    moved = pipe.to("cpu")
+    assert moved.device.type == "cpu"
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        pipe(batch_size=1, generator=seeded(), output_type="latent", class_labels=[0])
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    assert "4/4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real TAEF2 VAE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TAEF2.is_dir(), reason=f"TAEF2 weights not found at {TAEF2}")
+def test_pipeline_with_the_real_taef2_vae_round_trips_through_save_and_load(tmp_path):
+    from latentflow.vae import load_vae
+
+    vae = load_vae(TAEF2)
+    torch.manual_seed(0)
+    model = DiT(in_channels=32, sample_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2).eval()
+    scheduler = LatentFlowScheduler(latent_channels=32, latent_size=[4, 4], vae_fingerprint=vae_fingerprint(vae.module))
+    pipe = LatentFlowPipeline(transformer=model, vae=vae.module, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    # the zero-initialised DiT is the zero field: x1 = x0, so the pipeline decodes its own noise like FrozenVAE
+    latents = torch.randn(2, 32, 4, 4, generator=seeded(0))
+    images = pipe(latents=latents, output_type="pt").images
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.allclose(images, (vae.decode(latents) / 2 + 0.5).clamp(0, 1), atol=1e-5)
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["vae"] == ["latentflow.vae", "PooledAutoencoderTiny"]
+    loaded = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded(latents=latents, output_type="pt").images, images)
