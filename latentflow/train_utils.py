@@ -93,8 +93,8 @@ def drop_labels(
 
 def batch_key(batch: dict[str, Any]) -> int:
     """A deterministic key for a loader batch: its index if the loader gives one, else a checksum."""
-    if "index" in batch:
-        return int(batch["index"])
+    if "batch_index" in batch:
+        return int(batch["batch_index"])
     return zlib.crc32(batch["latents"].detach().cpu().contiguous().numpy().tobytes())
 
 
@@ -104,8 +104,9 @@ class PairingTransform:
     With `pair=True` it returns a prepared `TrainingBatch` (noise drawn, OT pairing, times,
     x_t, target, label dropout); with `pair=False` (global OT) it returns the batch dict
     untouched apart from a `seed` entry, and pairing happens in the step across processes.
-    Randomness comes from a generator seeded by (seed, rank, batch key), so a resumed run
-    draws exactly what an uninterrupted one would.
+    Randomness comes from the loader's per-batch generator (seeded by seed, rank and batch
+    index; or, called without one, from a generator seeded by seed, rank and the batch's
+    index or checksum), so a resumed run draws exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -114,11 +115,13 @@ class PairingTransform:
         self.objective, self.seed, self.rank = objective, seed, rank
         self.num_classes, self.label_dropout, self.pair = num_classes, label_dropout, pair
 
-    def __call__(self, batch: dict[str, Any]) -> TrainingBatch | dict[str, Any]:
-        generator = torch.Generator().manual_seed(seed_for(self.seed, self.rank, batch_key(batch)))
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> TrainingBatch | dict[str, Any]:
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed_for(self.seed, self.rank, batch_key(batch)))
         labels = batch.get("labels") if self.num_classes > 0 else None
         if not self.pair:
-            return {**batch, "labels": labels, "seed": seed_for(self.seed, self.rank, batch_key(batch), 1)}
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            return {"latents": batch["latents"], "labels": labels, "seed": seed}
         prepared = self.objective.prepare(batch["latents"], labels, generator)
         prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
         return prepared

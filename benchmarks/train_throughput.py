@@ -1,0 +1,195 @@
+"""Training throughput, side by side in one run.
+
+1. images/s of the same model fed by the real latent cache reader (pairing in the loader
+   workers) vs fed from prepared tensors in memory (goal: reader overhead <= 5%);
+2. otcfm vs rf images/s through the reader (goal >= 0.95: pairing must not slow training);
+3. OT pairing time for B = 256 and 1024 latents of 4 x 32 x 32, our exact coupling beside
+   torchcfm's `OTPlanSampler` when torchcfm is importable;
+4. (`--synthetic MODEL,...`) raw training images/s and peak memory of presets on 4 x 32 x 32
+   latents, e.g. DiT-B/2 and DiT-XL/2 in bf16 with and without torch.compile (benchmarks/gpu_check.sh).
+
+Usage:
+    python benchmarks/train_throughput.py --cache caches/flowers64_taef2
+    python benchmarks/train_throughput.py --skip-reader --synthetic DiT-B/2,DiT-XL/2 --precision bf16 --compile both
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latentflow.config import load_config
+from latentflow.couplings import make_coupling
+from latentflow.models import make_model
+from latentflow.objectives import make_objective
+
+REPO = Path(__file__).parents[1]
+
+
+@dataclass
+class Throughput:
+    """images/s over timed steps (after warmup) and peak accelerator memory in GiB (None on CPU)."""
+
+    images_per_s: float
+    peak_memory_gib: float | None = None
+
+
+def reader_config(cache: str, out: str, objective: str, workers: int, batch: int):
+    """The shipped flowers config with the given objective, no sampling, logging or checkpoints."""
+    return load_config(REPO / "configs" / "flowers64_dit_s2_otcfm.yaml", [
+        f"data.cache={cache}", f"output_dir={out}", f"objective.name={objective}", f"data.num_workers={workers}",
+        f"data.batch_size={batch}", "sample.every=0", "log.trackers=[]", "log.progress_bar=false",
+        "checkpoint.every=0", "data.in_memory=false",
+    ])
+
+
+def time_steps(trainer, batches, steps: int, warmup: int) -> Throughput:
+    """images/s of `trainer.train_step` over `steps` optimizer steps drawn from `batches`."""
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(batches))
+    return Throughput(steps * trainer.config.data.batch_size / (time.perf_counter() - start))
+
+
+def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: int) -> None:
+    """Print images/s through the reader vs from memory, and otcfm vs rf through the reader."""
+    from latentflow.training import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        results = {}
+        for objective in ("otcfm", "rf"):
+            trainer = Trainer(reader_config(cache, out, objective, workers, batch))
+            results[objective] = time_steps(trainer, trainer.batches(), steps, warmup)
+            if objective == "otcfm":
+                batches = trainer.batches()
+                prepared = [next(batches) for _ in range(steps + warmup)]  # tensors in memory, pairing done
+                results["memory"] = time_steps(trainer, iter(prepared), steps, warmup)
+            del trainer
+    print(f"reader (otcfm, {workers} worker(s)): {results['otcfm'].images_per_s:8.1f} images/s")
+    print(f"memory (otcfm, prepared tensors):  {results['memory'].images_per_s:8.1f} images/s")
+    print(f"reader (rf):                        {results['rf'].images_per_s:8.1f} images/s")
+    print(f"ratio reader / memory = {results['otcfm'].images_per_s / results['memory'].images_per_s:.3f} "
+          f"(goal >= 0.95, i.e. overhead <= 5%)")
+    print(f"ratio otcfm / rf      = {results['otcfm'].images_per_s / results['rf'].images_per_s:.3f} (goal >= 0.95)")
+
+
+def median_ms(function, repeats: int) -> float:
+    """Median wall time of `function()` in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def pairing_times(sizes: list[int], repeats: int) -> None:
+    """Exact OT pairing time on (B, 4, 32, 32) latents, beside torchcfm's OTPlanSampler if present."""
+    try:
+        from torchcfm.optimal_transport import OTPlanSampler
+    except ImportError:
+        OTPlanSampler = None
+    coupling = make_coupling("exact")
+    for size in sizes:
+        generator = torch.Generator().manual_seed(size)
+        x0 = torch.randn(size, 4, 32, 32, generator=generator)
+        x1 = torch.randn(size, 4, 32, 32, generator=generator) * 0.5 + 0.3
+        ours = median_ms(lambda: coupling(x0, x1, None, generator), repeats)
+        line = f"OT pairing B={size:5d}: latentflow exact {ours:8.1f} ms"
+        if OTPlanSampler is not None:
+            sampler = OTPlanSampler(method="exact")
+            theirs = median_ms(lambda: sampler.sample_plan(x0, x1), repeats)
+            line += f" | torchcfm OTPlanSampler(exact) {theirs:8.1f} ms | ratio {theirs / ours:.2f}x"
+        else:
+            line += " | torchcfm not importable here (pip install torchcfm in a separate venv to compare)"
+        print(line)
+
+
+def synthetic_throughput(name: str, batch: int, precision: str, compile_model: bool, steps: int, warmup: int,
+                         device: torch.device) -> Throughput:
+    """Train `name` on random 4x32x32 latents (rf objective, AdamW, grad clip) and time it."""
+    torch.manual_seed(0)
+    model = make_model(name, in_channels=4, sample_size=32, num_classes=1000).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    forward = torch.compile(model) if compile_model else model
+    objective = make_objective("rf")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
+    x1 = torch.randn(batch, 4, 32, 32, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        prepared = objective.prepare(x1, labels)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = objective.loss(forward(prepared.x_t, prepared.t, prepared.labels), prepared).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Throughput(steps * batch / elapsed, peak)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_table(names: list[str], batch: int, precision: str, compile_modes: list[bool], steps: int,
+                    warmup: int) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"synthetic 4x32x32 latents, batch {batch}, {precision}, on {card}")
+    for name in names:
+        for compile_model in compile_modes:
+            result = synthetic_throughput(name, batch, precision, compile_model, steps, warmup, device)
+            memory = f"{result.peak_memory_gib:6.1f} GiB peak" if result.peak_memory_gib is not None else ""
+            print(f"  {name:9s} compile={str(compile_model):5s} {result.images_per_s:9.1f} images/s "
+                  f"({result.images_per_s / batch:5.2f} steps/s) {memory}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default="caches/flowers64_taef2", help="latent cache for the reader comparison")
+    parser.add_argument("--batch", type=int, default=64, help="global batch of the reader comparison")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers (pairing runs there)")
+    parser.add_argument("--skip-reader", action="store_true")
+    parser.add_argument("--ot-sizes", default="256,1024", help="comma-separated batch sizes; empty to skip")
+    parser.add_argument("--ot-repeats", type=int, default=5)
+    parser.add_argument("--synthetic", default="", help="comma-separated model presets, e.g. DiT-B/2,DiT-XL/2")
+    parser.add_argument("--synthetic-batch", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--compile", default="no", choices=["no", "yes", "both"])
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")
+    if not args.skip_reader:
+        reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch)
+    if args.ot_sizes:
+        pairing_times([int(s) for s in args.ot_sizes.split(",")], args.ot_repeats)
+    if args.synthetic:
+        modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+        synthetic_table(args.synthetic.split(","), args.synthetic_batch, args.precision, modes, args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

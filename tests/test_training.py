@@ -1,0 +1,262 @@
+"""The training loop on a real TAEF2 latent cache of real flower photos.
+
+One small cache (40 photos at 64 px -> 32 x 8 x 8 latents, 5 classes) is encoded once for
+the module. Runs use a tiny DiT so each step takes milliseconds of compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentflow import cli
+from latentflow.checkpoint import find_checkpoint, list_checkpoints
+from latentflow.config import load_config
+from latentflow.errors import LatentflowError
+from latentflow.models import load_model
+from latentflow.train_utils import CsvLog
+
+REPO = Path(__file__).parents[1]
+SHARED = REPO.parent / "shared"
+TAEF2 = SHARED / "weights" / "taef2"
+FLOWERS = SHARED / "data" / "tf_flowers" / "images_128" / "val"
+PER_CLASS = 8
+
+pytestmark = pytest.mark.skipif(
+    not (TAEF2.is_dir() and FLOWERS.is_dir()), reason=f"shared assets missing: need {TAEF2} and {FLOWERS}"
+)
+
+TINY = [
+    "model.name=dit", "model.settings={hidden_size: 32, depth: 2, num_heads: 2, patch_size: 2}",
+    "data.batch_size=8", "data.shuffle_buffer=16", "data.num_workers=0", "log.trackers=[]", "log.every=1",
+    "log.progress_bar=false", "optim.lr=1e-3", "sample.every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A real latent cache: 8 photos of each of the 5 classes encoded by TAEF2 at 64 px, 4 shards."""
+    from latentflow.data.encoder import EncodeConfig, encode_dataset
+
+    root = tmp_path_factory.mktemp("flowers")
+    for class_dir in sorted(FLOWERS.iterdir()):
+        (root / class_dir.name).mkdir()
+        for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
+            os.symlink(photo, root / class_dir.name / photo.name)
+    out = root.parent / "cache"
+    encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(root), out=out, resolution=64, batch_size=20, shard_size=10,
+                                num_workers=0, progress=False, command=["test"]))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process Trainer builds its own Accelerator (precision is fixed per process state)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+def tiny_config(cache: Path, out: Path, *overrides: str):
+    return load_config(None, [*TINY, f"data.cache={cache}", f"output_dir={out}", *overrides])
+
+
+def losses(run: Path) -> list[str]:
+    return [row["loss"] for row in CsvLog.read(run / "log.csv")]
+
+
+@pytest.fixture(scope="module")
+def finished_run(cache: Path, tmp_path_factory) -> Path:
+    """`latentflow train` for 6 steps with checkpoints every 3, samples and the end export."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    args = ["train", "--config", str(FLOWERS_CONFIG)]
+    for override in full_run_overrides(cache, out):
+        args += ["--set", override]
+    assert cli.main(args) == 0
+    return out
+
+
+FLOWERS_CONFIG = REPO / "configs" / "flowers64_dit_s2_otcfm.yaml"
+
+
+def full_run_overrides(cache: Path, out: Path) -> list[str]:
+    """The shipped flowers config shrunk to a tiny model and 6 steps."""
+    return [*TINY, f"data.cache={cache}", f"output_dir={out}", "train.max_steps=6", "checkpoint.every=3",
+            "checkpoint.keep=2", "sample.every=3", "sample.num_images=4", "sample.steps=2", "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "data.in_memory=false", "data.num_workers=1"]
+
+
+def test_train_command_writes_run_directory(finished_run: Path, cache: Path) -> None:
+    assert len(losses(finished_run)) == 6
+    assert sorted(p.name for p in (finished_run / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert [c.step for c in list_checkpoints(finished_run / "checkpoints")] == [3, 6]
+    model = load_model(finished_run / "model")
+    assert (model.config.in_channels, model.config.sample_size, model.config.num_classes) == (32, 8, 5)
+    manifest = json.loads((finished_run / "cache_manifest.json").read_text())
+    assert manifest == json.loads((cache / "manifest.json").read_text())
+    assert load_config(finished_run / "config.yaml").train.max_steps == 6
+    rows = CsvLog.read(finished_run / "log.csv")
+    assert all(float(row["ot_cost"]) > 0 and float(row["images_per_s"]) > 0 for row in rows)
+    assert rows[2]["straightness"] and not rows[1]["straightness"]
+
+
+def test_plot_log_draws_png(finished_run: Path) -> None:
+    assert cli.main(["plot-log", str(finished_run)]) == 0
+    assert (finished_run / "log.png").stat().st_size > 10_000
+
+
+def test_resume_gives_the_same_losses_as_continuing(finished_run: Path, cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    config = load_config(FLOWERS_CONFIG, full_run_overrides(cache, tmp_path / "resumed") + ["train.max_steps=3"])
+    Trainer(config).fit()
+    assert losses(tmp_path / "resumed") == losses(finished_run)[:3]
+    config.train.max_steps = 6
+    Trainer(config).fit(resume="latest")
+    assert losses(tmp_path / "resumed") == losses(finished_run)
+
+
+def test_truncated_checkpoint_is_named_and_latest_falls_back(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    newest = run / "checkpoints" / "step-00000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LatentflowError, match=r"step-00000006 is corrupt: model.safetensors has 100 bytes"):
+        find_checkpoint(run, str(newest))
+    info = find_checkpoint(run, "latest")
+    assert info.step == 3 and "step-00000006" in info.skipped[0]
+    (run / "checkpoints" / "step-00000003" / "checkpoint.json").unlink()
+    with pytest.raises(LatentflowError, match="no intact checkpoint.*step-00000003 is incomplete"):
+        find_checkpoint(run, "latest")
+
+
+def test_loss_falls_on_a_fixed_batch(cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    trainer = Trainer(tiny_config(cache, tmp_path, "objective.name=rf", "optim.grad_clip=0", "optim.lr=1e-2"))
+    batch = next(trainer.batches())  # same x_t, t and target every step
+    results = [trainer.train_step(batch) for _ in range(40)]
+    assert results[-1].loss < 0.5 * results[0].loss
+
+
+def test_bf16_autocast_path_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    trainer = Trainer(tiny_config(cache, tmp_path, "train.mixed_precision=bf16"))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    inside = []
+    trainer.unwrapped.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: inside.append(out.dtype))
+    batches = trainer.batches()
+    results = [trainer.train_step(next(batches)) for _ in range(2)]
+    assert all(not r.skipped and torch.isfinite(torch.tensor(r.loss)) for r in results)
+    assert inside == [torch.bfloat16, torch.bfloat16]  # the matmuls ran in bf16
+    assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_job(cache: Path, tmp_path: Path, capsys) -> None:
+    from latentflow.training import Trainer
+
+    trainer = Trainer(tiny_config(cache, tmp_path, "train.max_nonfinite_steps=3"))
+    batches = trainer.batches()
+    trainer.train_step(next(batches))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    ema_before = [p.detach().clone() for p in trainer.ema.model.parameters()]
+    poisoned = next(batches)
+    poisoned[0].x_t[0, 0, 0, 0] = float("nan")
+    result = trainer.train_step(poisoned)
+    assert result.skipped and trainer.state.skipped_steps == 1 and trainer.state.step == 2
+    assert "not finite, step skipped" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.model.parameters()))
+    assert not trainer.train_step(next(batches)).skipped  # a finite step resets the count
+    trainer.train_step(poisoned)
+    trainer.train_step(poisoned)
+    with pytest.raises(LatentflowError, match="stopped at step 6: 3 steps in a row had a non-finite loss"):
+        trainer.train_step(poisoned)
+
+
+def test_cache_with_other_latent_shape_is_refused_before_work(cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    out = tmp_path / "never"
+    config = tiny_config(cache, out, "model.settings={hidden_size: 32, depth: 2, num_heads: 2, in_channels: 4, sample_size: 32}")
+    with pytest.raises(LatentflowError, match=r"holds latents of shape \(32, 8, 8\) but the model .* takes \(4, 32, 32\)"):
+        Trainer(config)
+    assert not out.exists()
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent('''
+    import json, sys, zlib
+    import torch
+    from latentflow.config import load_config
+    from latentflow.training import Trainer
+    from latentflow.train_utils import global_ot_pairing, seed_for
+
+    cache, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
+    config = load_config(None, sys.argv[4:] + [f"data.cache={cache}", f"output_dir={out}"])
+    trainer = Trainer(config)
+    rank, accelerator = trainer.accelerator.process_index, trainer.accelerator
+    seen, pairs = [], []
+    batches = trainer.batches()
+    for step in range(3):
+        micro = next(batches)
+        raw = micro[0]
+        seen += [zlib.crc32(row.numpy().tobytes()) for row in raw["latents"]]
+        generator = torch.Generator().manual_seed(raw["seed"])
+        noise = torch.randn(raw["latents"].shape, generator=torch.Generator().manual_seed(raw["seed"]))
+        result = global_ot_pairing(raw["latents"], raw["labels"], trainer.objective.coupling, accelerator.gather,
+                                   rank, generator, torch.Generator().manual_seed(seed_for(0, step, 2)))
+        all_noise = accelerator.gather(noise)
+        pairs.append({"noise_index": result.noise_index.tolist(),
+                      "x0_matches": bool(torch.equal(result.pairing.x0, all_noise[result.noise_index])),
+                      "keeps_own_data": bool(torch.equal(result.pairing.x1, raw["latents"]))})
+        trainer.train_step(micro)
+    trainer.fit()
+    flat = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
+    torch.save(flat, f"{report}.params{rank}.pt")
+    with open(f"{report}.rank{rank}.json", "w") as stream:
+        json.dump({"seen": seen, "pairs": pairs, "world": accelerator.num_processes, "step": trainer.state.step}, stream)
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_launch_keeps_ranks_in_sync_with_global_ot(cache: Path, tmp_path: Path) -> None:
+    script = tmp_path / "dist_train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    report = tmp_path / "report"
+    overrides = [*TINY, "objective.ot_scope=global", "train.max_steps=5", "checkpoint.every=0"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               str(script), str(cache), str(tmp_path / "run"), str(report), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(Path(f"{report}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [5, 5]
+    assert torch.equal(torch.load(f"{report}.params0.pt"), torch.load(f"{report}.params1.pt"))
+    for step in range(3):
+        rows = slice(step * 4, (step + 1) * 4)
+        assert not set(reports[0]["seen"][rows]) & set(reports[1]["seen"][rows])  # ranks saw different samples
+        noise = reports[0]["pairs"][step]["noise_index"] + reports[1]["pairs"][step]["noise_index"]
+        assert sorted(noise) == list(range(8))  # one plan for the global batch of 8: a permutation
+        assert all(r["pairs"][step]["x0_matches"] and r["pairs"][step]["keeps_own_data"] for r in reports)
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [5]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
