@@ -48,7 +48,9 @@ def report(result: EncodeResult) -> int:
     if result.already_complete:
         print(f"{result.out}: complete, nothing to do ({result.num_samples} samples, {result.num_skipped} skipped)")
     else:
-        print(f"{result.out}: encoded {result.encoded}, skipped {result.skipped} this run; cache has "
+        rate = result.encoded / result.seconds if result.seconds else 0.0
+        print(f"{result.out}: encoded {result.encoded}, skipped {result.skipped} this run ({rate:.1f} images/s); "
+              f"cache has "
               f"{result.num_samples} samples, {result.num_skipped} skipped (see skipped.jsonl)")
     if result.num_samples == 0:
         print(f"latentflow encode: error: nothing could be encoded; reasons in {result.out}/skipped.jsonl",

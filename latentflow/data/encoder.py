@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class EncodeResult:
     num_skipped: int
     already_complete: bool
     manifest: dict[str, Any] | None
+    seconds: float = 0.0  # wall time of this run's read-encode-write loop (0 when nothing was pending)
 
 
 class _Distributed:
@@ -230,12 +232,15 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
     if not pending and (out / "manifest.json").exists():
         manifest = _read_manifest(out)
         return EncodeResult(out, 0, 0, manifest["num_samples"], manifest["num_skipped"], True, manifest)
+    started = time.perf_counter()
     encoded, skipped = _run_loop(config, vae, source, pending[dist.rank::dist.world_size], preprocess, dist, out)
+    seconds = time.perf_counter() - started
     dist.barrier()
     manifest = _finish(out, settings, command) if dist.rank == 0 else None
     dist.barrier()
     manifest = manifest or _read_manifest(out)
-    return EncodeResult(out, encoded, skipped, manifest["num_samples"], manifest["num_skipped"], False, manifest)
+    return EncodeResult(out, encoded, skipped, manifest["num_samples"], manifest["num_skipped"], False, manifest,
+                        seconds)
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
