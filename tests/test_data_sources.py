@@ -94,6 +94,18 @@ def test_huggingface_imagefolder_builder(tmp_path, monkeypatch):
     assert not unlabelled.labelled and all(r.label is None for r in unlabelled.records)
 
 
+def test_huggingface_webdataset_builder(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "wds").mkdir()
+    write_image_shard(tmp_path / "wds" / "part-000.tar", {f"s{i}": (png((i, i, i)), i % 2) for i in range(3)})
+    source = open_source(f"hf:webdataset:{tmp_path}/wds/*.tar")
+    assert source.description["image_column"] == "png" and source.description["label_column"] == "cls"
+    assert [r.label for r in source.records] == [0, 1, 0]
+    assert Image.open(io.BytesIO(source.read(source.records[2]))).getpixel((0, 0)) == (2, 2, 2)
+
+
 def test_unknown_data_is_a_clear_error(tmp_path):
     with pytest.raises(LatentflowError, match="not a folder"):
         open_source(str(tmp_path / "nothing"))

@@ -225,6 +225,8 @@ def _pick_label_column(dataset: Any, label_column: str | None, labels: bool | No
         return None
     if label_column is None:
         label_column = _find_column(dataset, datasets.ClassLabel, "label")
+        if label_column not in dataset.column_names:  # webdataset shards name it after the member: cls
+            label_column = next((c for c in ("labels", "cls", "class") if c in dataset.column_names), label_column)
         if label_column not in dataset.column_names:
             if labels:
                 raise LatentflowError(f"--labels: hf:{spec} has no ClassLabel/'label' column; pass --label-column "
