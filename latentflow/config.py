@@ -111,13 +111,15 @@ class CheckpointConfig:
 class SampleConfig:
     """Fixed-noise sample grids from the EMA weights every `every` steps (0: never).
 
-    `vae` overrides the VAE named in the cache manifest (a hub id or local folder).
+    `vae` overrides the VAE named in the cache manifest (a hub id or local folder);
+    `guidance_scale` > 1 applies classifier-free guidance (class-conditional models).
     """
 
     every: int = 1000
     num_images: int = 16
     solver: str = "euler"
     steps: int = 32
+    guidance_scale: float = 1.0
     seed: int = 0
     vae: str | None = None
 

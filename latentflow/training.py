@@ -154,8 +154,7 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ema.model.to(self.accelerator.device)
-        if config.model.compile:
-            self.model = torch.compile(self.model)
+        self.forward = torch.compile(self.model) if config.model.compile else self.model
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -218,7 +217,7 @@ class Trainer:
             costs.append(cost)
             last = index == len(micro_batches) - 1
             with (nullcontext() if last else accelerator.no_sync(self.model)), accelerator.autocast():
-                output = self.model(batch.x_t, batch.t, batch.labels)  # (b, C, h, w)
+                output = self.forward(batch.x_t, batch.t, batch.labels)  # (b, C, h, w)
                 loss = self.objective.loss(output, batch).mean()
             accelerator.backward(loss / len(micro_batches))
             losses.append(loss.detach().float())
@@ -315,10 +314,15 @@ class Trainer:
         generator = torch.Generator().manual_seed(sample.seed)
         noise = torch.randn((sample.num_images, *self.cache.latent_shape), generator=generator).to(device)
         labels = (torch.arange(sample.num_images) % self.num_classes).to(device) if self.num_classes else None
-        model = self.ema.model
+        model, scale = self.ema.model, sample.guidance_scale
 
         def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(x, t, labels).float()
+            if labels is None or scale == 1.0:
+                return model(x, t, labels).float()
+            null = torch.full_like(labels, self.num_classes)
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
+            conditional, unconditional = both.chunk(2)
+            return unconditional + scale * (conditional - unconditional)  # classifier-free guidance
 
         if self.objective.prediction == "noise":
             latents, straightness = ddim_sample(field, noise, steps=sample.steps).x, None

@@ -260,3 +260,30 @@ def test_two_process_launch_keeps_ranks_in_sync_with_global_ot(cache: Path, tmp_
         assert all(r["pairs"][step]["x0_matches"] and r["pairs"][step]["keeps_own_data"] for r in reports)
     assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [5]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_unet_with_ddpm_trains_and_samples_through_ddim(cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    unet = ("model.settings={block_out_channels: [32, 32], attention_levels: [false, true], layers_per_block: 1, "
+            "attention_head_dim: 8, norm_num_groups: 8}")
+    trainer = Trainer(tiny_config(cache, tmp_path, "model.name=unet", unet, "objective.name=ddpm",
+                                  "sample.steps=3", "sample.num_images=2"))
+    batches = trainer.batches()
+    results = [trainer.train_step(next(batches)) for _ in range(2)]
+    assert all(not r.skipped and r.ot_cost is None for r in results)
+    latents, straightness = trainer.sample_latents()
+    assert latents.shape == (2, 32, 8, 8) and straightness is None and torch.isfinite(latents).all()
+
+
+def test_guided_samples_differ_from_unguided(cache: Path, tmp_path: Path) -> None:
+    from latentflow.training import Trainer
+
+    trainer = Trainer(tiny_config(cache, tmp_path, "sample.steps=2", "sample.num_images=3"))
+    batches = trainer.batches()
+    for _ in range(3):
+        trainer.train_step(next(batches))
+    plain, _ = trainer.sample_latents()
+    trainer.config.sample.guidance_scale = 3.0
+    guided, straightness = trainer.sample_latents()
+    assert guided.shape == plain.shape and not torch.allclose(guided, plain) and straightness >= 0
