@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,9 @@ class FrozenVAE:
         if dtype != torch.float32:
             module = module.to(dtype=dtype)
         self.module = module.eval().requires_grad_(False)
+        if dtype == torch.float16 and module.config.get("force_upcast"):
+            warnings.warn(f"{type(module).__name__} config sets force_upcast: it is known to overflow in float16 "
+                          "(NaN latents); prefer --dtype fp32 or bf16")
         self.device, self.dtype = device, dtype
         config = module.config
         self.scaling_factor = float(config.get("scaling_factor") if config.get("scaling_factor") is not None else 1.0)
