@@ -14,6 +14,7 @@ FD-DINOv2 (EDM2's second metric) uses transformers' `Dinov2Model` from a local m
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -265,6 +266,12 @@ def default_inception_weights() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
+def _load_torchscript(path: str, device: str) -> torch.jit.ScriptModule:
+    """A TorchScript network in eval mode, loaded once per (path, device) and process (it is never trained)."""
+    return torch.jit.load(path, map_location="cpu").eval().to(device)
+
+
 class InceptionFeatures:
     """The standard FID Inception network's 2048-d pool3 features.
 
@@ -278,7 +285,7 @@ class InceptionFeatures:
     def __init__(self, weights: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> None:
         path = Path(weights) if weights is not None else default_inception_weights()
         self.device = torch.device(device)
-        self.network = torch.jit.load(str(path), map_location="cpu").eval().to(self.device)
+        self.network = _load_torchscript(str(path.resolve()), str(self.device))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float (B, 3, 299, 299) in [-1, 1) as the TensorFlow graph expects."""
@@ -356,20 +363,34 @@ def list_images(images_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _load_uint8(path: Path) -> torch.Tensor:
-    """One image file -> (3, H, W) uint8."""
+def _load_uint8(path: Path, resolution: int | None = None) -> torch.Tensor:
+    """One image file -> (3, H, W) uint8; with `resolution`, shorter-side resize and centre crop to a square
+    exactly as the latent cache's preprocessing does (so a reference matches what the model was trained on)."""
     from PIL import Image
 
+    from latentflow.data.preprocess import resize_center_crop, to_rgb
+
     with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        image = to_rgb(image)
+        if resolution is not None:
+            image = resize_center_crop(image, resolution)
+        array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def iterate_image_batches(files: Sequence[Path], batch_size: int = 50) -> Iterator[torch.Tensor]:
-    """uint8 batches (B, 3, H, W) of the files in order; a batch is cut early when the image size changes."""
+def iterate_image_batches(
+    files: Sequence[Path], batch_size: int = 50, resolution: int | None = None
+) -> Iterator[torch.Tensor]:
+    """uint8 batches (B, 3, H, W) of the files in order; a batch is cut early when the image size changes.
+
+    Args:
+        files: image files.
+        batch_size: images per batch.
+        resolution: resize + centre-crop every image to this square size first (None: keep sizes).
+    """
     batch: list[torch.Tensor] = []
     for path in files:
-        image = _load_uint8(path)
+        image = _load_uint8(path, resolution)
         if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
             yield torch.stack(batch)
             batch = []
@@ -403,11 +424,13 @@ def folder_statistics(
     extractors: Sequence[FeatureExtractor],
     batch_size: int = 50,
     progress: Callable[[Iterable], Iterable] | None = None,
+    resolution: int | None = None,
 ) -> dict[str, FeatureStatistics]:
-    """Feature statistics (with features) of every image under `images_dir`, for each extractor."""
+    """Feature statistics (with features) of every image under `images_dir`, for each extractor; with
+    `resolution`, images are first resized and centre-cropped like the latent cache's preprocessing."""
     files = list_images(images_dir)
     accumulator = FeatureAccumulator(extractors)
-    batches: Iterable[torch.Tensor] = iterate_image_batches(files, batch_size)
+    batches: Iterable[torch.Tensor] = iterate_image_batches(files, batch_size, resolution)
     if progress is not None:
         batches = progress(batches)
     for batch in batches:
@@ -415,10 +438,13 @@ def folder_statistics(
     return accumulator.statistics()
 
 
-def save_statistics(path: str | os.PathLike, stats: dict[str, FeatureStatistics], source: str = "") -> Path:
-    """Write statistics to an .npz (atomically): `<name>_mu`, `<name>_sigma`, `<name>_features`, ..."""
+def save_statistics(
+    path: str | os.PathLike, stats: dict[str, FeatureStatistics], source: str = "", resolution: int | None = None
+) -> Path:
+    """Write statistics to an .npz (atomically): `<name>_mu`, `<name>_sigma`, `<name>_features`, ..., plus the
+    `source` description and the `resolution` images were brought to (-1: as stored)."""
     path = Path(path)
-    arrays: dict[str, np.ndarray] = {"source": np.array(source)}
+    arrays: dict[str, np.ndarray] = {"source": np.array(source), "resolution": np.array(resolution or -1)}
     for name, stat in stats.items():
         arrays[f"{name}_mu"] = stat.mu
         arrays[f"{name}_sigma"] = stat.sigma
@@ -457,15 +483,23 @@ def load_statistics(path: str | os.PathLike) -> dict[str, FeatureStatistics]:
         }
 
 
+def statistics_resolution(path: str | os.PathLike) -> int | None:
+    """The resolution an .npz's images were brought to, or None (as stored, or not recorded)."""
+    with np.load(path, allow_pickle=False) as data:
+        value = int(data["resolution"]) if "resolution" in data.files else -1
+    return None if value < 0 else value
+
+
 def reference_statistics(
     reference: str | os.PathLike,
     extractors: Sequence[FeatureExtractor],
     batch_size: int = 50,
     progress: Callable[[Iterable], Iterable] | None = None,
+    resolution: int | None = None,
 ) -> dict[str, FeatureStatistics]:
-    """Statistics of a reference given as an image folder (computed) or an .npz (loaded)."""
+    """Statistics of a reference given as an image folder (computed, at `resolution` if given) or an .npz."""
     if Path(reference).is_dir():
-        return folder_statistics(reference, extractors, batch_size, progress)
+        return folder_statistics(reference, extractors, batch_size, progress, resolution)
     stats = load_statistics(reference)
     missing = [extractor.name for extractor in extractors if extractor.name not in stats]
     if missing:

@@ -275,6 +275,12 @@ class LatentFlowPipeline(DiffusionPipeline):
         decoded = self.vae.decode(raw)
         return decoded.sample if hasattr(decoded, "sample") else decoded
 
+    @torch.no_grad()
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images this pipeline makes (found by decoding one latent of the configured shape)."""
+        probe = torch.zeros(self._latent_shape(1), device=self.vae.device, dtype=self.vae.dtype)
+        return tuple(self.decode_latents(probe).shape[-2:])
+
     def _postprocess(self, x1: torch.Tensor, output_type: str) -> Any:
         latents = self._to_cache_space(x1)
         if output_type == "latent":

@@ -24,6 +24,7 @@ from latentflow.evaluation import (
     load_statistics,
     parse_sweep,
     save_statistics,
+    statistics_resolution,
     unbiased_mmd2,
 )
 
@@ -167,11 +168,32 @@ def test_float_images_are_quantised_like_png(inception, flower_images):
 # Statistics files, folders, FD-DINOv2
 
 
+def test_folder_images_are_brought_to_a_resolution_like_the_cache(tmp_path):
+    from PIL import Image
+
+    from latentflow.data.preprocess import resize_center_crop
+    from latentflow.evaluation import iterate_image_batches, list_images
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "a").mkdir()
+    for index, size in enumerate([(40, 30), (30, 40), (24, 24)]):
+        Image.fromarray(rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)).save(tmp_path / "a" / f"{index}.png")
+    files = list_images(tmp_path)
+    batches = list(iterate_image_batches(files, batch_size=8, resolution=16))
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 16, 16)]
+    expected = np.asarray(resize_center_crop(Image.open(files[0]).convert("RGB"), 16))
+    np.testing.assert_array_equal(batches[0][0].permute(1, 2, 0).numpy(), expected)
+    assert [tuple(b.shape) for b in iterate_image_batches(files, batch_size=8)] == [(1, 3, 30, 40), (1, 3, 40, 30),
+                                                                                    (1, 3, 24, 24)]
+
+
 def test_statistics_round_trip(tmp_path):
     rng = np.random.default_rng(4)
     stats = {"inception": feature_statistics(rng.normal(size=(10, 3)))}
-    path = save_statistics(tmp_path / "ref.npz", stats, source="somewhere")
+    path = save_statistics(tmp_path / "ref.npz", stats, source="somewhere", resolution=64)
     loaded = load_statistics(path)["inception"]
+    assert statistics_resolution(path) == 64
+    assert statistics_resolution(save_statistics(tmp_path / "other.npz", stats)) is None
     np.testing.assert_array_equal(loaded.mu, stats["inception"].mu)
     np.testing.assert_array_equal(loaded.sigma, stats["inception"].sigma)
     np.testing.assert_array_equal(loaded.features, stats["inception"].features)

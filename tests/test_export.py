@@ -144,12 +144,13 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
 
 def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path):
     ref = tmp_path / "ref.npz"
-    assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10"]) == 0
+    assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10", "--resolution", "64"]) == 0
     with np.load(ref) as data:
         assert data["inception_features"].shape == (10, 2048) and data["inception_mu"].shape == (2048,)
+        assert int(data["resolution"]) == 64
 
     out = tmp_path / "eval"
-    args = ["evaluate", str(pipe_dir), "--ref", str(ref), "--n", "4", "--batch-size", "4", "--out", str(out),
+    args = ["evaluate", str(pipe_dir), "--ref", str(ref), "--n", "3", "--batch-size", "3", "--out", str(out),
             "--sweep", "euler:1,2", "dopri5:1e-2", "--kid-subsets", "3"]
     assert cli.main(args) == 0
     document = json.loads((out / "evaluation.json").read_text())
@@ -161,4 +162,6 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
     with open(out / "evaluation.csv") as handle:
         assert [row["setting"] for row in csv.DictReader(handle)] == list(results)
     assert Image.open(out / "fid_vs_nfe.png").size[0] > 100
+    assert document["image_size"] == 64 and document["reference_resolution"] is None
+
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2

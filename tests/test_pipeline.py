@@ -110,6 +110,10 @@ def test_output_types_shapes_and_ranges(pipe, output_type):
         assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
 
 
+def test_image_size(pipe):
+    assert pipe.image_size() == (16, 16)
+
+
 def test_latent_output_decodes_to_the_image_output(pipe):
     latents = pipe(batch_size=2, generator=seeded(3), output_type="latent", class_labels=[1, 1]).images
     images = pipe(batch_size=2, generator=seeded(3), output_type="pt", class_labels=[1, 1]).images

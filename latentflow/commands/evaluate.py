@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -13,6 +14,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("pipe_dir", type=Path, help="pipeline folder (from `latentflow export`)")
     parser.add_argument("--ref", type=Path, required=True, help="reference image folder or .npz from fid-stats")
+    parser.add_argument("--ref-resolution", type=int, default=None,
+                        help="with a folder --ref: resize + centre-crop its images to this size first "
+                             "(default: the generated images' size)")
     parser.add_argument("--n", type=int, default=2000, help="images per setting")
     parser.add_argument("--sweep", nargs="+", default=["euler:1,2,4,8", "midpoint:4", "dopri5"],
                         help="settings: SOLVER:STEPS,... for fixed-step solvers and ddim; SOLVER[:TOL,...] adaptive")
@@ -41,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_sweep(args.sweep)
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
     extractors = make_extractors(args.device, args.dinov2)
-    reference = reference_statistics(args.ref, extractors, args.batch_size, lambda it: tqdm(it, desc="reference"))
+    image_size = pipe.image_size()[0]
+    resolution = (args.ref_resolution or image_size) if args.ref.is_dir() else None
+    if resolution is None:
+        _check_reference_resolution(args.ref, image_size)
+    reference = reference_statistics(args.ref, extractors, args.batch_size, lambda it: tqdm(it, desc="reference"),
+                                     resolution)
     results = []
     for setting in tqdm(settings, desc="settings"):
         result = evaluate_setting(pipe, setting, reference, extractors, args.n, args.batch_size, args.seed,
@@ -49,10 +58,21 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         tqdm.write(_format_row(result.row()))
     info = {"pipeline": str(args.pipe_dir), "reference": str(args.ref), "n": args.n, "seed": args.seed,
+            "image_size": image_size, "reference_resolution": resolution,
             "guidance_scale": args.guidance_scale, "sweep": list(args.sweep)}
     paths = write_sweep_results(results, args.out or args.pipe_dir / "evaluation", info)
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
     return 0
+
+
+def _check_reference_resolution(reference: Path, image_size: int) -> None:
+    from latentflow.evaluation import statistics_resolution
+
+    stored = statistics_resolution(reference)
+    if stored != image_size:
+        print(f"warning: {reference} was computed at resolution {stored or 'as stored'}, the samples are "
+              f"{image_size} px; FID compares like with like only at equal resolution (fid-stats --resolution)",
+              file=sys.stderr)
 
 
 def _format_row(row: dict) -> str:

@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="resize + centre-crop to this square size first, as `latentflow encode` does "
+                             "(use the generated images' size, e.g. 64)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
@@ -25,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.evaluation import folder_statistics, make_extractors, save_statistics
 
     extractors = make_extractors(args.device, args.dinov2)
-    stats = folder_statistics(args.images_dir, extractors, args.batch_size, progress=lambda it: tqdm(it, desc="features"))
-    save_statistics(args.out, stats, source=str(args.images_dir))
+    stats = folder_statistics(args.images_dir, extractors, args.batch_size, lambda it: tqdm(it, desc="features"),
+                              args.resolution)
+    source = f"{args.images_dir} (resolution {args.resolution or 'as stored'})"
+    save_statistics(args.out, stats, source=source, resolution=args.resolution)
     counts = ", ".join(f"{name}: {stat.num_images} images, {stat.mu.shape[0]}-d" for name, stat in stats.items())
     print(f"wrote {args.out} ({counts})")
     return 0
