@@ -5,10 +5,10 @@
     out = pipe(batch_size=4, num_inference_steps=8, solver="euler", generator=torch.Generator().manual_seed(0))
     out.images[0].save("sample.png"); print(out.nfe)
 
-or, without importing this module first,
-`DiffusionPipeline.from_pretrained("PIPE_DIR", custom_pipeline="pipelines/pipeline_latentflow.py",
-trust_remote_code=True)` (diffusers runs this file for you, which imports the `latentflow` modules that
-`model_index.json` names).
+or, without importing this module first, `DiffusionPipeline.from_pretrained("PIPE_DIR",
+custom_pipeline="PIPE_DIR", trust_remote_code=True)` (save_pretrained puts a copy of this file in the folder as
+pipeline.py; `custom_pipeline="pipelines/pipeline_latentflow.py"` works as well). diffusers runs this file,
+which imports the `latentflow` modules that `model_index.json` names; the `latentflow` package must be installed.
 
 Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is integrated with
 `latentflow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`.
@@ -16,8 +16,11 @@ Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is int
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,6 +38,7 @@ from latentflow.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ddim_sample
 import latentflow.vae  # noqa: F401  (the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CUSTOM_PIPELINE_FILE = "pipeline.py"  # the name diffusers looks for when custom_pipeline is a folder
 NOISE_SOLVERS = ("ddim",)
 STAGES_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
 """Velocity evaluations per step of the one-step fixed-grid methods (these also support step callbacks)."""
@@ -87,6 +91,15 @@ class LatentFlowPipeline(DiffusionPipeline):
         _check_components(transformer, vae, scheduler)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' save_pretrained, plus this file as `pipeline.py` so that
+        `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)` finds the class."""
+        super().save_pretrained(save_directory, **kwargs)
+        target = Path(save_directory) / CUSTOM_PIPELINE_FILE
+        temporary = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(Path(__file__), temporary)
+        os.replace(temporary, target)
+
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -131,6 +144,8 @@ class LatentFlowPipeline(DiffusionPipeline):
         Returns:
             LatentFlowPipelineOutput(images, nfe, class_labels).
         """
+        if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
+            class_labels = int(class_labels)
         settings = self._resolve_settings(num_inference_steps, solver, atol, rtol, eta, output_type)
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)

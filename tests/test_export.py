@@ -82,7 +82,7 @@ def test_export_writes_a_standard_pipeline_folder(pipe_dir: Path, run_dir: Path)
     assert index["vae"] == ["latentflow.vae", "PooledAutoencoderTiny"]
     assert index["transformer"] == ["latentflow.models.dit", "DiT"]
     for part in ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
-                 "cache_manifest.json", "training_config.yaml"):
+                 "cache_manifest.json", "training_config.yaml", "pipeline.py"):
         assert (pipe_dir / part).is_file(), part
     assert list((pipe_dir / "transformer").glob("*.safetensors")) and list((pipe_dir / "vae").glob("*.safetensors"))
     scheduler = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())

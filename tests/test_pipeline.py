@@ -143,6 +143,9 @@ def test_batch_of_four_equals_four_single_calls(pipe):
 def test_class_names_and_errors(pipe):
     by_name = pipe(batch_size=2, generator=seeded(), class_labels="tulip", output_type="latent")
     assert by_name.class_labels.tolist() == [2, 2]
+    assert pipe(batch_size=2, class_labels=torch.tensor(1), output_type="latent").class_labels.tolist() == [1, 1]
+    drawn = pipe(batch_size=6, generator=seeded(), output_type="latent").class_labels
+    assert drawn.shape == (6,) and 0 <= drawn.min() and drawn.max() < 3
     with pytest.raises(LatentflowError, match="daisy"):
         pipe(class_labels="sunflower")
     with pytest.raises(LatentflowError, match="output_type"):
@@ -315,12 +318,13 @@ _LOAD_WITH_DIFFUSERS = """
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
 assert "latentflow" not in sys.modules
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[2], trust_remote_code=True,
-                                         local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-out = pipe(batch_size=2, generator=torch.Generator().manual_seed(11), output_type="np")
-np.save(sys.argv[3], out.images)
-print(type(pipe).__name__, type(pipe.scheduler).__module__, out.nfe)
+for index, custom in enumerate(sys.argv[2:4]):  # the repository's pipeline file, then the saved folder itself
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=custom, trust_remote_code=True,
+                                             local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(11), output_type="np")
+    np.save(sys.argv[4] + f"{index}.npy", out.images)
+    print(type(pipe).__name__, type(pipe.scheduler).__module__, out.nfe)
 """
 
 
@@ -329,14 +333,16 @@ def test_diffusion_pipeline_with_custom_pipeline_loads_offline_in_a_fresh_interp
     expected = pipe(batch_size=2, generator=seeded(11), output_type="np").images
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    assert (tmp_path / "pipe" / "pipeline.py").read_text() == PIPELINE_FILE.read_text()
     result = subprocess.run(
         [sys.executable, "-c", _LOAD_WITH_DIFFUSERS, str(tmp_path / "pipe"), str(PIPELINE_FILE),
-         str(tmp_path / "images.npy")],
+         str(tmp_path / "pipe"), str(tmp_path / "images")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-3:] == ["LatentFlowPipeline", "latentflow.export", "4"]
-    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
+    assert result.stdout.split()[-6:] == ["LatentFlowPipeline", "latentflow.export", "4"] * 2
+    for index in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"images{index}.npy"), expected)
 
 
 def test_a_different_vae_is_refused(pipe, tmp_path):
