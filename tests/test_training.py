@@ -287,3 +287,17 @@ def test_guided_samples_differ_from_unguided(cache: Path, tmp_path: Path) -> Non
     trainer.config.sample.guidance_scale = 3.0
     guided, straightness = trainer.sample_latents()
     assert guided.shape == plain.shape and not torch.allclose(guided, plain) and straightness >= 0
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_scripts_train_with_shipped_config(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               str(REPO / "scripts" / "train.py"), "--config", str(FLOWERS_CONFIG)]
+    for override in [*TINY, f"data.cache={cache}", f"output_dir={out}", "train.max_steps=2", "checkpoint.every=0"]:
+        command += ["--set", override]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["step"] for row in CsvLog.read(out / "log.csv")] == ["1", "2"]
+    assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
