@@ -238,7 +238,9 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
 
     index = Path(pipe_dir) / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`")
+        raise FileNotFoundError(
+            f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`"
+        )
     pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.utils import BaseOutput
@@ -185,10 +184,9 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _initial_noise(self, batch_size, class_labels, generator, latents, device, dtype) -> torch.Tensor:
         """(B, C, h, w) noise x0 at t=0: the given latents, else drawn with `generator`."""
         if latents is not None:
-            if tuple(latents.shape[1:]) != self._latent_shape(1)[1:]:
-                raise LatentflowError(
-                    f"latents have shape {tuple(latents.shape)}; expected (B, {', '.join(map(str, self._latent_shape(1)[1:]))})"
-                )
+            expected = self._latent_shape(1)[1:]
+            if tuple(latents.shape[1:]) != expected:
+                raise LatentflowError(f"latents have shape {tuple(latents.shape)}; expected (B, *{expected})")
             return latents.to(device=device, dtype=dtype)
         if isinstance(class_labels, (list, tuple, torch.Tensor)) and batch_size == 1:
             batch_size = len(class_labels)
@@ -347,7 +345,9 @@ def _check_callback(solver: str, tensor_inputs: Sequence[str]) -> None:
             f"callback_on_step_end works with the one-step fixed-grid solvers {sorted(STAGES_PER_STEP)}, not {solver!r}"
         )
     if set(tensor_inputs) - {"latents"}:
-        raise LatentflowError(f"callback_on_step_end_tensor_inputs may only contain 'latents', got {list(tensor_inputs)}")
+        raise LatentflowError(
+            f"callback_on_step_end_tensor_inputs may only contain 'latents', got {list(tensor_inputs)}"
+        )
 
 
 def _check_components(transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler) -> None:

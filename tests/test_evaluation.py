@@ -177,7 +177,8 @@ def test_folder_images_are_brought_to_a_resolution_like_the_cache(tmp_path):
     rng = np.random.default_rng(7)
     (tmp_path / "a").mkdir()
     for index, size in enumerate([(40, 30), (30, 40), (24, 24)]):
-        Image.fromarray(rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)).save(tmp_path / "a" / f"{index}.png")
+        pixels = rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "a" / f"{index}.png")
     files = list_images(tmp_path)
     batches = list(iterate_image_batches(files, batch_size=8, resolution=16))
     assert [tuple(b.shape) for b in batches] == [(3, 3, 16, 16)]

@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
     if args.grid is not None:
         save_image_atomic(image_grid(torch.stack(images)), args.grid)
     written = " and ".join(str(path) for path in (args.grid, args.outdir) if path is not None)
-    print(f"{args.n} images, {setting.label}, NFE per batch {nfes[0] if len(set(nfes)) == 1 else nfes}: wrote {written}")
+    nfe = nfes[0] if len(set(nfes)) == 1 else nfes
+    print(f"{args.n} images, {setting.label}, NFE per batch {nfe}: wrote {written}")
     return 0
