@@ -3,6 +3,7 @@ after SIGKILL, and a real 2-process `accelerate launch`."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -99,14 +100,17 @@ def test_flowers_cache_decodes_to_the_input_at_22_db(flowers):
     assert psnr.mean() >= 22.0, f"mean PSNR {psnr.mean():.2f} dB"
 
 
-def _info(out: Path, key: str) -> str:
-    """The json member of `key` (read through the plain webdataset library, proving compatibility)."""
+@functools.lru_cache(maxsize=4)
+def _json_members(out: Path) -> dict[str, str]:
+    """key -> json member of a cache, read through the plain webdataset library (proves compatibility)."""
     import webdataset as wds
 
-    if not hasattr(_info, "table"):
-        urls = sorted(str(p) for p in out.glob("shard-*.tar"))
-        _info.table = {s["__key__"]: s["json"] for s in wds.WebDataset(urls, shardshuffle=False)}
-    return _info.table[key].decode()
+    urls = sorted(str(p) for p in out.glob("shard-*.tar"))
+    return {s["__key__"]: s["json"].decode() for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def _info(out: Path, key: str) -> str:
+    return _json_members(out)[key]
 
 
 @needs_shared
@@ -186,6 +190,36 @@ def test_overwrite_replaces_a_cache_made_differently(tmp_path, capsys):
     assert "vae=" in capsys.readouterr().err
     assert encode(*common, "--resolution", "8", "--overwrite") == 0
     assert LatentCache(out).latent_shape == (4, 2, 2) and len(LatentCache(out)) == 3
+
+
+@pytest.mark.parametrize("kind", ["hf-imagefolder", "webdataset"])
+def test_other_sources_encode_with_labels(tmp_path, monkeypatch, kind):
+    import tarfile
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    images = synthetic_images(tmp_path / "imgs", 6)
+    if kind == "hf-imagefolder":
+        for i, path in enumerate(sorted(images.iterdir())):
+            (images / ("a" if i < 2 else "b")).mkdir(exist_ok=True)
+            path.rename(images / ("a" if i < 2 else "b") / path.name)
+        data = f"hf:imagefolder:{images}"
+    else:
+        data = str(tmp_path / "shards" / "images-{000..001}.tar")
+        (tmp_path / "shards").mkdir()
+        for shard, paths in enumerate((sorted(images.iterdir())[:2], sorted(images.iterdir())[2:])):
+            with tarfile.open(tmp_path / "shards" / f"images-{shard:03d}.tar", "w") as archive:
+                for path in paths:
+                    archive.add(path, arcname=path.name)
+                    label = (tmp_path / f"{path.stem}.cls")
+                    label.write_text(str(shard))
+                    archive.add(label, arcname=f"{path.stem}.cls")
+    out = tmp_path / "cache"
+    assert encode("--vae", str(tiny_kl(tmp_path / "kl")), "--data", data, "--out", str(out), "--resolution", "8",
+                  "--num-workers", "1", "--labels") == 0
+    labels = sorted(sample.label for sample in all_samples(out))
+    assert labels == [0, 0, 1, 1, 1, 1]
+    assert LatentCache(out).num_classes == 2
 
 
 # ---- odd inputs --------------------------------------------------------------------------------------------
