@@ -7,6 +7,7 @@ rank 0 writes the single manifest at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -244,6 +245,4 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
-    import json
-
     return json.loads((out / "manifest.json").read_text())
