@@ -174,8 +174,12 @@ class LatentFlowPipeline(DiffusionPipeline):
         }
         if output_type not in OUTPUT_TYPES:
             raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
-        _check_solver(settings["solver"], config.prediction_type)
+        self.check_solver(settings["solver"])
         return settings
+
+    def check_solver(self, solver: str) -> None:
+        """Raise LatentflowError when this pipeline's model cannot be sampled with `solver`."""
+        _check_solver(solver, self.scheduler.config.prediction_type)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.scheduler.config

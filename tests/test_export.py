@@ -165,3 +165,4 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
     assert document["image_size"] == 64 and document["reference_resolution"] is None
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
+    assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "ddim:10"]) == 2  # a velocity model

@@ -16,11 +16,11 @@ def register(subparsers) -> None:
     parser.add_argument("--ref", type=Path, required=True, help="reference image folder or .npz from fid-stats")
     parser.add_argument("--ref-resolution", type=int, default=None,
                         help="with a folder --ref: resize + centre-crop its images to this size first "
-                             "(default: the generated images' size)")
+                             "(None: the generated images' size)")
     parser.add_argument("--n", type=int, default=2000, help="images per setting")
     parser.add_argument("--sweep", nargs="+", default=["euler:1,2,4,8", "midpoint:4", "dopri5"],
                         help="settings: SOLVER:STEPS,... for fixed-step solvers and ddim; SOLVER[:TOL,...] adaptive")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default PIPE_DIR/evaluation)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (None: PIPE_DIR/evaluation)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise LatentflowError(f"--n must be at least 2, got {args.n}")
     settings = parse_sweep(args.sweep)
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
+    for setting in settings:  # refuse e.g. euler for a ddpm model before any work
+        pipe.check_solver(setting.solver)
     extractors = make_extractors(args.device, args.dinov2)
     image_size = pipe.image_size()[0]
     resolution = (args.ref_resolution or image_size) if args.ref.is_dir() else None
