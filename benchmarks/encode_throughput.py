@@ -9,7 +9,7 @@ the same as a trained one) on the tf_flowers photos at 128 px:
 * limit: ``FrozenVAE.encode`` alone on the same batches, already preprocessed and in memory;
 * naive: one process, for each batch open + preprocess the images, then encode (no workers, nothing written).
 
-Usage: python benchmarks/encode_throughput.py [--vae taef2 sd] [--images 96] [--sd-images 24]
+Usage: python benchmarks/encode_throughput.py [--vae taef2 sd] [--images 96] [--sd-images 24] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -97,13 +97,16 @@ def measure_pipeline(vae_source: str, data: Path, out: Path, resolution: int, ba
 
 
 def run_one(name: str, vae_source: str, count: int, args: argparse.Namespace, work: Path) -> Throughput:
+    """Best of `args.repeats` for each way (best-of is the least disturbed by other load on the machine)."""
     data = image_subset(count, work / f"{name}-images")
     files = sorted(data.iterdir())
     vae = load_vae(vae_source)
-    limit = measure_limit(vae, files, args.resolution, args.batch_size)
-    naive = measure_naive(vae, files, args.resolution, args.batch_size)
-    pipeline = measure_pipeline(vae_source, data, work / f"{name}-cache", args.resolution, args.batch_size,
-                                args.num_workers)
+    limit = naive = pipeline = 0.0
+    for repeat in range(args.repeats):
+        limit = max(limit, measure_limit(vae, files, args.resolution, args.batch_size))
+        naive = max(naive, measure_naive(vae, files, args.resolution, args.batch_size))
+        pipeline = max(pipeline, measure_pipeline(vae_source, data, work / f"{name}-cache-{repeat}", args.resolution,
+                                                  args.batch_size, args.num_workers))
     return Throughput(name, len(files), pipeline, limit, naive)
 
 
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=None, help="pipeline workers (default: the CLI's)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each way this many times, keep the best")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}, resolution {args.resolution}, batch {args.batch_size}")
     print(f"{'vae':<28} {'images':>6} {'pipeline':>10} {'limit':>10} {'naive':>10} {'pipeline/limit':>14} "
