@@ -48,8 +48,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * weights."""
         decay = self.current_decay()
-        for shadow, weight in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(weight.detach().float(), 1.0 - decay)
+        shadows = list(self.model.parameters())
+        weights = [weight.detach().to(shadow.dtype) for shadow, weight in zip(shadows, model.parameters())]
+        torch._foreach_lerp_(shadows, weights, 1.0 - decay)  # one fused kernel per dtype/device group
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

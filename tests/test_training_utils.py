@@ -1,0 +1,108 @@
+"""Known answers for the training loop's parts: EMA, learning rate, label dropout, pairing, logs, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentflow.checkpoint import find_checkpoint, publish, temporary_dir, verify_checkpoint
+from latentflow.config import OptimConfig
+from latentflow.couplings import make_coupling
+from latentflow.errors import LatentflowError
+from latentflow.objectives import TrainingBatch, make_objective
+from latentflow.train_utils import (
+    EMA, CsvLog, PairingTransform, drop_labels, global_ot_pairing, image_grid, learning_rate,
+)
+
+
+def test_ema_follows_the_closed_form() -> None:
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(3):
+        ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 1.0 + (start - 1.0) * 0.9**3)
+    restored = EMA(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 3 and torch.equal(restored.model.weight, ema.model.weight)
+
+
+def test_ema_warmup_decay() -> None:
+    ema = EMA(torch.nn.Linear(1, 1), decay=0.9999, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)
+    ema.updates = 10**6
+    assert ema.current_decay() == 0.9999
+
+
+def test_learning_rate_warmup_then_cosine() -> None:
+    optim = OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    assert [learning_rate(s, optim, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(54, optim, 104) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(104, optim, 104) == pytest.approx(0.1)
+    assert learning_rate(7, OptimConfig(lr=2.0), 10) == 2.0
+
+
+def test_label_dropout_uses_the_null_class_at_the_given_rate() -> None:
+    labels = torch.zeros(20_000, dtype=torch.long)
+    dropped = drop_labels(labels, 0.1, null_class=5, generator=torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, 5}
+    assert math.isclose(float((dropped == 5).float().mean()), 0.1, abs_tol=0.01)
+    assert drop_labels(None, 0.1, 5, torch.Generator()) is None
+
+
+def test_pairing_transform_is_deterministic_per_batch() -> None:
+    transform = PairingTransform(make_objective("otcfm"), seed=0, rank=0, num_classes=3, label_dropout=0.0, pair=True)
+    batch = {"latents": torch.randn(6, 4, 2, 2), "labels": torch.arange(6) % 3, "batch_index": 7}
+    first, second = transform(batch), transform(batch)
+    assert isinstance(first, TrainingBatch) and torch.equal(first.x_t, second.x_t)
+    other = transform({**batch, "batch_index": 8})
+    assert not torch.equal(first.x0, other.x0)
+    assert first.ot_cost is not None and torch.equal(first.x1, batch["latents"])  # exact OT keeps data order
+
+
+def test_global_pairing_in_one_process_is_the_exact_plan() -> None:
+    x1 = torch.randn(8, 3)
+    result = global_ot_pairing(x1, None, make_coupling("exact"), lambda x: x, 0,
+                               torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    assert sorted(result.noise_index.tolist()) == list(range(8))
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1))
+    identity_cost = float((noise - x1).square().sum(1).mean())
+    assert result.global_cost <= identity_cost + 1e-6
+    assert torch.equal(result.pairing.x0, noise[result.noise_index])
+
+
+def test_csv_log_resume_drops_rows_after_the_checkpoint(tmp_path) -> None:
+    log = CsvLog(tmp_path / "log.csv", resume_step=None)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 0.5 / step})
+    CsvLog(tmp_path / "log.csv", resume_step=2)
+    rows = CsvLog.read(tmp_path / "log.csv")
+    assert [r["step"] for r in rows] == ["1", "2"] and float(rows[1]["loss"]) == 0.25
+
+
+def test_checkpoints_publish_atomically_and_keep_the_newest(tmp_path) -> None:
+    for step in (1, 2, 3):
+        folder = temporary_dir(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "weights.bin").write_bytes(b"x" * step)
+        publish(folder, step, keep=2)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000002", "step-00000003"]
+    assert find_checkpoint(tmp_path, "latest").step == 3
+    (tmp_path / "checkpoints" / "step-00000003" / "weights.bin").unlink()
+    with pytest.raises(LatentflowError, match="step-00000003 is corrupt: file weights.bin is missing"):
+        verify_checkpoint(tmp_path / "checkpoints" / "step-00000003")
+    assert find_checkpoint(tmp_path, "latest").step == 2
+    with pytest.raises(LatentflowError, match="does not exist"):
+        find_checkpoint(tmp_path, str(tmp_path / "nope"))
+
+
+def test_image_grid_layout() -> None:
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 1.0, 0.0)])
+    grid = image_grid(images)
+    assert grid.size == (4, 4)
+    assert grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((2, 0)) == (255, 255, 255)
+    assert grid.getpixel((0, 2)) == (128, 128, 128) and grid.getpixel((2, 2)) == (0, 0, 0)
