@@ -1,0 +1,1 @@
+"""The 2D lab: small flow matching and diffusion experiments where quality is measured exactly."""

@@ -1,0 +1,48 @@
+"""The lab's picture: source, target and the paths between them, one panel per run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+@dataclass
+class Panel:
+    """One panel: trajectories (S, N, 2) from source to generated points, and reference target points (M, 2)."""
+
+    title: str
+    trajectory: torch.Tensor
+    target: torch.Tensor
+
+
+def draw_panel(axis, panel: Panel, max_paths: int = 300) -> None:
+    """Draw paths (olive), start points (black), true target (light blue) and generated points (blue)."""
+    paths = panel.trajectory[:, :max_paths].numpy()
+    axis.scatter(panel.target[:, 0], panel.target[:, 1], s=2, c="lightskyblue", alpha=0.4, label="target samples")
+    axis.plot(paths[:, :, 0], paths[:, :, 1], c="olive", alpha=0.25, linewidth=0.6)
+    axis.scatter(paths[0, :, 0], paths[0, :, 1], s=3, c="black", label="source x0 (t=0)")
+    axis.scatter(paths[-1, :, 0], paths[-1, :, 1], s=3, c="tab:blue", label="generated x1 (t=1)")
+    axis.set_title(panel.title, fontsize=10)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_aspect("equal")
+
+
+def save_panels(panels: list[Panel], path: Path) -> None:
+    """Save panels side by side as a PNG, atomically."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        draw_panel(axis, panel)
+    axes[0][0].legend(loc="lower left", fontsize=7, markerscale=3)
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)

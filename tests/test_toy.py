@@ -1,0 +1,106 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from latentflow.cli import main
+from latentflow.toy.distributions import DISTRIBUTIONS, get_distribution
+from latentflow.toy.lab import LabSettings, PreparedBatches, batch_stream
+from latentflow.objectives import make_objective
+
+
+def test_eight_gaussians_match_torchcfm_definition():
+    points = get_distribution("8gaussians")(40000, torch.Generator().manual_seed(0))
+    radius = points.norm(dim=1)
+    assert float(radius.mean()) == pytest.approx(5.0, abs=0.05)
+    angles = torch.round(torch.atan2(points[:, 1], points[:, 0]) / (math.pi / 4)) % 8
+    counts = torch.bincount(angles.long(), minlength=8).float() / 40000
+    assert torch.allclose(counts, torch.full((8,), 1 / 8), atol=0.01)
+    center = 5.0 * torch.tensor([1.0, 0.0])
+    cluster = points[(points - center).norm(dim=1) < 2.5]
+    assert float((cluster - center).std(dim=0).mean()) == pytest.approx(0.1**0.25, rel=0.05)
+
+
+def test_moons_lie_on_two_scaled_half_circles():
+    points = get_distribution("moons")(20000, torch.Generator().manual_seed(1))
+    unshifted = (points + 1) / 3  # undo * 3 - 1, leaving a diagonal shift in [0, 0.2]
+    outer = (unshifted - 0.1).norm(dim=1)
+    inner = (unshifted - 0.1 - torch.tensor([1.0, 0.5])).norm(dim=1)
+    assert float(torch.minimum((outer - 1).abs(), (inner - 1).abs()).max()) < 0.15
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_every_distribution_is_seeded_and_2d(name):
+    first = get_distribution(name)(100, torch.Generator().manual_seed(3))
+    second = get_distribution(name)(100, torch.Generator().manual_seed(3))
+    assert first.shape == (100, 2) and torch.equal(first, second) and torch.isfinite(first).all()
+
+
+def test_prepared_batches_are_identical_with_and_without_workers():
+    settings = LabSettings(objective="otcfm", steps=6, batch_size=32)
+    objective = make_objective("otcfm")
+    source, target = get_distribution("8gaussians"), get_distribution("moons")
+    inline = list(batch_stream(settings, objective, source, target))
+    workers = list(batch_stream(LabSettings(objective="otcfm", steps=6, batch_size=32, workers=1), objective, source, target))
+    for a, b in zip(inline, workers):
+        assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t)
+    assert torch.equal(inline[2].x1, PreparedBatches(settings, objective, source, target)[2].x1)
+
+
+def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
+    code = main(["toy", "--objective", "cfm,otcfm,ddpm", "--steps", "600", "--nfe", "1,4", "--eval-samples", "400",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert set(runs) == {"cfm", "otcfm", "ddpm"}
+    # the lecture's result: OT-CFM paths are far straighter, so one Euler step already lands on the target
+    assert runs["otcfm"]["straightness"] < 0.2 * runs["cfm"]["straightness"]
+    assert runs["otcfm"]["w2"]["1"] < runs["cfm"]["w2"]["1"]
+    assert runs["otcfm"]["nfe_used"] == {"1": 1, "4": 4}
+    assert runs["ddpm"]["w2_stochastic"] and runs["ddpm"]["straightness"] is None
+    samples = np.load(tmp_path / "otcfm" / "samples_nfe4.npy")
+    assert samples.shape == (400, 2) and np.isfinite(samples).all()
+    assert (tmp_path / "trajectories.png").stat().st_size > 10_000
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "latentflow.cli", "toy", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "banana"], "unknown distribution 'banana'"),
+        (["--nfe", ""], "--nfe is empty"),
+        (["--steps", "0"], "--steps must be a positive"),
+        (["--objective", "score"], "unknown objective 'score'"),
+        (["--target", "missing.npy"], "missing.npy: no such file"),
+    ],
+)
+def test_bad_input_gives_one_line_error_without_traceback(tmp_path, args, message):
+    result = run_cli(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_npy_files_are_named(tmp_path):
+    wrong_shape = tmp_path / "wrong.npy"
+    np.save(wrong_shape, np.zeros((10, 3)))
+    with_nan = tmp_path / "nan.npy"
+    np.save(with_nan, np.array([[0.0, np.nan], [1.0, 2.0]]))
+    assert "expected an array of shape (N, 2)" in run_cli("--target", str(wrong_shape), "--out", str(tmp_path / "o")).stderr
+    assert "finite" in run_cli("--source", str(with_nan), "--out", str(tmp_path / "o")).stderr
+
+
+def test_npy_target_is_sampled_from_its_points(tmp_path):
+    points = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    path = tmp_path / "two.npy"
+    np.save(path, points)
+    drawn = get_distribution(str(path))(50, torch.Generator().manual_seed(0)).numpy()
+    assert {tuple(row) for row in drawn} == {(1.0, 2.0), (3.0, 4.0)}
