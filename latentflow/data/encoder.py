@@ -118,6 +118,13 @@ class _BatchReader(Dataset):
         return {"pixels": stacked, "positions": positions, "sizes": sizes, "failures": failures}
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Decoding workers: on a GPU as many as the CPUs allow (decoding is the bottleneck there); on the CPU one,
+    because the VAE already keeps every core busy and more workers only preempt its threads."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus - 1)) if device.type != "cpu" else 1
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode images; the VAE in the main process gets the cores
 
@@ -180,7 +187,7 @@ def _encode_batch(vae: FrozenVAE, pixels: torch.Tensor, flip: bool, device: torc
 def _run_loop(config: EncodeConfig, vae: FrozenVAE, source: Source, records: list[Record],
               preprocess: PreprocessConfig, dist: _Distributed, out: Path) -> tuple[int, int]:
     writer = ShardWriter(out, config.shard_size, dist.rank, dist.world_size)
-    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(dist.device)
     loader = DataLoader(_BatchReader(source, records, config.batch_size, preprocess), batch_size=None,
                         num_workers=workers, worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=4 if workers else None, pin_memory=dist.device.type == "cuda")
