@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderTiny
+from diffusers import AutoencoderTiny, ModelMixin  # noqa: F401  (diffusers finds a component's loader via ModelMixin here)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 from torch import nn
@@ -318,7 +318,7 @@ def _load_diffusers_folder(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise LatentflowError(f"{config_path}: missing _class_name")
     module = _diffusers_class(class_name).from_pretrained(str(folder))
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix in _WEIGHT_SUFFIXES}
-    return module, {"source": str(path), "format": "diffusers", "files": files}
+    return module, {"source": str(path.resolve()), "format": "diffusers", "files": files}
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -406,4 +406,5 @@ def _load_tae_release(encoder_path: Path, decoder_path: Path) -> tuple[nn.Module
                               f"supported): {str(error).splitlines()[0]}") from error
     family = encoder_path.name[: -len("_encoder.pth")]
     files = {p.name: sha256_file(p) for p in (encoder_path, decoder_path)}
-    return module, {"source": str(encoder_path.parent), "format": "taesd-pth", "family": family, "files": files}
+    return module, {"source": str(encoder_path.parent.resolve()), "format": "taesd-pth", "family": family,
+                    "files": files}
