@@ -1,0 +1,175 @@
+"""The main job end to end: encode -> train (OT-CFM, accelerate) -> export -> sample -> evaluate.
+
+Every stage resumes: a finished cache is not re-encoded, training continues from its
+latest checkpoint, and the later stages are cheap to redo.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from latentflow.errors import LatentflowError
+
+DEFAULT_DATA = "hf:nelorth/oxford-flowers"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flowers64_dit_s2_otcfm.yaml"
+
+
+@dataclass
+class DemoSettings:
+    """What `latentflow demo` runs; every field is a CLI option."""
+
+    data: str = DEFAULT_DATA
+    vae: str = DEFAULT_VAE
+    out: Path = Path("runs/demo")
+    config: Path = DEFAULT_CONFIG
+    resolution: int = 64
+    train_steps: int | None = None
+    eval_images: int = 256
+    sweep: list[str] = field(default_factory=lambda: ["euler:1,2,4,8", "midpoint:4"])
+    grid_images: int = 64
+    grid_steps: int = 8
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataSplits:
+    """The images to encode and the images FID compares against."""
+
+    train: str
+    reference: Path | None
+    note: str
+
+
+def find_splits(data: str) -> DataSplits:
+    """Use DATA/{train,val} (or DATA/*/{train,val}) when present; else all of DATA for both."""
+    if data.startswith("hf:"):
+        return DataSplits(data, None, f"{data} split 'train' (reference: the same images)")
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {data} does not exist; give an image folder, .tar shards or hf:NAME")
+    for base in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if (base / "train").is_dir() and (base / "val").is_dir():
+            return DataSplits(str(base / "train"), base / "val", f"{base}/train (reference: {base}/val)")
+    return DataSplits(data, None, f"{data} (reference: the same images)")
+
+
+def write_reference_images(data: str, folder: Path, limit: int) -> Path:
+    """Copy up to `limit` source images to `folder` as files (for sources that are not folders)."""
+    from latentflow.data.sources import open_source
+
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    source = open_source(data)
+    for record in source.records[:limit]:
+        try:
+            image = Image.open(io.BytesIO(source.read(record))).convert("RGB")
+        except (OSError, ValueError):
+            continue  # unreadable inputs are listed by the encoder's skipped.jsonl
+        image.save(staging / f"{record.key}.png")
+    staging.rename(folder)
+    return folder
+
+
+def stage(name: str):
+    """Print a stage header and return a function that prints its duration."""
+    print(f"\n== {name}", flush=True)
+    start = time.perf_counter()
+    return lambda: print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def encode_stage(settings: DemoSettings, splits: DataSplits) -> Path:
+    from latentflow.data.encoder import EncodeConfig, encode_dataset
+
+    done = stage(f"1/5 encode {splits.note} with {settings.vae} at {settings.resolution} px")
+    cache = settings.out / "cache"
+    result = encode_dataset(EncodeConfig(vae=settings.vae, data=splits.train, out=cache,
+                                         resolution=settings.resolution, command=["latentflow", "demo"]))
+    print(f"   cache: {cache} ({result.encoded} newly encoded, {result.skipped} skipped)")
+    done()
+    return cache
+
+
+def train_stage(settings: DemoSettings, cache: Path) -> Path:
+    from latentflow.config import load_config
+    from latentflow.training import train
+
+    run_dir = settings.out / "run"
+    overrides = [f"data.cache={cache}", f"output_dir={run_dir}", f"sample.vae={settings.vae}", *settings.overrides]
+    if settings.train_steps is not None:
+        overrides.append(f"train.max_steps={settings.train_steps}")
+    config = load_config(settings.config, overrides)
+    done = stage(f"2/5 train {config.model.name} with {config.objective.name} for {config.train.max_steps} steps")
+    resume = "latest" if (run_dir / "checkpoints").is_dir() else None
+    train(config, resume=resume)
+    print(f"   run: {run_dir} (log.csv, samples/, model/)")
+    done()
+    return run_dir
+
+
+def export_stage(settings: DemoSettings, run_dir: Path) -> Path:
+    from latentflow.export import export_run
+
+    done = stage("3/5 export the EMA model and the VAE as a diffusers pipeline")
+    pipe_dir = export_run(run_dir, settings.out / "pipeline", vae=settings.vae)
+    print(f"   pipeline: {pipe_dir}")
+    done()
+    return pipe_dir
+
+
+def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
+    import torch
+
+    from latentflow.evaluation import SamplerSetting, generate_batches, image_grid, save_image_atomic
+    from latentflow.export import load_pipeline
+
+    done = stage(f"4/5 sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps")
+    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    batches = generate_batches(pipe, settings.grid_images, SamplerSetting("euler", settings.grid_steps, None),
+                               16, settings.seed, None, 1.0, None)
+    images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
+    grid = save_image_atomic(image_grid(images), settings.out / "samples.png")
+    print(f"   grid: {grid}")
+    done()
+    return grid
+
+
+def evaluate_stage(settings: DemoSettings, pipe_dir: Path, splits: DataSplits) -> Path:
+    from latentflow.cli import main as cli
+
+    reference = splits.reference or write_reference_images(splits.train, settings.out / "reference", 2000)
+    done = stage(f"5/5 FID against {reference} with {settings.eval_images} images per setting: {' '.join(settings.sweep)}")
+    out = settings.out / "evaluation"
+    code = cli(["evaluate", str(pipe_dir), "--ref", str(reference), "--n", str(settings.eval_images),
+                "--sweep", *settings.sweep, "--out", str(out), "--seed", str(settings.seed),
+                "--kid-subset-size", str(min(1000, settings.eval_images))])
+    if code:
+        raise LatentflowError(f"evaluation failed (exit {code}); see the message above")
+    done()
+    return out
+
+
+def run_demo(settings: DemoSettings) -> dict[str, Path]:
+    """Run the five stages; returns where each result lies."""
+    if settings.eval_images < 2 or settings.grid_images < 1:
+        raise LatentflowError("--eval-images must be >= 2 and --grid-images >= 1")
+    if Path(settings.vae).exists():  # record local VAEs by absolute path, so later stages find them anywhere
+        settings.vae = str(Path(settings.vae).resolve())
+    splits = find_splits(settings.data)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    cache = encode_stage(settings, splits)
+    run_dir = train_stage(settings, cache)
+    pipe_dir = export_stage(settings, run_dir)
+    grid = sample_stage(settings, pipe_dir)
+    evaluation = evaluate_stage(settings, pipe_dir, splits)
+    return {"cache": cache, "run": run_dir, "pipeline": pipe_dir, "samples": grid, "evaluation": evaluation}

@@ -1,0 +1,58 @@
+"""The main job end to end on a few real flower photos through the real TAEF2 (small sizes, same code path)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from latentflow.cli import main
+from latentflow.demo import find_splits
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FLOWERS = SHARED / "data" / "tf_flowers" / "images_128"
+TAEF2 = SHARED / "weights" / "taef2"
+pytestmark = pytest.mark.skipif(not (FLOWERS.is_dir() and TAEF2.is_dir()), reason="../shared assets not present")
+
+
+def small_flowers(root: Path, per_class: int) -> Path:
+    """A copy of a few photos per class, keeping the train/val layout."""
+    for split in ("train", "val"):
+        for class_dir in sorted((FLOWERS / split).iterdir())[:2]:
+            target = root / "images" / split / class_dir.name
+            target.mkdir(parents=True)
+            for photo in sorted(class_dir.iterdir())[:per_class]:
+                shutil.copy(photo, target / photo.name)
+    return root / "images"
+
+
+def test_find_splits_uses_train_and_val_folders(tmp_path):
+    data = small_flowers(tmp_path, 1)
+    splits = find_splits(str(tmp_path))
+    assert splits.train == str(data / "train") and splits.reference == data / "val"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    assert find_splits(str(flat)).reference is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_splits(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_resumes(tmp_path):
+    data = small_flowers(tmp_path, 8)
+    out = tmp_path / "demo"
+    args = ["demo", "--data", str(data.parent), "--vae", str(TAEF2), "--out", str(out), "--train-steps", "2",
+            "--eval-images", "4", "--sweep", "euler:1", "--grid-images", "4",
+            "--set", "data.batch_size=8", "--set", "sample.every=0", "--set", "checkpoint.every=1"]
+    assert main(args) == 0
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 16 and manifest["latent_shape"] == [32, 8, 8]
+    assert (out / "run" / "model" / "config.json").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "samples.png").stat().st_size > 1000
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["results"][0]["nfe"] == 1
+    # a second run resumes: nothing re-encoded, training already at its last step
+    assert main(args) == 0
+    log = (out / "run" / "log.csv").read_text().splitlines()
+    assert len(log) == len(set(log))
