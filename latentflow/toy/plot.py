@@ -37,9 +37,13 @@ def draw_panel(axis, panel: Panel, max_paths: int = 300) -> None:
 
 def save_panels(panels: list[Panel], path: Path) -> None:
     """Save panels side by side as a PNG, atomically."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.4 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
         draw_panel(axis, panel)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
     axes[0][0].legend(loc="lower left", fontsize=7, markerscale=3)
     figure.tight_layout()
     temporary = path.with_name(path.stem + ".tmp.png")
