@@ -39,12 +39,12 @@ class Throughput:
     peak_memory_gib: float | None = None
 
 
-def reader_config(cache: str, out: str, objective: str, workers: int, batch: int):
+def reader_config(cache: str, out: str, objective: str, workers: int, batch: int, in_memory: bool = False):
     """The shipped flowers config with the given objective, no sampling, logging or checkpoints."""
     return load_config(REPO / "configs" / "flowers64_dit_s2_otcfm.yaml", [
         f"data.cache={cache}", f"output_dir={out}", f"objective.name={objective}", f"data.num_workers={workers}",
         f"data.batch_size={batch}", "sample.every=0", "log.trackers=[]", "log.progress_bar=false",
-        "checkpoint.every=0", "data.in_memory=false",
+        "checkpoint.every=0", f"data.in_memory={str(in_memory).lower()}",
     ])
 
 
@@ -56,7 +56,8 @@ def time_steps(trainer, batches, steps: int) -> float:
     return steps * trainer.config.data.batch_size / (time.perf_counter() - start)
 
 
-def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: int, repeats: int) -> None:
+def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: int, repeats: int,
+                     in_memory: bool = False) -> None:
     """Print images/s through the reader vs from memory, and otcfm vs rf through the reader.
 
     The three feeds are measured in alternating rounds and the best round of each is kept,
@@ -65,7 +66,7 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
     from latentflow.training import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        trainers = {name: Trainer(reader_config(cache, out, name, workers, batch)) for name in ("otcfm", "rf")}
+        trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory)) for name in ("otcfm", "rf")}
         feeds = {"reader otcfm": (trainers["otcfm"], trainers["otcfm"].batches()),
                  "reader rf": (trainers["rf"], trainers["rf"].batches())}
         source = trainers["otcfm"].batches()
@@ -79,7 +80,7 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
                 best[name] = max(best[name], time_steps(trainer, batches or iter(prepared), steps))
     for name, value in best.items():
         print(f"{name:13s}: {value:8.1f} images/s (best of {repeats} rounds of {steps} steps, batch {batch}, "
-              f"{workers} loader worker(s))")
+              f"{workers} loader worker(s), {'in-memory' if in_memory else 'streaming'} reader)")
     print(f"ratio reader / memory = {best['reader otcfm'] / best['memory otcfm']:.3f} (goal >= 0.95)")
     print(f"ratio otcfm / rf      = {best['reader otcfm'] / best['reader rf']:.3f} (goal >= 0.95)")
 
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="loader workers (pairing runs there)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is kept")
+    parser.add_argument("--in-memory", action="store_true", help="reader decodes the cache into memory once")
     parser.add_argument("--skip-reader", action="store_true")
     parser.add_argument("--ot-sizes", default="256,1024", help="comma-separated batch sizes; empty to skip")
     parser.add_argument("--ot-repeats", type=int, default=5)
@@ -191,7 +193,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
     if not args.skip_reader:
-        reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch, args.repeats)
+        reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch, args.repeats,
+                         args.in_memory)
     if args.ot_sizes:
         pairing_times([int(s) for s in args.ot_sizes.split(",")], args.ot_repeats)
     if args.synthetic:
