@@ -13,6 +13,7 @@ prepared micro-batches of one optimizer step and `train_step(...)` performs that
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -109,6 +110,12 @@ def check_model_matches_cache(model_config: dict[str, Any], cache_shape: tuple[i
         )
 
 
+def share_cpu_threads(accelerator: Accelerator) -> None:
+    """On CPU, give each of N processes 1/N of the cores: oversubscribed OpenMP threads stall each other."""
+    if accelerator.device.type == "cpu" and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+
 class Trainer:
     """Everything for one training job; see the module docstring.
 
@@ -126,6 +133,7 @@ class Trainer:
             project_dir=config.output_dir,
         )
         validate_config(config, self.accelerator.num_processes)
+        share_cpu_threads(self.accelerator)
         self.output_dir = Path(config.output_dir)
         self.cache = _open_cache(config.data.cache)
         self.num_classes = int(self.cache.num_classes)
