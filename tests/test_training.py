@@ -301,3 +301,27 @@ def test_accelerate_launch_of_scripts_train_with_shipped_config(cache: Path, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert [row["step"] for row in CsvLog.read(out / "log.csv")] == ["1", "2"]
     assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_resume_loses_nothing(finished_run: Path, cache: Path, tmp_path: Path) -> None:
+    """A real SIGKILL of `latentflow train` mid-run; `--resume latest` then logs the uninterrupted losses."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "latentflow.cli", "train", "--config", str(FLOWERS_CONFIG)]
+    for override in full_run_overrides(cache, out) + ["checkpoint.every=1", "checkpoint.keep=6", "sample.every=0"]:
+        args += ["--set", override]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert not (out / "model").exists()  # killed before the end
+    resumed = args + ["--resume", "latest"]
+    result = subprocess.run(resumed, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(out) == losses(finished_run)
