@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the command, and turn user errors into one-line messages."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = ["latentflow", *argv]  # what ran, also when called in-process; stored in manifests
     try:
         result = args.func(args)
     except (LatentflowError, FileNotFoundError) as error:

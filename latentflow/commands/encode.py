@@ -40,7 +40,8 @@ def config_from_args(args: argparse.Namespace) -> EncodeConfig:
                         batch_size=args.batch_size, num_workers=args.num_workers, flip=args.flip,
                         shard_size=args.shard_size, dtype=args.dtype, labels=args.labels, overwrite=args.overwrite,
                         split=args.split, image_column=args.image_column, label_column=args.label_column,
-                        min_size=args.min_size, device=args.device, progress=args.progress, command=sys.argv)
+                        min_size=args.min_size, device=args.device, progress=args.progress,
+                        command=getattr(args, "command_line", sys.argv))
 
 
 def report(result: EncodeResult) -> int:
