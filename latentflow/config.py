@@ -9,8 +9,6 @@ the wrong type are `LatentflowError`s that list the valid keys or the expected t
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -19,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from latentflow.atomic import write_text_atomic  # noqa: F401  (re-exported for callers)
 from latentflow.errors import LatentflowError
 
 OBJECTIVE_NAMES = ("rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm")
@@ -299,20 +298,6 @@ def flat_config(config: Config) -> dict[str, Any]:
 
     walk(config_to_dict(config), "")
     return flat
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -15,8 +15,8 @@ FD-DINOv2 (EDM2's second metric) uses transformers' `Dinov2Model` from a local m
 from __future__ import annotations
 
 import functools
+import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentflow.atomic import write_bytes_atomic
 from latentflow.errors import LatentflowError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -451,16 +452,9 @@ def save_statistics(
         arrays[f"{name}_num_images"] = np.array(stat.num_images)
         if stat.features is not None:
             arrays[f"{name}_features"] = stat.features
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_statistics(path: str | os.PathLike) -> dict[str, FeatureStatistics]:
@@ -733,13 +727,13 @@ def write_sweep_results(results: Sequence[SweepResult], out_dir: str | os.PathLi
     rows = [result.row() for result in results]
     document = {**info, "results": [{**row, "nfe_per_batch": r.nfe_per_batch} for row, r in zip(rows, results)]}
     paths = {"json": out / "evaluation.json", "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
-    _write_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
+    write_bytes_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(paths["csv"], buffer.getvalue().encode())
-    _write_atomic(paths["png"], plot_fid_vs_nfe(results, title=str(info.get("pipeline", ""))))
+    write_bytes_atomic(paths["csv"], buffer.getvalue().encode())
+    write_bytes_atomic(paths["png"], plot_fid_vs_nfe(results, title=str(info.get("pipeline", ""))))
     return paths
 
 
@@ -767,17 +761,6 @@ def plot_fid_vs_nfe(results: Sequence[SweepResult], title: str = "") -> bytes:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -809,5 +792,5 @@ def save_image_atomic(image, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     image.save(buffer, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    _write_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ import torch
 from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from latentflow import atomic
 from latentflow.errors import LatentflowError
 from latentflow.objectives import DDPMSchedule
 
@@ -191,19 +191,8 @@ def check_vae_fingerprint(expected: dict[str, Any] | None, vae: torch.nn.Module,
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to `path` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON to `path` atomically (sorted keys)."""
+    return atomic.write_json_atomic(path, data, indent=2, sort_keys=True)
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentflow import atomic
 from latentflow.errors import LatentflowError
 
 INDEX_DIR = "index"
@@ -37,13 +38,7 @@ def shard_name(index: int, rank: int, world_size: int) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic.write_json_atomic(path, payload, indent=1)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -7,8 +7,6 @@ quality (exact W2) against the number of solver steps.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latentflow.atomic import write_json_atomic
 from latentflow.errors import LatentflowError
 from latentflow.metrics import path_straightness, wasserstein2
 from latentflow.objectives import OBJECTIVES, Objective, TrainingBatch, make_objective
@@ -198,6 +197,4 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json_atomic(path, payload)
