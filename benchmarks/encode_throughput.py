@@ -53,7 +53,7 @@ def sd_vae_folder(folder: Path) -> Path:
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                  sample_size=512, scaling_factor=0.18215).save_pretrained(folder)
+                  sample_size=512).save_pretrained(folder)  # scaling factor: diffusers' SD default
     return folder
 
 
