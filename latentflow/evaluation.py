@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from latentflow.atomic import write_bytes_atomic
+from latentflow.data.sources import IMAGE_EXTENSIONS, find_image_files
 from latentflow.errors import LatentflowError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 INCEPTION_SIZE = 299
 DINOV2_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -358,7 +358,7 @@ def list_images(images_dir: str | os.PathLike) -> list[Path]:
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = find_image_files(root)  # the same images the encoder would read
     if not files:
         raise LatentflowError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return files

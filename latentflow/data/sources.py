@@ -82,6 +82,11 @@ class Source:
 
 # ---- image folder ------------------------------------------------------------------------------------------
 
+def find_image_files(root: Path) -> list[Path]:
+    """Every image file under `root` (recursively, by extension), sorted."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def folder_source(root: str | Path, labels: bool | None = None) -> Source:
     """All images under `root` (recursive, sorted); first-level subfolders are classes when labelled.
 
@@ -93,7 +98,7 @@ def folder_source(root: str | Path, labels: bool | None = None) -> Source:
     root = Path(root)
     if not root.is_dir():
         raise LatentflowError(f"--data {root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = find_image_files(root)
     if not files:
         raise LatentflowError(f"--data {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found recursively")
     relative = [p.relative_to(root).as_posix() for p in files]
