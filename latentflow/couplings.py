@@ -49,20 +49,28 @@ def squared_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 def _check_batches(x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | None) -> None:
     if x0.shape[1:] != x1.shape[1:]:
         raise LatentflowError(f"noise and data must have the same sample shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if x0.shape[0] != x1.shape[0]:
+        raise LatentflowError(f"noise batch {x0.shape[0]} and data batch {x1.shape[0]} must be the same size")
     if labels is not None and labels.shape != (x1.shape[0],):
         raise LatentflowError(f"labels must have shape ({x1.shape[0]},), got {tuple(labels.shape)}")
 
 
+def _mean_squared_distance(x0: torch.Tensor, x1: torch.Tensor) -> float:
+    """Mean over rows of ||x0_i - x1_i||^2 (0 for empty batches)."""
+    if x0.shape[0] == 0:
+        return 0.0
+    return float((x0 - x1).reshape(x0.shape[0], -1).float().square().sum(dim=1).mean())
+
+
 def _make_pairing(x0, x1, labels, x0_index: torch.Tensor, x1_index: torch.Tensor) -> Pairing:
     x0_paired, x1_paired = x0[x0_index], x1[x1_index]
-    distances = (x0_paired - x1_paired).reshape(x0_index.numel(), -1).float().square().sum(dim=1)
     return Pairing(
         x0=x0_paired,
         x1=x1_paired,
         labels=None if labels is None else labels[x1_index],
         x0_index=x0_index,
         x1_index=x1_index,
-        cost=float(distances.mean()) if distances.numel() else 0.0,
+        cost=_mean_squared_distance(x0_paired, x1_paired),
     )
 
 
@@ -78,8 +86,6 @@ class Coupling(ABC):
     ) -> Pairing:
         """Pair x0 (B, ...) with x1 (B, ...); labels (B,) belong to x1."""
         _check_batches(x0, x1, labels)
-        if x0.shape[0] != x1.shape[0]:
-            raise LatentflowError(f"noise batch {x0.shape[0]} and data batch {x1.shape[0]} must be the same size")
         x0_index, x1_index = self.indices(x0, x1, labels, generator)
         return _make_pairing(x0, x1, labels, x0_index.to(x0.device), x1_index.to(x1.device))
 
@@ -90,6 +96,12 @@ class Coupling(ABC):
 
 class IndependentCoupling(Coupling):
     """Pairs x0[i] with x1[i]: the independent coupling q(x0) q(x1)."""
+
+    def __call__(self, x0, x1, labels=None, generator=None) -> Pairing:
+        # the batches are already paired row by row: no gathers on this hot path
+        _check_batches(x0, x1, labels)
+        index = torch.arange(x1.shape[0], device=x1.device)
+        return Pairing(x0=x0, x1=x1, labels=labels, x0_index=index, x1_index=index, cost=_mean_squared_distance(x0, x1))
 
     def indices(self, x0, x1, labels, generator):
         index = torch.arange(x1.shape[0])
