@@ -1,12 +1,58 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (at most ~8 minutes): DiT-B/2 and DiT-XL/2 training images/s and peak
-# memory on 4x32x32 latents in bf16, batch 128, with and without torch.compile, plus OT pairing times.
-#   bash benchmarks/gpu_check.sh
-# Anchor: fast-DiT reports DiT-XL/2 at 0.84 steps/s with batch 128 (about 107 images/s) on one A100.
-set -euo pipefail
+# One command for a lent GPU (at most about 9.5 minutes; usually less).
+#   bash benchmarks/gpu_check.sh                       # model throughput only
+#   FLOWERS=DIR TAEF2=DIR bash benchmarks/gpu_check.sh # also the real Trainer, reader and CLI on the GPU
+#
+# 1. DiT-B/2 and DiT-XL/2 training images/s and peak memory on 4x32x32 latents in bf16, batch 128, with and
+#    without torch.compile (the step of `Trainer`: AdamW, grad clip, EMA), plus exact OT pairing times.
+#    Anchor: fast-DiT reports DiT-XL/2 at 0.84 steps/s with batch 128 (about 107 images/s) on one A100.
+# 2. With FLOWERS (a labelled image folder) and TAEF2 (the TAEF2 weights folder): encode it on the GPU at
+#    64 and 256 px; the real `Trainer` fed by the cache reader vs from memory, for the shipped flowers
+#    config (DiT-S/2) and for DiT-XL/2 in bf16 on the 256 px cache; then `latentflow train`, `export`
+#    and `sample` on the GPU, the sample grid written to OUT (default gpu_check_out/).
+# Each part has its own time limit, so one failing part does not hide the others.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 470 "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 --ot-repeats 3 \
-    --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both --steps 20 --warmup 5
+[ -x "$PYTHON" ] || PYTHON=python3
+OUT=${OUT:-gpu_check_out}
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+part() {  # part SECONDS TITLE COMMAND...
+    local limit=$1 title=$2
+    shift 2
+    echo "== $title"
+    local start=$SECONDS
+    timeout "$limit" "$@" || { echo "!! $title failed (exit $?)"; status=1; }
+    echo "   ($title: $((SECONDS - start)) s)"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
+    --ot-repeats 3 --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both \
+    --steps 15 --warmup 4
+
+if [ -n "${FLOWERS:-}" ] && [ -n "${TAEF2:-}" ]; then
+    CLI=("$PYTHON" -m latentflow.cli)
+    part 40 "encode 64 px on the GPU" "${CLI[@]}" encode --data "$FLOWERS" --vae "$TAEF2" --resolution 64 \
+        --out "$WORK/c64" --batch-size 128 --num-workers 4 --labels --no-progress
+    part 40 "encode 256 px on the GPU" "${CLI[@]}" encode --data "$FLOWERS" --vae "$TAEF2" --resolution 256 \
+        --out "$WORK/c256" --batch-size 64 --num-workers 4 --labels --no-progress
+    part 50 "Trainer, flowers config (DiT-S/2)" "$PYTHON" benchmarks/train_throughput.py --cache "$WORK/c64" \
+        --batch 64 --workers 4 --steps 30 --warmup 5 --repeats 2 --ot-sizes ""
+    part 90 "Trainer, DiT-XL/2 bf16 on 32x32x32 latents" "$PYTHON" benchmarks/train_throughput.py \
+        --cache "$WORK/c256" --batch 128 --workers 6 --steps 8 --warmup 3 --repeats 2 --ot-sizes "" \
+        --set model.name=DiT-XL/2 --set "model.settings={}" --set train.mixed_precision=bf16
+    part 50 "latentflow train on the GPU" "${CLI[@]}" train --config configs/flowers64_dit_s2_otcfm.yaml \
+        --set data.cache="$WORK/c64" --set output_dir="$WORK/run" --set train.max_steps=1500 \
+        --set sample.every=750 --set checkpoint.every=750 --set log.progress_bar=false --set data.num_workers=4
+    part 20 "export" "${CLI[@]}" export "$WORK/run" --out "$WORK/pipe"
+    part 25 "sample on the GPU" "${CLI[@]}" sample "$WORK/pipe" --n 64 --steps 8 --device cuda \
+        --grid "$OUT/gpu_samples.png"
+    cp "$WORK/run/log.csv" "$OUT/gpu_train_log.csv" 2>/dev/null || true
+fi
+exit $status

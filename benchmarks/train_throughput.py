@@ -27,6 +27,7 @@ from latentflow.config import load_config
 from latentflow.couplings import make_coupling
 from latentflow.models import make_model
 from latentflow.objectives import make_objective
+from latentflow.train_utils import EMA
 
 REPO = Path(__file__).parents[1]
 
@@ -39,12 +40,16 @@ class Throughput:
     peak_memory_gib: float | None = None
 
 
-def reader_config(cache: str, out: str, objective: str, workers: int, batch: int, in_memory: bool = False):
-    """The shipped flowers config with the given objective, no sampling, logging or checkpoints."""
+def reader_config(cache: str, out: str, objective: str, workers: int, batch: int, in_memory: bool = False,
+                  overrides: tuple[str, ...] = ()):
+    """The shipped flowers config with the given objective, no sampling, logging or checkpoints.
+
+    `overrides` are `--set` style `key=value` strings applied last (another model, precision, ...).
+    """
     return load_config(REPO / "configs" / "flowers64_dit_s2_otcfm.yaml", [
         f"data.cache={cache}", f"output_dir={out}", f"objective.name={objective}", f"data.num_workers={workers}",
         f"data.batch_size={batch}", "sample.every=0", "log.trackers=[]", "log.progress_bar=false",
-        "checkpoint.every=0", f"data.in_memory={str(in_memory).lower()}",
+        "checkpoint.every=0", f"data.in_memory={str(in_memory).lower()}", *overrides,
     ])
 
 
@@ -57,7 +62,7 @@ def time_steps(trainer, batches, steps: int) -> float:
 
 
 def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: int, repeats: int,
-                     in_memory: bool = False) -> None:
+                     in_memory: bool = False, overrides: tuple[str, ...] = ()) -> None:
     """Print images/s through the reader vs from memory, and otcfm vs rf through the reader.
 
     The three feeds are measured in alternating rounds and the best round of each is kept,
@@ -66,7 +71,11 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
     from latentflow.training import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory)) for name in ("otcfm", "rf")}
+        trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory, overrides))
+                    for name in ("otcfm", "rf")}
+        print(f"reader vs memory: {trainers['rf'].config.model.name} on {device_name(trainers['rf'].accelerator.device)}, "
+              f"precision {trainers['rf'].config.train.mixed_precision}, latents {tuple(trainers['rf'].cache.latent_shape)}",
+              flush=True)
         feeds = {"reader otcfm": (trainers["otcfm"], trainers["otcfm"].batches()),
                  "reader rf": (trainers["rf"], trainers["rf"].batches())}
         source = trainers["otcfm"].batches()
@@ -123,10 +132,14 @@ def pairing_times(sizes: list[int], repeats: int) -> None:
 
 def synthetic_throughput(name: str, batch: int, precision: str, compile_model: bool, steps: int, warmup: int,
                          device: torch.device) -> Throughput:
-    """Train `name` on random 4x32x32 latents (rf objective, AdamW, grad clip) and time it."""
+    """Train `name` on random 4x32x32 latents (rf objective, AdamW, grad clip, EMA update) and time it.
+
+    The step is the one `Trainer` takes (and fast-DiT's), minus data loading and the non-finite guard.
+    """
     torch.manual_seed(0)
     model = make_model(name, in_channels=4, sample_size=32, num_classes=1000).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMA(model, decay=0.9999)
     forward = torch.compile(model) if compile_model else model
     objective = make_objective("rf")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
@@ -141,6 +154,7 @@ def synthetic_throughput(name: str, batch: int, precision: str, compile_model: b
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
 
     for _ in range(warmup):
         step()
@@ -161,11 +175,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def synthetic_table(names: list[str], batch: int, precision: str, compile_modes: list[bool], steps: int,
                     warmup: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"synthetic 4x32x32 latents, batch {batch}, {precision}, on {card}")
+    print(f"synthetic 4x32x32 latents, batch {batch}, {precision}, on {device_name(device)}")
     for name in names:
         for compile_model in compile_modes:
             result = synthetic_throughput(name, batch, precision, compile_model, steps, warmup, device)
@@ -184,6 +201,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--in-memory", action="store_true", help="reader decodes the cache into memory once")
     parser.add_argument("--skip-reader", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the reader comparison, e.g. --set model.name=DiT-XL/2")
     parser.add_argument("--ot-sizes", default="256,1024", help="comma-separated batch sizes; empty to skip")
     parser.add_argument("--ot-repeats", type=int, default=5)
     parser.add_argument("--synthetic", default="", help="comma-separated model presets, e.g. DiT-B/2,DiT-XL/2")
@@ -194,7 +213,7 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     if not args.skip_reader:
         reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch, args.repeats,
-                         args.in_memory)
+                         args.in_memory, tuple(args.overrides))
     if args.ot_sizes:
         pairing_times([int(s) for s in args.ot_sizes.split(",")], args.ot_repeats)
     if args.synthetic:
