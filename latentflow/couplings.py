@@ -15,6 +15,7 @@ import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from latentflow.assignment import solve_assignment
 from latentflow.errors import LatentflowError
 
 
@@ -154,11 +155,13 @@ class ExactOTCoupling(_BlockwiseCoupling):
 
     Args:
         class_aware: pair only within the same label.
-        solver: 'assignment' (scipy's linear_sum_assignment, the fastest exact solver
-            here) or 'emd' (POT's network simplex; its plan is read as a permutation).
+        solver: 'assignment' (scipy's linear_sum_assignment warm-started by approximate
+            duals, see latentflow.assignment: the same optimum, the fastest exact solver
+            here), 'lsa' (scipy's linear_sum_assignment on the raw cost) or 'emd' (POT's
+            network simplex; its plan is read as a permutation).
     """
 
-    SOLVERS = ("assignment", "emd")
+    SOLVERS = ("assignment", "lsa", "emd")
 
     def __init__(self, class_aware: bool = False, solver: str = "assignment"):
         super().__init__(class_aware)
@@ -171,8 +174,10 @@ class ExactOTCoupling(_BlockwiseCoupling):
             weights = np.full(cost.shape[0], 1.0 / cost.shape[0])
             plan = ot.emd(weights, weights, cost, numItermax=10_000_000)
             noise_index, data_index = np.arange(cost.shape[0]), plan.argmax(axis=1)
-        else:
+        elif self.solver == "lsa":
             noise_index, data_index = linear_sum_assignment(cost)
+        else:
+            noise_index, data_index = np.arange(cost.shape[0]), solve_assignment(cost)
         order = np.argsort(data_index)
         return torch.from_numpy(noise_index[order]).long(), torch.from_numpy(data_index[order]).long()
 

@@ -15,7 +15,7 @@ def planted_permutation(batch: int, seed: int = 0):
     return x0, x1, permutation
 
 
-@pytest.mark.parametrize("solver", ["assignment", "emd"])
+@pytest.mark.parametrize("solver", ["assignment", "lsa", "emd"])
 def test_exact_ot_recovers_a_planted_permutation(solver):
     x0, x1, permutation = planted_permutation(64)
     pairing = ExactOTCoupling(solver=solver)(x0, x1)
@@ -33,6 +33,16 @@ def test_exact_ot_returns_a_permutation_and_the_optimal_cost():
     emd = ExactOTCoupling(solver="emd")(x0, x1)
     assert pairing.cost == pytest.approx(emd.cost, rel=1e-6)
     assert pairing.cost < IndependentCoupling()(x0, x1).cost
+
+
+@pytest.mark.parametrize("shape", [(2,), (4, 8, 8)])
+def test_default_exact_solver_reaches_the_scipy_optimum_at_training_batch_size(shape):
+    # batch 256 is past WARM_START_MIN_SIZE: the default solver runs warm-started
+    generator = torch.Generator().manual_seed(6)
+    x0, x1 = torch.randn(256, *shape, generator=generator), 2 * torch.randn(256, *shape, generator=generator) + 1
+    default, plain = ExactOTCoupling()(x0, x1), ExactOTCoupling(solver="lsa")(x0, x1)
+    assert sorted(default.x0_index.tolist()) == list(range(256))
+    assert default.cost == pytest.approx(plain.cost, rel=1e-6)
 
 
 def test_class_aware_exact_pairs_stay_within_labels():
@@ -72,3 +82,5 @@ def test_couplings_refuse_mismatched_batches():
         ExactOTCoupling()(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(3))
     with pytest.raises(LatentflowError, match="choose one of"):
         make_coupling("hungarian")
+    with pytest.raises(LatentflowError, match="exact OT solver"):
+        ExactOTCoupling(solver="auction")

@@ -8,6 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from scipy.optimize import linear_sum_assignment
+
+from latentflow.assignment import solve_assignment
 from latentflow.couplings import ExactOTCoupling, SinkhornOTCoupling, squared_cost
 from latentflow.data.preprocess import PreprocessConfig, preprocess_bytes
 
@@ -46,6 +49,18 @@ def test_exact_coupling_is_a_permutation_with_minimal_cost(data, class_aware):
         diagonal = cost.diagonal()
         swapped = cost + cost.T - diagonal.unsqueeze(0) - diagonal.unsqueeze(1)
         assert float(swapped.min()) >= -1e-6 * (1 + float(cost.max()))
+
+
+@FAST
+@given(batches(), st.integers(0, 2))
+def test_warm_started_assignment_has_the_optimal_cost(data, rounding):
+    x0, x1, _ = data
+    cost = squared_cost(x0, x1).double().numpy().round(rounding)  # rounding adds ties
+    assigned = solve_assignment(cost, warm_start=True)
+    assert sorted(assigned.tolist()) == list(range(len(cost)))
+    rows, columns = linear_sum_assignment(cost)
+    total, best = cost[np.arange(len(cost)), assigned].sum(), cost[rows, columns].sum()
+    assert abs(total - best) <= 1e-12 * len(cost) * (1 + float(np.abs(cost).max()))
 
 
 @FAST
