@@ -5,13 +5,17 @@ steps, batch size, data batches, Adam 1e-3, and are evaluated identically (exact
 W2 to 2,000 held-out moons samples after Euler with NFE 1, 2, 4, 8).
 
     bash benchmarks/setup_bench.sh      # installs torchcfm beside latentflow (no torchvision)
-    .venv/bin/python benchmarks/toy_vs_torchcfm.py --steps 5000
+    .venv/bin/python benchmarks/toy_vs_torchcfm.py --steps 5000 [--seeds 0,1,2] [--inline-too]
+
+Our OT-CFM pairs its batches in loader worker processes (the lab's default for OT
+objectives); torchcfm pairs inside its training step.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,7 +24,7 @@ from latentflow.metrics import wasserstein2
 from latentflow.objectives import make_objective
 from latentflow.solvers import integrate
 from latentflow.toy.distributions import get_distribution
-from latentflow.toy.lab import LabSettings, ToyMLP, train_field
+from latentflow.toy.lab import LabSettings, ToyMLP, batch_workers, train_field
 
 NFES = (1, 2, 4, 8)
 
@@ -73,28 +77,61 @@ def run_side(side: str, name: str, settings: LabSettings) -> tuple[float, dict[i
     return seconds, evaluate(model, settings)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    settings = LabSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+def run_seed(settings: LabSettings, inline_too: bool) -> dict[tuple[str, str], tuple[float, dict[int, float]]]:
+    """Every (side, objective) for one seed; ours with the lab's default loader workers."""
     results = {}
     for side in ("latentflow", "torchcfm"):
         for name in ("cfm", "otcfm"):
             results[side, name] = run_side(side, name, settings)
-            print(f"{side:10s} {name:6s} trained in {results[side, name][0]:.1f} s", flush=True)
-    print(f"\n8gaussians -> moons, {args.steps} steps, batch {args.batch_size}, 3x64 SELU MLP, Adam 1e-3, Euler")
+            print(f"seed {settings.seed} {side:10s} {name:6s} trained in {results[side, name][0]:.1f} s", flush=True)
+    if inline_too:
+        inline = replace(settings, workers=0)
+        results["latentflow (inline)", "otcfm"] = run_side("latentflow", "otcfm", inline)
+        print(f"seed {settings.seed} latentflow otcfm inline trained in {results['latentflow (inline)', 'otcfm'][0]:.1f} s")
+    return results
+
+
+def print_table(results: dict) -> None:
     print("| side | objective | " + " | ".join(f"W2 @ NFE {k}" for k in NFES) + " | train s |")
     print("|---|---|" + "---|" * (len(NFES) + 1))
     for (side, name), (seconds, w2) in results.items():
         print(f"| {side} | {name} | " + " | ".join(f"{w2[k]:.3f}" for k in NFES) + f" | {seconds:.1f} |")
-    ours, theirs = results["latentflow", "otcfm"], results["torchcfm", "otcfm"]
-    print(f"\nOT-CFM W2 @ NFE 1, latentflow / torchcfm: {ours[1][1] / theirs[1][1]:.2f}x (goal <= 1)")
-    print(f"OT-CFM / CFM training time, latentflow: {ours[0] / results['latentflow', 'cfm'][0]:.2f}x (goal <= 1.2); "
-          f"torchcfm: {theirs[0] / results['torchcfm', 'cfm'][0]:.2f}x")
-    print(f"OT-CFM training time, latentflow / torchcfm: {ours[0] / theirs[0]:.2f}x")
+
+
+def summarise(per_seed: list[dict]) -> None:
+    """The goals' two numbers for each seed, then their mean and standard deviation over seeds."""
+    w2_ratio = [r["latentflow", "otcfm"][1][1] / r["torchcfm", "otcfm"][1][1] for r in per_seed]
+    ours_time = [r["latentflow", "otcfm"][0] / r["latentflow", "cfm"][0] for r in per_seed]
+    theirs_time = [r["torchcfm", "otcfm"][0] / r["torchcfm", "cfm"][0] for r in per_seed]
+    for label, values in (("OT-CFM W2 @ NFE 1, latentflow / torchcfm (goal <= 1)", w2_ratio),
+                          ("OT-CFM / CFM training time, latentflow (goal <= 1.2)", ours_time),
+                          ("OT-CFM / CFM training time, torchcfm", theirs_time)):
+        spread = f" +- {np.std(values, ddof=1):.2f} over {len(values)} seeds" if len(values) > 1 else ""
+        print(f"{label}: " + ", ".join(f"{v:.2f}" for v in values) + f"; mean {np.mean(values):.2f}{spread}")
+    for side in ("latentflow", "torchcfm"):
+        values = [r[side, "otcfm"][1][1] for r in per_seed]
+        print(f"{side} OT-CFM W2 @ NFE 1: mean {np.mean(values):.3f}" +
+              (f" +- {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--inline-too", action="store_true",
+                        help="also train our OT-CFM with the pairing inline (no loader workers)")
+    args = parser.parse_args()
+    per_seed = []
+    for seed in (int(value) for value in args.seeds.split(",")):
+        settings = LabSettings(steps=args.steps, batch_size=args.batch_size, seed=seed)
+        results = run_seed(settings, args.inline_too)
+        print(f"\n8gaussians -> moons, seed {seed}, {args.steps} steps, batch {args.batch_size}, 3x64 SELU MLP, "
+              f"Adam 1e-3, Euler; our OT-CFM pairs in {batch_workers(settings, make_objective('otcfm'))} loader workers")
+        print_table(results)
+        per_seed.append(results)
+    print()
+    summarise(per_seed)
 
 
 if __name__ == "__main__":

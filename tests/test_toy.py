@@ -1,15 +1,18 @@
 import json
 import math
+import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from latentflow.cli import main
+from latentflow.errors import LatentflowError
 from latentflow.toy.distributions import DISTRIBUTIONS, get_distribution
-from latentflow.toy.lab import LabSettings, PreparedBatches, batch_stream
+from latentflow.toy.lab import LabSettings, PreparedBatches, batch_stream, batch_workers
 from latentflow.objectives import make_objective
 
 
@@ -40,15 +43,28 @@ def test_every_distribution_is_seeded_and_2d(name):
     assert first.shape == (100, 2) and torch.equal(first, second) and torch.isfinite(first).all()
 
 
-def test_prepared_batches_are_identical_with_and_without_workers():
-    settings = LabSettings(objective="otcfm", steps=6, batch_size=32)
+def test_prepared_batches_are_identical_inline_and_in_workers():
     objective = make_objective("otcfm")
     source, target = get_distribution("8gaussians"), get_distribution("moons")
+    settings = LabSettings(objective="otcfm", steps=6, batch_size=160, workers=0)
     inline = list(batch_stream(settings, objective, source, target))
-    workers = list(batch_stream(LabSettings(objective="otcfm", steps=6, batch_size=32, workers=1), objective, source, target))
+    workers = list(batch_stream(replace(settings, workers=2), objective, source, target))
+    assert len(inline) == len(workers) == 6
     for a, b in zip(inline, workers):
-        assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t)
+        for name in ("x_t", "t", "target", "x0", "x1"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        assert a.ot_cost == b.ot_cost and a.labels is b.labels is None
     assert torch.equal(inline[2].x1, PreparedBatches(settings, objective, source, target)[2].x1)
+
+
+def test_workers_default_to_the_cpus_for_ot_pairing_only():
+    settings = LabSettings()
+    assert batch_workers(settings, make_objective("cfm")) == 0
+    assert batch_workers(settings, make_objective("ddpm")) == 0
+    assert batch_workers(settings, make_objective("otcfm")) == min(4, os.cpu_count() or 1)
+    assert batch_workers(replace(settings, workers=0), make_objective("otcfm")) == 0
+    with pytest.raises(LatentflowError, match="workers must be"):
+        LabSettings(workers=-1).validate()
 
 
 def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
