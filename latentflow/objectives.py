@@ -27,8 +27,8 @@ class TrainingBatch:
         t: (B,) times in [0, 1], t=0 noise, t=1 data.
         target: (B, ...) regression target (velocity x1 - x0, or the noise for ddpm).
         labels: (B,) class labels or None.
-        x0: (B, ...) the noise used.
-        x1: (B, ...) the data used.
+        x0: (B, ...) the noise used (None once dropped, e.g. before leaving a loader worker).
+        x1: (B, ...) the data used (likewise).
         ot_cost: mean squared distance of the (x0, x1) pairs, or None.
     """
 
@@ -36,8 +36,8 @@ class TrainingBatch:
     t: torch.Tensor
     target: torch.Tensor
     labels: torch.Tensor | None
-    x0: torch.Tensor
-    x1: torch.Tensor
+    x0: torch.Tensor | None
+    x1: torch.Tensor | None
     ot_cost: float | None = None
 
     def to(self, device: torch.device | str) -> "TrainingBatch":

@@ -108,13 +108,17 @@ class PairingTransform:
     Randomness comes from the loader's per-batch generator (seeded by seed, rank and batch
     index; or, called without one, from a generator seeded by seed, rank and the batch's
     index or checksum), so a resumed run draws exactly what an uninterrupted one would.
+    With `keep_endpoints=False` the prepared batch leaves x0 and x1 out (None): the step
+    needs only x_t, t, target and labels, and two fewer tensors cross from the worker.
     """
 
     def __init__(
-        self, objective: Objective, seed: int, rank: int, num_classes: int, label_dropout: float, pair: bool
+        self, objective: Objective, seed: int, rank: int, num_classes: int, label_dropout: float, pair: bool,
+        keep_endpoints: bool = True,
     ) -> None:
         self.objective, self.seed, self.rank = objective, seed, rank
         self.num_classes, self.label_dropout, self.pair = num_classes, label_dropout, pair
+        self.keep_endpoints = keep_endpoints
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> TrainingBatch | dict[str, Any]:
         if generator is None:
@@ -125,6 +129,8 @@ class PairingTransform:
             return {"latents": batch["latents"], "labels": labels, "seed": seed}
         prepared = self.objective.prepare(batch["latents"], labels, generator)
         prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
+        if not self.keep_endpoints:
+            prepared.x0 = prepared.x1 = None
         return prepared
 
 

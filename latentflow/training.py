@@ -179,7 +179,7 @@ class Trainer:
         config, accumulation = self.config, self.config.optim.grad_accumulation
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
-            config.objective.label_dropout, pair=config.objective.ot_scope == "local",
+            config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
         )
         loader = make_latent_loader(
             self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,
@@ -210,6 +210,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(micro["seed"] + 1)
         batch = self.objective.prepare_paired(result.pairing, generator)
         batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
+        batch.x0 = batch.x1 = None  # the step needs only x_t, t, target and labels
         return batch.to(device), result.global_cost
 
     def train_step(self, micro_batches: list[TrainingBatch | dict[str, Any]]) -> StepResult:

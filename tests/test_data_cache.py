@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from latentflow.cli import main as cli
-from latentflow.data.cache import LatentCache, make_latent_loader
+from latentflow.data.cache import LatentCache, _NpyDecoder, make_latent_loader
 from latentflow.errors import LatentflowError
 
 NUM_IMAGES = 26
@@ -146,6 +148,55 @@ def test_truncated_shard_is_named_or_skipped(cache_dir, tmp_path):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LatentflowError, match="shard-000002.tar"):
         list(LatentCache(broken).read_shard(LatentCache(broken).shards[2]))
+
+
+def rewrite_shard(shard: Path, **options) -> None:
+    """Re-pack `shard` with tarfile's `options`, keeping every member's name and bytes (and so its size)."""
+    with tarfile.open(shard) as archive:
+        members = [(member.name, archive.extractfile(member).read()) for member in archive]
+    with tarfile.open(shard, "w", **options) as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(payload), {"comment": "written by another tool"}
+            archive.addfile(info, io.BytesIO(payload))
+
+
+def test_shards_with_pax_headers_read_the_same(cache_dir, tmp_path):
+    """The fast ustar walker hands archives it does not read (pax headers here) to tarfile."""
+    other = tmp_path / "pax"
+    shutil.copytree(cache_dir, other)
+    for shard in other.glob("shard-*.tar"):
+        rewrite_shard(shard, format=tarfile.PAX_FORMAT)
+    manifest = json.loads((other / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["bytes"] = (other / entry["name"]).stat().st_size
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert b"comment=written by another tool" in (other / "shard-000000.tar").read_bytes()
+    assert same(take(make_latent_loader(other, 4, random_flip=True), 8),
+                take(make_latent_loader(cache_dir, 4, random_flip=True), 8))
+
+
+def test_corrupt_member_header_is_named(cache_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir, broken)
+    shard = broken / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[124:136] = b"not-a-size!\0"  # the first member's size field
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LatentflowError, match="shard-000001.tar: truncated or corrupt"):
+        list(LatentCache(broken).read_shard(LatentCache(broken).shards[1]))
+
+
+def test_npy_decoder_matches_numpy_for_every_layout():
+    decode = _NpyDecoder()
+    arrays = [np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.ones((2, 3, 4), np.float16) * 7,
+              np.arange(6, dtype=np.float32).reshape(3, 2), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              np.arange(24, dtype=np.float16).reshape(2, 3, 4) * 2, np.array(5, dtype=np.int64)]
+    for array in arrays * 2:  # the second pass reads through the remembered headers
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        decoded = decode(buffer.getvalue())
+        assert decoded.dtype == array.dtype and decoded.shape == array.shape and np.array_equal(decoded, array)
 
 
 def test_manifest_validation_errors(cache_dir, tmp_path):

@@ -62,6 +62,10 @@ def test_pairing_transform_is_deterministic_per_batch() -> None:
     other = transform({**batch, "batch_index": 8})
     assert not torch.equal(first.x0, other.x0)
     assert first.ot_cost is not None and torch.equal(first.x1, batch["latents"])  # exact OT keeps data order
+    lean = PairingTransform(make_objective("otcfm"), seed=0, rank=0, num_classes=3, label_dropout=0.0, pair=True,
+                            keep_endpoints=False)(batch)
+    assert lean.x0 is None and lean.x1 is None and lean.ot_cost == first.ot_cost
+    assert torch.equal(lean.x_t, first.x_t) and torch.equal(lean.target, first.target)
 
 
 def test_global_pairing_in_one_process_is_the_exact_plan() -> None:

@@ -113,33 +113,99 @@ class LatentCache:
         return sum(shard.count for shard in self.shards)
 
     def read_shard(self, shard: ShardInfo) -> Iterator[RawSample]:
-        """Raw samples of `shard` in order; a truncated or corrupt shard raises LatentflowError naming it."""
-        seen, current = 0, None
+        """Raw samples of `shard` in order; a truncated or corrupt shard raises LatentflowError naming it.
+
+        The shard is read in one go and its plain ustar headers are walked directly (about 20x faster than
+        `tarfile` on our small members); archives with pax or GNU headers go through `tarfile`.
+        """
         try:
-            with tarfile.open(shard.path, "r|") as archive:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    key, extension = _split_member(member.name)
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        seen += 1
-                    if current is None or current["__key__"] != key:
-                        current = {"__key__": key}
-                    current[extension] = archive.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as error:
+            data = shard.path.read_bytes()
+            try:
+                members = [(name, data[start:end]) for name, start, end in _ustar_members(data)]
+            except _NotPlainUstar:
+                members = _tarfile_members(data)
+        except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as error:
             raise LatentflowError(f"shard {shard.path}: truncated or corrupt ({error}); re-encode it or open the "
                                   "cache with skip_bad_shards=True") from error
-        if current is not None:
-            yield current
-            seen += 1
-        if seen != shard.count:
-            raise LatentflowError(f"shard {shard.path}: {seen} samples, the manifest says {shard.count} (truncated?)")
+        samples: list[RawSample] = []
+        for name, payload in members:
+            key, extension = _split_member(name)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][extension] = payload
+        if len(samples) != shard.count:
+            raise LatentflowError(f"shard {shard.path}: {len(samples)} samples, the manifest says {shard.count} "
+                                  "(truncated?)")
+        yield from samples
 
-    def load(self) -> "InMemoryLatents":
+    def load(self) -> "LatentArrays":
         """Every sample decoded into memory (float16), for small caches."""
-        samples = [decode_raw(raw) for shard in self.shards for raw in self.read_shard(shard)]
-        return InMemoryLatents.stack(samples, self.latent_shape)
+        return LatentArrays.decode([raw for shard in self.shards for raw in self.read_shard(shard)],
+                                   self.latent_shape)
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+class _NotPlainUstar(Exception):
+    """The archive uses headers the fast path does not read (pax, GNU long names)."""
+
+
+def _ustar_members(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each regular file in an uncompressed ustar archive held in memory."""
+    members, offset = [], 0
+    while offset + _BLOCK <= len(data):
+        header = data[offset:offset + _BLOCK]
+        if header == _ZERO_BLOCK:  # end-of-archive marker
+            return members
+        if header[257:262] != b"ustar":
+            raise _NotPlainUstar
+        kind = header[156:157]
+        size = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        start = offset + _BLOCK
+        if start + size > len(data):
+            raise EOFError(f"member at byte {offset} runs past the end of the file")
+        if kind in (b"0", b"\0"):
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+            members.append((f"{prefix}/{name}" if prefix else name, start, start + size))
+        elif kind != b"5":  # directories carry nothing; anything else needs tarfile
+            raise _NotPlainUstar
+        offset = start + -(-size // _BLOCK) * _BLOCK
+    if offset != len(data):
+        raise EOFError(f"archive ends inside a header at byte {offset}")
+    return members
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, payload) of each regular file, read with tarfile."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as archive:
+        return [(member.name, archive.extractfile(member).read()) for member in archive if member.isfile()]
+
+
+class _NpyDecoder:
+    """Decodes .npy payloads, parsing each distinct header once (a cache's arrays all share one or two)."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+    def __call__(self, payload: bytes) -> np.ndarray:
+        """The array of one .npy payload (read-only when it views `payload`)."""
+        if payload[:6] == b"\x93NUMPY":
+            length_bytes = 2 if payload[6] == 1 else 4
+            offset = 8 + length_bytes + int.from_bytes(payload[8:8 + length_bytes], "little")
+            layout = self._layouts.get(payload[:offset])
+            if layout is not None:
+                dtype, shape, count = layout
+                return np.frombuffer(payload, dtype, count, offset).reshape(shape)
+        array = np.load(io.BytesIO(payload), allow_pickle=False)
+        if payload[:6] == b"\x93NUMPY" and array.flags.c_contiguous and not array.dtype.hasobject:
+            self._layouts[payload[:offset]] = (array.dtype, array.shape, array.size)
+        return array
+
+
+_decode_npy = _NpyDecoder()
 
 
 @dataclass
@@ -154,21 +220,24 @@ class DecodedSample:
     label: int | None
 
 
-def _npy(raw: RawSample, extension: str) -> torch.Tensor | None:
-    payload = raw.get(extension)
-    return None if payload is None else torch.from_numpy(np.load(io.BytesIO(payload), allow_pickle=False))
-
-
 def decode_raw(raw: RawSample) -> DecodedSample:
     """Decode a raw sample's members (npy, cls)."""
-    label = int(raw["cls"].decode()) if "cls" in raw else None
-    return DecodedSample(raw["__key__"], _npy(raw, "mean.npy"), _npy(raw, "std.npy"), _npy(raw, "flip.mean.npy"),
-                         _npy(raw, "flip.std.npy"), label)
+    arrays = LatentArrays.decode([raw], None)
+
+    def first(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[0]
+
+    return DecodedSample(raw["__key__"], arrays.mean[0], first(arrays.std), first(arrays.flip_mean),
+                         first(arrays.flip_std), None if arrays.labels is None else int(arrays.labels[0]))
+
+
+_PARTS = {"mean": "mean.npy", "std": "std.npy", "flip_mean": "flip.mean.npy", "flip_std": "flip.std.npy"}
 
 
 @dataclass
-class InMemoryLatents:
-    """All samples stacked: means (N, C, h, w) float16, optional stds / flips, labels (N,) or None, keys."""
+class LatentArrays:
+    """Samples stacked: mean (N, C, h, w) float16, optional std / flip_mean / flip_std alike, labels (N,) long
+    or None, and keys."""
 
     keys: list[str]
     mean: torch.Tensor
@@ -178,25 +247,29 @@ class InMemoryLatents:
     labels: torch.Tensor | None
 
     @staticmethod
-    def stack(samples: list[DecodedSample], shape: tuple[int, ...]) -> "InMemoryLatents":
-        def gather(name: str) -> torch.Tensor | None:
-            values = [getattr(s, name) for s in samples]
-            return None if not values or values[0] is None else torch.stack(values)
+    def decode(raws: list[RawSample], shape: tuple[int, ...] | None) -> "LatentArrays":
+        """Stack raw samples; `shape` (C, h, w) gives the empty result its shape."""
+        def stack(extension: str) -> torch.Tensor | None:
+            if not raws or extension not in raws[0]:
+                return None
+            return torch.from_numpy(np.stack([_decode_npy(raw[extension]) for raw in raws]))
 
-        labels = [s.label for s in samples]
-        return InMemoryLatents(
-            keys=[s.key for s in samples],
-            mean=gather("mean") if samples else torch.zeros(0, *shape, dtype=torch.float16),
-            std=gather("std"), flip_mean=gather("flip_mean"), flip_std=gather("flip_std"),
-            labels=None if not labels or labels[0] is None else torch.tensor(labels, dtype=torch.long))
+        mean = stack(_PARTS["mean"])
+        if mean is None:
+            mean = torch.zeros(0, *(shape or ()), dtype=torch.float16)
+        labels = None
+        if raws and "cls" in raws[0]:
+            labels = torch.tensor([int(raw["cls"]) for raw in raws], dtype=torch.long)
+        return LatentArrays([raw["__key__"] for raw in raws], mean, stack(_PARTS["std"]),
+                            stack(_PARTS["flip_mean"]), stack(_PARTS["flip_std"]), labels)
 
-    def sample(self, index: int) -> DecodedSample:
+    def take(self, index: torch.Tensor) -> "LatentArrays":
+        """The samples at `index` (B,) long, in that order."""
         def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor[index]
 
-        label = None if self.labels is None else int(self.labels[index])
-        return DecodedSample(self.keys[index], self.mean[index], pick(self.std), pick(self.flip_mean),
-                             pick(self.flip_std), label)
+        return LatentArrays([self.keys[i] for i in index.tolist()], self.mean[index], pick(self.std),
+                            pick(self.flip_mean), pick(self.flip_std), pick(self.labels))
 
 
 @dataclass(frozen=True)
@@ -235,7 +308,7 @@ def _transform_takes_generator(transform: Callable) -> bool:
 class _LatentStream(IterableDataset):
     """Yields finished batches; see the module docstring for the order."""
 
-    def __init__(self, cache: LatentCache, options: LoaderOptions, memory: InMemoryLatents | None,
+    def __init__(self, cache: LatentCache, options: LoaderOptions, memory: LatentArrays | None,
                  batch_transform: Callable | None):
         self.cache, self.options, self.memory, self.batch_transform = cache, options, memory, batch_transform
         self._transform_generator = batch_transform is not None and _transform_takes_generator(batch_transform)
@@ -307,29 +380,38 @@ class _LatentStream(IterableDataset):
                 yield self._make_batch(items, batch_index)
             batch_index += 1
 
-    def _decode(self, item: Any) -> DecodedSample:
-        return self.memory.sample(int(item)) if self.memory is not None else decode_raw(item)
+    def _gather(self, items: list[Any]) -> LatentArrays:
+        if self.memory is not None:
+            return self.memory.take(torch.as_tensor(np.asarray(items, dtype=np.int64)))
+        return LatentArrays.decode(items, self.cache.latent_shape)
 
     def _make_batch(self, items: list[Any], batch_index: int) -> Any:
         options, generator = self.options, _batch_generator(self.options.seed, self.options.rank, batch_index)
-        samples = [self._decode(item) for item in items]
-        use_flip = options.random_flip and samples[0].flip_mean is not None
-        flips = (torch.rand(len(samples), generator=generator) < 0.5) if use_flip else torch.zeros(len(samples), dtype=torch.bool)
-        mean = torch.stack([s.flip_mean if f else s.mean for s, f in zip(samples, flips.tolist())]).float()  # (B, C, h, w)
-        latents = mean
-        if options.sample_posterior and samples[0].std is not None:
-            std = torch.stack([s.flip_std if f else s.std for s, f in zip(samples, flips.tolist())]).float()
+        arrays = self._gather(items)
+        count = len(items)
+        use_flip = options.random_flip and arrays.flip_mean is not None
+        flips = (torch.rand(count, generator=generator) < 0.5) if use_flip else torch.zeros(count, dtype=torch.bool)
+        chosen = flips.view(-1, *([1] * (arrays.mean.dim() - 1)))  # (B, 1, 1, 1)
+        mean = (torch.where(chosen, arrays.flip_mean, arrays.mean) if use_flip else arrays.mean).float()
+        latents = mean  # (B, C, h, w)
+        if options.sample_posterior and arrays.std is not None:
+            std = (torch.where(chosen, arrays.flip_std, arrays.std) if use_flip else arrays.std).float()
             latents = mean + std * torch.randn(mean.shape, generator=generator)  # (B, C, h, w)
         if options.normalize:
             latents = (latents - self.cache.channel_mean.view(1, -1, 1, 1)) / self.cache.channel_std.view(1, -1, 1, 1)
-        labels = None if samples[0].label is None else torch.tensor([s.label for s in samples], dtype=torch.long)
-        batch = {"latents": latents, "labels": labels, "keys": [s.key for s in samples], "flipped": flips,
+        batch = {"latents": latents, "labels": arrays.labels, "keys": arrays.keys, "flipped": flips,
                  "batch_index": batch_index}
         if self.batch_transform is None:
             return batch
         if self._transform_generator:
             return self.batch_transform(batch, generator)
         return self.batch_transform(batch)
+
+
+def _as_built(batch: Any) -> Any:
+    """The DataLoader's collate step: batches leave the workers as they were made (the default would walk
+    every key string)."""
+    return batch
 
 
 class LatentLoader:
@@ -341,7 +423,8 @@ class LatentLoader:
 
     def __init__(self, dataset: _LatentStream, num_workers: int, pin_memory: bool):
         self.dataset, self.next_batch = dataset, dataset.options.start_batch
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        self._loader = DataLoader(dataset, batch_size=None, collate_fn=_as_built, num_workers=num_workers,
+                                  pin_memory=pin_memory,
                                   prefetch_factor=4 if num_workers else None, persistent_workers=False)
         self._iterator: Iterator[Any] | None = None
 
