@@ -38,6 +38,7 @@ class Throughput:
 
     images_per_s: float
     peak_memory_gib: float | None = None
+    flops_per_image: float = 0.0
 
 
 def reader_config(cache: str, out: str, objective: str, workers: int, batch: int, in_memory: bool = False,
@@ -167,7 +168,32 @@ def synthetic_throughput(name: str, batch: int, precision: str, compile_model: b
     synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Throughput(steps * batch / elapsed, peak)
+    return Throughput(steps * batch / elapsed, peak, training_flops_per_image(model, x1[:2], labels[:2]))
+
+
+def training_flops_per_image(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Matmul/attention FLOPs of one forward + backward per image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, torch.rand(x.shape[0], device=x.device), labels).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
+    """The physical limit measured here: TFLOP/s of a size^3 matrix product in `dtype`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def synchronize(device: torch.device) -> None:
@@ -182,13 +208,21 @@ def device_name(device: torch.device) -> str:
 def synthetic_table(names: list[str], batch: int, precision: str, compile_modes: list[bool], steps: int,
                     warmup: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = None
+    if device.type == "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
+        peak = matmul_peak_tflops(device, dtype)
+        print(f"physical limit here: {peak:.0f} TFLOP/s ({dtype} 8192^3 matrix product)")
     print(f"synthetic 4x32x32 latents, batch {batch}, {precision}, on {device_name(device)}")
     for name in names:
         for compile_model in compile_modes:
             result = synthetic_throughput(name, batch, precision, compile_model, steps, warmup, device)
             memory = f"{result.peak_memory_gib:6.1f} GiB peak" if result.peak_memory_gib is not None else ""
+            achieved = result.images_per_s * result.flops_per_image / 1e12
+            utilisation = f" = {achieved / peak:.2f} of the limit" if peak else ""
             print(f"  {name:9s} compile={str(compile_model):5s} {result.images_per_s:9.1f} images/s "
-                  f"({result.images_per_s / batch:5.2f} steps/s) {memory}", flush=True)
+                  f"({result.images_per_s / batch:5.2f} steps/s) {memory} | {result.flops_per_image / 1e9:.0f} "
+                  f"GFLOP/image trained, {achieved:.1f} TFLOP/s{utilisation}", flush=True)
 
 
 def main() -> None:
