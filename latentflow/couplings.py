@@ -63,12 +63,19 @@ def _mean_squared_distance(x0: torch.Tensor, x1: torch.Tensor) -> float:
     return float((x0 - x1).reshape(x0.shape[0], -1).float().square().sum(dim=1).mean())
 
 
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index], without the copy when index is 0, 1, ..., B-1 (exact OT keeps the data's order)."""
+    if index.shape[0] == x.shape[0] and torch.equal(index, torch.arange(x.shape[0], device=index.device)):
+        return x
+    return x[index]
+
+
 def _make_pairing(x0, x1, labels, x0_index: torch.Tensor, x1_index: torch.Tensor) -> Pairing:
-    x0_paired, x1_paired = x0[x0_index], x1[x1_index]
+    x0_paired, x1_paired = _take(x0, x0_index), _take(x1, x1_index)
     return Pairing(
         x0=x0_paired,
         x1=x1_paired,
-        labels=None if labels is None else labels[x1_index],
+        labels=None if labels is None else _take(labels, x1_index),
         x0_index=x0_index,
         x1_index=x1_index,
         cost=_mean_squared_distance(x0_paired, x1_paired),
@@ -133,7 +140,7 @@ class _BlockwiseCoupling(Coupling):
         for data_rows in groups:
             noise_rows = torch.arange(start, start + data_rows.numel())
             start += data_rows.numel()
-            cost = squared_cost(x0[noise_rows.to(x0.device)], x1[data_rows.to(x1.device)])
+            cost = squared_cost(_take(x0, noise_rows.to(x0.device)), _take(x1, data_rows.to(x1.device)))
             local_noise, local_data = self.solve(cost.cpu().double().numpy(), generator)
             x0_parts.append(noise_rows[local_noise])
             x1_parts.append(data_rows[local_data])

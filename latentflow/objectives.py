@@ -8,6 +8,7 @@ and `loss`, the per-sample MSE between the model's output and the target.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,13 +41,20 @@ class TrainingBatch:
     x1: torch.Tensor | None
     ot_cost: float | None = None
 
-    def to(self, device: torch.device | str) -> "TrainingBatch":
-        """A copy with every tensor moved to `device`."""
-        moved = {}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainingBatch":
+        """A copy with every tensor moved to `device` (`non_blocking` overlaps copies from pinned memory)."""
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TrainingBatch":
+        """A copy in page-locked memory; the DataLoader calls this when made with ``pin_memory=True``."""
+        return self._map(lambda tensor: tensor.pin_memory())
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TrainingBatch":
+        mapped = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            moved[field.name] = value.to(device) if isinstance(value, torch.Tensor) else value
-        return TrainingBatch(**moved)
+            mapped[field.name] = function(value) if isinstance(value, torch.Tensor) else value
+        return TrainingBatch(**mapped)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,7 @@ class Trainer:
             sample_posterior=config.data.sample_posterior, random_flip=config.data.random_flip,
             normalize=config.data.normalize, in_memory=config.data.in_memory, num_workers=config.data.num_workers,
             batch_transform=transform, start_batch=self.state.step * accumulation,
+            pin_memory=self.accelerator.device.type == "cuda",
         )
         iterator = iter(loader)
         while True:
@@ -200,7 +201,7 @@ class Trainer:
         """
         device = self.accelerator.device
         if isinstance(micro, TrainingBatch):
-            return micro.to(device), micro.ot_cost
+            return micro.to(device, non_blocking=True), micro.ot_cost
         labels = micro["labels"].to(device) if micro.get("labels") is not None else None
         shared = torch.Generator().manual_seed(seed_for(self.config.train.seed, position, 2))
         result = global_ot_pairing(
