@@ -186,7 +186,7 @@ def make_objective(
         reg: Sinkhorn regularisation, relative to the largest cost.
         class_aware: OT pairs only within the same label.
         time_sampler: 'uniform' or 'logit_normal' (kwargs mean, std).
-        ot_solver: exact OT solver, 'assignment' or 'emd'.
+        ot_solver: exact OT solver: 'assignment' (warm-started, the default), 'lsa' (plain scipy) or 'emd' (POT).
     """
     if name not in OBJECTIVES:
         raise LatentflowError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")

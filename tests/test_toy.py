@@ -69,7 +69,7 @@ def test_workers_default_to_the_cpus_for_ot_pairing_only():
 
 def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
     code = main(["toy", "--objective", "cfm,otcfm,ddpm", "--steps", "600", "--nfe", "1,4", "--eval-samples", "400",
-                 "--out", str(tmp_path)])
+                 "--workers", "1", "--out", str(tmp_path)])
     assert code == 0
     runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
     assert set(runs) == {"cfm", "otcfm", "ddpm"}
@@ -77,6 +77,7 @@ def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
     assert runs["otcfm"]["straightness"] < 0.2 * runs["cfm"]["straightness"]
     assert runs["otcfm"]["w2"]["1"] < runs["cfm"]["w2"]["1"]
     assert runs["otcfm"]["nfe_used"] == {"1": 1, "4": 4}
+    assert runs["otcfm"]["settings"]["workers"] == 1  # the CLI's --workers, recorded as resolved
     assert runs["ddpm"]["w2_stochastic"] and runs["ddpm"]["straightness"] is None
     samples = np.load(tmp_path / "otcfm" / "samples_nfe4.npy")
     assert samples.shape == (400, 2) and np.isfinite(samples).all()
@@ -95,6 +96,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--steps", "0"], "--steps must be a positive"),
         (["--objective", "score"], "unknown objective 'score'"),
         (["--target", "missing.npy"], "missing.npy: no such file"),
+        (["--workers", "-1"], "workers must be >= 0"),
     ],
 )
 def test_bad_input_gives_one_line_error_without_traceback(tmp_path, args, message):

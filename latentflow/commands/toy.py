@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--sigma", type=float, default=None, help="path sigma (default: 0 for rf, 0.01 otherwise)")
     parser.add_argument("--reg", type=float, default=defaults.reg, help="Sinkhorn regularisation (relative to max cost)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader processes that prepare batches (default: one per core, up to 4, for OT "
+                             "objectives; 0 for the others)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     settings = LabSettings(
         source=args.source, target=args.target, objective=objectives[0], steps=args.steps,
         batch_size=args.batch_size, nfe=int_list(args.nfe), solver=args.solver, seed=args.seed,
-        learning_rate=args.lr, eval_samples=args.eval_samples, sigma=args.sigma, reg=args.reg,
+        learning_rate=args.lr, eval_samples=args.eval_samples, sigma=args.sigma, reg=args.reg, workers=args.workers,
     )
     for name in objectives:  # refuse bad settings before any training starts
         LabSettings(**{**settings.__dict__, "objective": name,
