@@ -146,6 +146,7 @@ class LatentCache:
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR, _DIRECTORY = ord("0"), ord("5")
 
 
 class _NotPlainUstar(Exception):
@@ -153,27 +154,31 @@ class _NotPlainUstar(Exception):
 
 
 def _ustar_members(data: bytes) -> list[tuple[str, int, int]]:
-    """(name, start, end) of each regular file in an uncompressed ustar archive held in memory."""
-    members, offset = [], 0
-    while offset + _BLOCK <= len(data):
-        header = data[offset:offset + _BLOCK]
-        if header == _ZERO_BLOCK:  # end-of-archive marker
+    """(name, start, end) of each regular file in an uncompressed ustar archive held in memory.
+
+    Fields are read in place (no header copies): name [0, 100), size [124, 136) in octal, type at 156,
+    magic [257, 262), name prefix [345, 500).
+    """
+    members, offset, total = [], 0, len(data)
+    while offset + _BLOCK <= total:
+        if data[offset] == 0 and data[offset:offset + _BLOCK] == _ZERO_BLOCK:  # end-of-archive marker
             return members
-        if header[257:262] != b"ustar":
+        if data[offset + 257:offset + 262] != b"ustar":
             raise _NotPlainUstar
-        kind = header[156:157]
-        size = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        kind = data[offset + 156]
+        size = int(data[offset + 124:offset + 136].rstrip(b"\0 ") or b"0", 8)
         start = offset + _BLOCK
-        if start + size > len(data):
+        if start + size > total:
             raise EOFError(f"member at byte {offset} runs past the end of the file")
-        if kind in (b"0", b"\0"):
-            name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode()
-            members.append((f"{prefix}/{name}" if prefix else name, start, start + size))
-        elif kind != b"5":  # directories carry nothing; anything else needs tarfile
+        if kind in (_REGULAR, 0):
+            name = data[offset:offset + 100].split(b"\0", 1)[0].decode()
+            if data[offset + 345]:
+                name = data[offset + 345:offset + 500].split(b"\0", 1)[0].decode() + "/" + name
+            members.append((name, start, start + size))
+        elif kind != _DIRECTORY:  # directories carry nothing; anything else needs tarfile
             raise _NotPlainUstar
         offset = start + -(-size // _BLOCK) * _BLOCK
-    if offset != len(data):
+    if offset != total:
         raise EOFError(f"archive ends inside a header at byte {offset}")
     return members
 
