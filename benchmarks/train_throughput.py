@@ -132,7 +132,7 @@ def pairing_times(sizes: list[int], repeats: int) -> None:
         if OTPlanSampler is not None:
             sampler = OTPlanSampler(method="exact")
             theirs = best_ms(lambda: sampler.sample_plan(x0, x1), repeats)
-            line += f" | torchcfm OTPlanSampler(exact) {theirs:8.1f} ms | ratio {theirs / ours:.2f}x"
+            line += f" | torchcfm OTPlanSampler(exact) {theirs:8.1f} ms | torchcfm / ours {theirs / ours:.2f}x"
         else:
             line += " | torchcfm not importable here (pip install torchcfm in a separate venv to compare)"
         print(line)
