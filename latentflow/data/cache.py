@@ -12,7 +12,7 @@ Determinism. The batch sequence is a pure function of (seed, rank, world_size) a
 So the number of workers does not change the batches (worker w builds batches b = start_batch + w (mod
 workers), and the DataLoader hands them back in order), and ``start_batch=k`` gives exactly the batches k,
 k+1, ... of an uninterrupted run. Skipping ahead jumps over whole epochs for free and re-reads at most one epoch
-of raw bytes (without decoding).
+of shards (read and decoded shard by shard, which is cheap).
 """
 
 from __future__ import annotations
@@ -268,6 +268,16 @@ class LatentArrays:
         return LatentArrays([raw["__key__"] for raw in raws], mean, stack(_PARTS["std"]),
                             stack(_PARTS["flip_mean"]), stack(_PARTS["flip_std"]), labels)
 
+    @staticmethod
+    def concatenate(parts: list["LatentArrays"]) -> "LatentArrays":
+        """The samples of `parts`, one after another (all with the same members)."""
+        def join(name: str) -> torch.Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return LatentArrays([key for part in parts for key in part.keys], join("mean"), join("std"),
+                            join("flip_mean"), join("flip_std"), join("labels"))
+
     def take(self, index: torch.Tensor) -> "LatentArrays":
         """The samples at `index` (B,) long, in that order."""
         def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -339,20 +349,24 @@ class _LatentStream(IterableDataset):
         items = self._epoch_items(epoch)
         return len(items) if self.memory is not None else sum(shard.count for shard in items)
 
-    def _epoch_stream(self, epoch: int) -> Iterator[Any]:
+    def _epoch_stream(self, epoch: int) -> Iterator[tuple[LatentArrays, int]]:
+        """The rank's samples of `epoch` in order, each as (arrays, row); a streamed shard is decoded whole."""
         items = self._epoch_items(epoch)
         if self.memory is not None:
-            yield from items
+            for row in items:
+                yield self.memory, int(row)
             return
         rng, buffer = _rng(self.options.seed, self.options.rank, epoch, 1), []
         for shard in items:
-            for raw in self.cache.read_shard(shard):
+            arrays = LatentArrays.decode(list(self.cache.read_shard(shard)), self.cache.latent_shape)
+            for row in range(len(arrays.keys)):
+                item = (arrays, row)
                 if len(buffer) < self.options.shuffle_buffer:
-                    buffer.append(raw)
+                    buffer.append(item)
                     continue
                 slot = int(rng.integers(len(buffer)))
-                buffer[slot], raw = raw, buffer[slot]
-                yield raw
+                buffer[slot], item = item, buffer[slot]
+                yield item
         for slot in rng.permutation(len(buffer)):
             yield buffer[slot]
 
@@ -385,10 +399,19 @@ class _LatentStream(IterableDataset):
                 yield self._make_batch(items, batch_index)
             batch_index += 1
 
-    def _gather(self, items: list[Any]) -> LatentArrays:
-        if self.memory is not None:
-            return self.memory.take(torch.as_tensor(np.asarray(items, dtype=np.int64)))
-        return LatentArrays.decode(items, self.cache.latent_shape)
+    @staticmethod
+    def _gather(items: list[tuple[LatentArrays, int]]) -> LatentArrays:
+        """Stack the (arrays, row) items in order, with one gather per source (a shard, or the whole cache)."""
+        sources: dict[int, tuple[LatentArrays, list[int], list[int]]] = {}
+        for position, (arrays, row) in enumerate(items):
+            _, positions, rows = sources.setdefault(id(arrays), (arrays, [], []))
+            positions.append(position)
+            rows.append(row)
+        parts = [arrays.take(torch.tensor(rows)) for arrays, _, rows in sources.values()]
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.tensor([position for _, positions, _ in sources.values() for position in positions])
+        return LatentArrays.concatenate(parts).take(torch.argsort(order))
 
     def _make_batch(self, items: list[Any], batch_index: int) -> Any:
         options, generator = self.options, _batch_generator(self.options.seed, self.options.rank, batch_index)
