@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,17 @@ from latentflow.errors import LatentflowError
 
 DEFAULT_DATA = "hf:nelorth/oxford-flowers"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flowers64_dit_s2_otcfm.yaml"
+
+
+def shipped_config(name: str) -> Path:
+    """A config from the repository's configs/ (source checkout or editable install), else the copy a
+    wheel installs under {sys.prefix}/share/latentflow/configs; the checkout's path when neither exists."""
+    checkout = Path(__file__).resolve().parents[1] / "configs" / name
+    installed = Path(sys.prefix) / "share" / "latentflow" / "configs" / name
+    return installed if not checkout.is_file() and installed.is_file() else checkout
+
+
+DEFAULT_CONFIG = shipped_config("flowers64_dit_s2_otcfm.yaml")
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""The built wheel: a non-editable install finds its shipped configs (the demo's default among them)."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_the_demo_config(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "wheel"), str(REPO)], check=True, cwd=tmp_path)
+    wheel = next((tmp_path / "wheel").glob("latentflow-*.whl"))
+    prefix = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                    "--prefix", str(prefix), str(wheel)], check=True)
+    # the new environment's own latentflow (from the wheel); its dependencies from this one
+    environment = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    probe = ("import latentflow.demo as d, sys; "
+             "print(d.DEFAULT_CONFIG); print(d.__file__); print(sys.prefix)")
+    found, module, env_prefix = subprocess.run(
+        [str(prefix / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True,
+        env=environment, cwd=tmp_path,
+    ).stdout.split()
+    assert Path(module).is_relative_to(prefix.resolve()) or Path(module).is_relative_to(prefix)
+    assert Path(found) == Path(env_prefix) / "share" / "latentflow" / "configs" / "flowers64_dit_s2_otcfm.yaml"
+    assert Path(found).read_text() == (REPO / "configs" / "flowers64_dit_s2_otcfm.yaml").read_text()
+    assert (Path(env_prefix) / "share" / "latentflow" / "configs" / "accelerate" / "cpu_2proc.yaml").is_file()
