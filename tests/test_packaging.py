@@ -13,12 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_installed_wheel_finds_the_demo_config(tmp_path):
+    before = own_install(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "wheel"), str(REPO)], check=True, cwd=tmp_path)
     wheel = next((tmp_path / "wheel").glob("latentflow-*.whl"))
     prefix = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+    # --ignore-installed: without it pip uninstalls this environment's latentflow before installing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--ignore-installed",
                     "--prefix", str(prefix), str(wheel)], check=True)
     # the new environment's own latentflow (from the wheel); its dependencies from this one
     environment = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
@@ -32,3 +34,10 @@ def test_installed_wheel_finds_the_demo_config(tmp_path):
     assert Path(found) == Path(env_prefix) / "share" / "latentflow" / "configs" / "flowers64_dit_s2_otcfm.yaml"
     assert Path(found).read_text() == (REPO / "configs" / "flowers64_dit_s2_otcfm.yaml").read_text()
     assert (Path(env_prefix) / "share" / "latentflow" / "configs" / "accelerate" / "cpu_2proc.yaml").is_file()
+    assert own_install(tmp_path) == before  # this environment's own latentflow left alone
+
+
+def own_install(cwd: Path) -> str:
+    """Where this environment imports latentflow from (run outside the repository)."""
+    probe = [sys.executable, "-c", "import latentflow; print(latentflow.__file__)"]
+    return subprocess.run(probe, capture_output=True, text=True, check=True, cwd=cwd).stdout.strip()
