@@ -110,3 +110,25 @@ def test_image_grid_layout() -> None:
     assert grid.size == (4, 4)
     assert grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((2, 0)) == (255, 255, 255)
     assert grid.getpixel((0, 2)) == (128, 128, 128) and grid.getpixel((2, 2)) == (0, 0, 0)
+
+
+def test_fused_cpu_adamw_takes_the_same_steps_as_the_default() -> None:
+    from latentflow.training import make_adamw
+
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, betas=[0.8, 0.95], eps=1e-6)
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    initial = models[0][0].weight.detach().clone()
+    fused, plain = make_adamw(models[0], optim, fused_on_cpu=True), make_adamw(models[1], optim, fused_on_cpu=False)
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    assert fused.param_groups[0]["betas"] == (0.8, 0.95) and fused.param_groups[0]["weight_decay"] == 0.1
+    inputs = torch.randn(16, 5)
+    for _ in range(5):
+        for model, optimizer in zip(models, (fused, plain)):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (models[0][0].weight - initial).abs().max() > 1e-3  # the steps did move the weights
