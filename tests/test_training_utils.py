@@ -13,7 +13,7 @@ from latentflow.couplings import make_coupling
 from latentflow.errors import LatentflowError
 from latentflow.objectives import TrainingBatch, make_objective
 from latentflow.train_utils import (
-    EMA, CsvLog, PairingTransform, drop_labels, global_ot_pairing, image_grid, learning_rate,
+    EMA, CsvLog, PairingTransform, cpu_fused_optimizer, drop_labels, global_ot_pairing, image_grid, learning_rate,
 )
 
 
@@ -132,3 +132,4 @@ def test_fused_cpu_adamw_takes_the_same_steps_as_the_default() -> None:
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (models[0][0].weight - initial).abs().max() > 1e-3  # the steps did move the weights
+    assert cpu_fused_optimizer(torch.optim.Adam, models[0].parameters(), lr=1e-3).param_groups[0]["fused"]

@@ -25,6 +25,7 @@ from latentflow.metrics import path_straightness, wasserstein2
 from latentflow.couplings import IndependentCoupling
 from latentflow.objectives import OBJECTIVES, FlowMatchingObjective, Objective, TrainingBatch, make_objective
 from latentflow.solvers import SolverOutput, ddim_sample, integrate
+from latentflow.train_utils import cpu_fused_optimizer
 from latentflow.toy.distributions import Sampler, get_distribution
 
 
@@ -169,8 +170,7 @@ def _one_thread(worker_id: int) -> None:
 
 def train_field(settings: LabSettings, objective: Objective, model: nn.Module, source: Sampler, target: Sampler) -> tuple[float, float]:
     """Train `model` in place; returns (seconds, mean loss over the last 100 steps)."""
-    # foreach: one call per update for all parameters; 7% faster a step here, the same numbers
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, foreach=True)
+    optimizer = cpu_fused_optimizer(torch.optim.Adam, model.parameters(), lr=settings.learning_rate)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide MLP runs fastest on one thread; loader workers pair batches
     recent: deque[float] = deque(maxlen=100)
