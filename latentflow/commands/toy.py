@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--reg", type=float, default=defaults.reg, help="Sinkhorn regularisation (relative to max cost)")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader processes that prepare batches (default: one per core, up to 4, for OT "
-                             "objectives; 0 for the others)")
+                             "objectives; 1 for the others; 0 on a single core)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
