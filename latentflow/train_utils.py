@@ -65,7 +65,6 @@ class EMA:
         self.updates = int(state["updates"])
 
 
-
 def cpu_fused_optimizer(optimizer_class: type[torch.optim.Optimizer], parameters, **settings) -> torch.optim.Optimizer:
     """`optimizer_class` (Adam, AdamW) for CPU parameters with torch's fused kernel (torch >= 2.4), else
     torch's default. The default loops over the tensors one by one: for DiT-S/2's 71 tensors an AdamW step
@@ -75,6 +74,7 @@ def cpu_fused_optimizer(optimizer_class: type[torch.optim.Optimizer], parameters
         return optimizer_class(parameters, fused=True, **settings)
     except RuntimeError:  # an older torch without the CPU kernel
         return optimizer_class(parameters, **settings)
+
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
     """The learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""

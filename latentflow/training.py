@@ -116,7 +116,6 @@ def share_cpu_threads(accelerator: Accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
-
 def make_adamw(model: torch.nn.Module, optim: OptimConfig, fused_on_cpu: bool) -> torch.optim.AdamW:
     """AdamW with `optim`'s settings; fused on CPU (see `cpu_fused_optimizer`). CUDA keeps torch's default
     (foreach), which the GPU figures were measured with."""
