@@ -21,9 +21,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from latentflow.metrics import wasserstein2
-from latentflow.objectives import make_objective
-from latentflow.solvers import integrate
+from latentflow.flow.metrics import wasserstein2
+from latentflow.flow.objectives import make_objective
+from latentflow.flow.solvers import integrate
 from latentflow.toy.distributions import get_distribution
 from latentflow.toy.lab import LabSettings, PreparedBatches, ToyMLP, batch_workers, train_field
 
@@ -88,7 +88,8 @@ def run_seed(settings: LabSettings, inline_too: bool) -> dict[tuple[str, str], t
     if inline_too:
         inline = replace(settings, workers=0)
         results["latentflow (inline)", "otcfm"] = run_side("latentflow", "otcfm", inline)
-        print(f"seed {settings.seed} latentflow otcfm inline trained in {results['latentflow (inline)', 'otcfm'][0]:.1f} s")
+        print(f"seed {settings.seed} latentflow otcfm inline trained in "
+              f"{results['latentflow (inline)', 'otcfm'][0]:.1f} s")
     return results
 
 
@@ -150,11 +151,12 @@ def assignment_floor(settings: LabSettings, problems: int = 50) -> float:
 
 def seconds_per_update(settings: LabSettings, steps: int = 1000) -> float:
     """The main process's share of a step: forward, loss, backward and the optimizer on a ready batch."""
-    from latentflow.train_utils import cpu_fused_optimizer
+    from latentflow.train.optim import cpu_fused_optimizer
 
     torch.set_num_threads(1)
     objective = make_objective("cfm", sigma=0.01)
-    batch = PreparedBatches(settings, objective, get_distribution(settings.source), get_distribution(settings.target))[0]
+    batch = PreparedBatches(settings, objective, get_distribution(settings.source),
+                            get_distribution(settings.target))[0]
     torch.manual_seed(settings.seed)
     model = ToyMLP()
     optimizer = cpu_fused_optimizer(torch.optim.Adam, model.parameters(), lr=settings.learning_rate)
@@ -200,7 +202,8 @@ def main() -> None:
         settings = LabSettings(steps=args.steps, batch_size=args.batch_size, seed=seed)
         results = run_seed(settings, args.inline_too)
         print(f"\n8gaussians -> moons, seed {seed}, {args.steps} steps, batch {args.batch_size}, 3x64 SELU MLP, "
-              f"Adam 1e-3, Euler; our OT-CFM pairs in {batch_workers(settings, make_objective('otcfm'))} loader workers")
+              f"Adam 1e-3, Euler; our OT-CFM pairs in {batch_workers(settings, make_objective('otcfm'))} loader "
+              f"workers")
         print_table(results)
         per_seed.append(results)
     print()

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from latentflow.config import load_config
-from latentflow.couplings import make_coupling
+from latentflow.flow.couplings import make_coupling
+from latentflow.flow.objectives import make_objective
 from latentflow.models import make_model
-from latentflow.objectives import make_objective
-from latentflow.train_utils import EMA
+from latentflow.train.config import load_config
+from latentflow.train.ema import EMA
 
 REPO = Path(__file__).parents[1]
 
@@ -72,13 +72,15 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
     workers, the workers also run during the other feeds' steps: on a machine with cores to spare that
     is what training sees; on very few cores `--workers 0` gives the conservative figure.
     """
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory, overrides))
                     for name in ("otcfm", "rf")}
-        print(f"reader vs memory: {trainers['rf'].config.model.name} on {device_name(trainers['rf'].accelerator.device)}, "
-              f"precision {trainers['rf'].config.train.mixed_precision}, latents {tuple(trainers['rf'].cache.latent_shape)}",
+        print(f"reader vs memory: {trainers['rf'].config.model.name} on "
+              f"{device_name(trainers['rf'].accelerator.device)}, "
+              f"precision {trainers['rf'].config.train.mixed_precision}, latents "
+              f"{tuple(trainers['rf'].cache.latent_shape)}",
               flush=True)
         source = trainers["otcfm"].batches()
         prepared = [next(source) for _ in range(max(steps, warmup))]  # tensors in memory, pairing already done
@@ -127,11 +129,11 @@ def pairing_times(sizes: list[int], repeats: int) -> None:
         generator = torch.Generator().manual_seed(size)
         x0 = torch.randn(size, 4, 32, 32, generator=generator)
         x1 = torch.randn(size, 4, 32, 32, generator=generator) * 0.5 + 0.3
-        ours = best_ms(lambda: coupling(x0, x1, None, generator), repeats)
+        ours = best_ms(lambda x0=x0, x1=x1, generator=generator: coupling(x0, x1, None, generator), repeats)
         line = f"OT pairing B={size:5d}: latentflow exact {ours:8.1f} ms"
         if OTPlanSampler is not None:
             sampler = OTPlanSampler(method="exact")
-            theirs = best_ms(lambda: sampler.sample_plan(x0, x1), repeats)
+            theirs = best_ms(lambda sampler=sampler, x0=x0, x1=x1: sampler.sample_plan(x0, x1), repeats)
             line += f" | torchcfm OTPlanSampler(exact) {theirs:8.1f} ms | torchcfm / ours {theirs / ours:.2f}x"
         else:
             line += " | torchcfm not importable here (pip install torchcfm in a separate venv to compare)"

@@ -13,7 +13,8 @@ from typing import Sequence
 
 from latentflow.errors import LatentflowError
 
-COMMAND_MODULES = ("toy", "encode", "train", "plot_log", "export", "sample", "fid_stats", "evaluate", "demo")
+COMMAND_MODULES = ("toy", "encode", "train", "plot_log", "export", "sample", "fid_stats", "evaluate", "plot_eval",
+                   "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"latentflow.commands.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"latentflow.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"latentflow.commands.{name}").register(subparsers)
     return parser
 
 

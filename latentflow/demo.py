@@ -7,7 +7,6 @@ latest checkpoint, and the later stages are cheap to redo.
 from __future__ import annotations
 
 import io
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ from pathlib import Path
 from PIL import Image
 
 from latentflow.errors import LatentflowError
+from latentflow.io import write_folder_atomic
+from latentflow.vae import DEFAULT_VAE
 
 DEFAULT_DATA = "hf:nelorth/oxford-flowers"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 
 def shipped_config(name: str) -> Path:
@@ -78,18 +78,18 @@ def write_reference_images(data: str, folder: Path, limit: int) -> Path:
 
     if folder.is_dir() and any(folder.iterdir()):
         return folder
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     source = open_source(data)
-    for record in source.records[:limit]:
-        try:
-            image = Image.open(io.BytesIO(source.read(record))).convert("RGB")
-        except (OSError, ValueError):
-            continue  # unreadable inputs are listed by the encoder's skipped.jsonl
-        image.save(staging / f"{record.key}.png")
-    staging.rename(folder)
-    return folder
+
+    def fill(staging: Path) -> None:
+        staging.mkdir(parents=True)
+        for record in source.records[:limit]:
+            try:
+                image = Image.open(io.BytesIO(source.read(record))).convert("RGB")
+            except (OSError, ValueError):
+                continue  # unreadable inputs are listed by the encoder's skipped.jsonl
+            image.save(staging / f"{record.key}.png")
+
+    return write_folder_atomic(folder, fill)
 
 
 def stage(name: str):
@@ -112,8 +112,8 @@ def encode_stage(settings: DemoSettings, splits: DataSplits) -> Path:
 
 
 def train_stage(settings: DemoSettings, cache: Path) -> Path:
-    from latentflow.config import load_config
-    from latentflow.training import train
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import train
 
     run_dir = settings.out / "run"
     overrides = [f"data.cache={cache}", f"output_dir={run_dir}", f"sample.vae={settings.vae}", *settings.overrides]
@@ -141,31 +141,32 @@ def export_stage(settings: DemoSettings, run_dir: Path) -> Path:
 def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     import torch
 
-    from latentflow.evaluation import SamplerSetting, generate_batches, image_grid, save_image_atomic
+    from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
+    from latentflow.io import image_grid, save_image
 
     done = stage(f"4/5 sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps")
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
     batches = generate_batches(pipe, settings.grid_images, SamplerSetting("euler", settings.grid_steps, None),
                                16, settings.seed, None, 1.0, None)
     images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
-    grid = save_image_atomic(image_grid(images), settings.out / "samples.png")
+    grid = save_image(image_grid(images), settings.out / "samples.png")
     print(f"   grid: {grid}")
     done()
     return grid
 
 
 def evaluate_stage(settings: DemoSettings, pipe_dir: Path, splits: DataSplits) -> Path:
-    from latentflow.cli import main as cli
+    from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
+    from latentflow.export import load_pipeline
 
     reference = splits.reference or write_reference_images(splits.train, settings.out / "reference", 2000)
-    done = stage(f"5/5 FID against {reference} with {settings.eval_images} images per setting: {' '.join(settings.sweep)}")
+    done = stage(f"5/5 FID against {reference} with {settings.eval_images} images per setting: "
+                 f"{' '.join(settings.sweep)}")
     out = settings.out / "evaluation"
-    code = cli(["evaluate", str(pipe_dir), "--ref", str(reference), "--n", str(settings.eval_images),
-                "--sweep", *settings.sweep, "--out", str(out), "--seed", str(settings.seed),
-                "--kid-subset-size", str(min(1000, settings.eval_images))])
-    if code:
-        raise LatentflowError(f"evaluation failed (exit {code}); see the message above")
+    evaluation = EvaluationSettings(reference=reference, n=settings.eval_images, sweep=list(settings.sweep),
+                                    seed=settings.seed, kid_subset_size=min(1000, settings.eval_images))
+    evaluate_pipeline(load_pipeline(pipe_dir, "cpu", progress=False), pipe_dir, evaluation, out)
     done()
     return out
 

@@ -96,6 +96,8 @@ class PooledAutoencoderTiny(AutoencoderTiny):
         pool_decoder_layers: indices into ``decoder.layers`` that carry a pool branch.
         pool_hidden_channels: width of the pool bottleneck.
         pool_groups: GroupNorm groups in the pool bottleneck.
+        block_out_channels: ignored; ``AutoencoderTiny`` records it (as the decoder's channels) in every saved
+            config, so it is accepted here for those configs to load without a warning.
         Other arguments: as ``AutoencoderTiny``.
     """
 
@@ -121,6 +123,7 @@ class PooledAutoencoderTiny(AutoencoderTiny):
         pool_decoder_layers: tuple[int, ...] = (),
         pool_hidden_channels: int = 256,
         pool_groups: int = 4,
+        block_out_channels: tuple[int, ...] | None = None,
     ):
         super().__init__(in_channels=in_channels, out_channels=out_channels,
                          encoder_block_out_channels=encoder_block_out_channels,
@@ -149,6 +152,109 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# ---- identity: "is this the same VAE" -----------------------------------------------------------------------
+
+IDENTITY_FACTORS = ("class", "latent_channels", "scaling_factor", "shift_factor")
+"""What decides how latents decode besides the weights: the class and the model-space factors."""
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 of a model's parameter names, shapes and float32 values (in name order): survives a save/load
+    round trip and a change of file format, not a change of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vae_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """A JSON-able identity of a diffusers VAE module (what a pipeline's scheduler config stores). The weights
+    hash is left out while the module is not float32: it is defined on float32 weights."""
+    config = getattr(module, "config", {})
+    fingerprint = {"class": type(module).__name__, "latent_channels": config.get("latent_channels"),
+                   "scaling_factor": config.get("scaling_factor"), "shift_factor": config.get("shift_factor")}
+    if all(tensor.dtype == torch.float32 for tensor in module.state_dict().values()):
+        fingerprint["weights_sha256"] = weights_sha256(module)
+    return fingerprint
+
+
+def _comparable_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    identity = dict(identity)
+    if "class_name" in identity:  # pipeline folders of 0.1.0 stored the class under this key
+        identity["class"] = identity.pop("class_name")
+    for key in ("scaling_factor", "shift_factor"):  # a config's None means the diffusers defaults
+        if identity.get(key) is None:
+            identity[key] = 1.0 if key == "scaling_factor" else 0.0
+        identity[key] = float(identity[key])
+    return identity
+
+
+def identity_differences(expected: dict[str, Any], actual: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The one rule for "is this the same VAE": the class and factors must agree, and so must the weights: by
+    their hash where both identities have one, else by the weight files' hashes, else by the source named.
+
+    Returns:
+        {key: (expected value, actual value)} for every key that differs; empty when it is the same VAE.
+    """
+    expected, actual = _comparable_identity(expected), _comparable_identity(actual)
+    keys = list(IDENTITY_FACTORS)
+    if expected.get("weights_sha256") and actual.get("weights_sha256"):
+        keys.append("weights_sha256")
+    elif expected.get("files") and actual.get("files"):
+        keys.append("files")
+    elif expected.get("source") or actual.get("source"):
+        keys.append("source")
+    return {key: (expected.get(key), actual.get(key)) for key in keys if expected.get(key) != actual.get(key)}
+
+
+def check_same_vae(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    """Raise LatentflowError naming every difference when `actual` is not the VAE `expected` describes."""
+    differing = identity_differences(expected, actual)
+    if differing:
+        details = "; ".join(f"{key}: expected {want!r}, got {have!r}" for key, (want, have) in differing.items())
+        raise LatentflowError(f"{where}: the VAE is not the one the latents were encoded with (not the one the "
+                              f"cache was encoded with: {details}); use the VAE named in the latent cache's manifest")
+
+
+def check_vae_fingerprint(expected: dict[str, Any] | None, vae: nn.Module, where: str) -> None:
+    """`check_same_vae` for a VAE module against a stored fingerprint (skipped when None)."""
+    if expected:
+        check_same_vae(expected, vae_fingerprint(vae), where)
+
+
+def denormalize_latents(latents: torch.Tensor, channel_mean: torch.Tensor, channel_std: torch.Tensor) -> torch.Tensor:
+    """Undo a per-channel normalisation: (B, C, h, w) * std + mean, with (C,) (or broadcastable) statistics."""
+    view = (1, -1, 1, 1)
+    return latents * channel_std.to(latents).reshape(view) + channel_mean.to(latents).reshape(view)
+
+
+def decode_latents(vae: nn.Module, latents: torch.Tensor, channel_mean: torch.Tensor | None = None,
+                   channel_std: torch.Tensor | None = None) -> torch.Tensor:
+    """The one way latents become images: undo a model's per-channel normalisation (when given), undo the VAE's
+    scale and shift (read from its config), decode.
+
+    Args:
+        vae: a diffusers autoencoder module.
+        latents: (B, C, h, w) model-space latents (normalised when `channel_mean`/`channel_std` are given).
+        channel_mean, channel_std: (C,) per-channel statistics the model's latents were normalised with.
+
+    Returns:
+        (B, 3, H, W) float32 images in [-1, 1].
+    """
+    if channel_mean is not None:
+        latents = denormalize_latents(latents, channel_mean, channel_std)
+    config = vae.config
+    scaling = config.get("scaling_factor") if config.get("scaling_factor") is not None else 1.0
+    shift = config.get("shift_factor") or 0.0
+    parameter = next(vae.parameters())
+    raw = latents.to(parameter.device, torch.float32) / scaling + shift
+    decoded = vae.decode(raw.to(parameter.dtype))
+    images = decoded.sample if hasattr(decoded, "sample") else decoded
+    return images.float().clamp(-1, 1)
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -172,13 +278,14 @@ class FrozenVAE:
     """
 
     def __init__(self, module: nn.Module, identity: dict[str, Any], device: torch.device, dtype: torch.dtype):
+        identity = {**identity, "weights_sha256": weights_sha256(module)}  # on the float32 weights, before a cast
         module = module.to(device=device)
         if dtype != torch.float32:
             module = module.to(dtype=dtype)
         self.module = module.eval().requires_grad_(False)
         if dtype == torch.float16 and module.config.get("force_upcast"):
             warnings.warn(f"{type(module).__name__} config sets force_upcast: it is known to overflow in float16 "
-                          "(NaN latents); prefer --dtype fp32 or bf16")
+                          "(NaN latents); prefer --dtype fp32 or bf16", stacklevel=2)
         self.device, self.dtype = device, dtype
         config = module.config
         self.scaling_factor = float(config.get("scaling_factor") if config.get("scaling_factor") is not None else 1.0)
@@ -219,8 +326,7 @@ class FrozenVAE:
             (B, 3, h*f, w*f) float32 images clamped to [-1, 1].
         """
         with torch.inference_mode():
-            z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-            images = self.module.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)  # (B, 3, H, W)
+            images = decode_latents(self.module, latents)  # (B, 3, H, W)
         return images.clone()
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -258,6 +364,17 @@ def _downsampling_factor(module: nn.Module) -> int:
     output = _probe_encode(module)
     latents = output.latent_dist.mean if hasattr(output, "latent_dist") else output.latents
     return 64 // latents.shape[-1]
+
+
+def vae_source(identity: dict[str, Any]) -> str:
+    """The load_vae argument recorded in a cache's VAE identity."""
+    for key in ("source", "path", "name_or_path", "repo_id", "name"):
+        if identity.get(key):
+            return str(identity[key])
+    raise LatentflowError(
+        f"the cache manifest's VAE identity {identity} names no VAE to load; pass the VAE's folder or hub id "
+        f"(sample.vae when training)"
+    )
 
 
 def load_vae(source: str | Path = DEFAULT_VAE, dtype: str | torch.dtype | None = "fp32",

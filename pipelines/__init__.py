@@ -1,5 +1,9 @@
-"""diffusers pipelines of latentflow."""
+"""diffusers pipelines of latentflow.
 
-from pipelines.pipeline_latentflow import LatentFlowPipeline, LatentFlowPipelineOutput, LatentFlowScheduler
+Installed as `latentflow.pipelines` (no top-level `pipelines` package is installed, which would collide with other
+projects' folders of that name); in a source checkout `from pipelines import LatentFlowPipeline` works as well.
+"""
+
+from .pipeline_latentflow import LatentFlowPipeline, LatentFlowPipelineOutput, LatentFlowScheduler
 
 __all__ = ["LatentFlowPipeline", "LatentFlowPipelineOutput", "LatentFlowScheduler"]

@@ -1,6 +1,6 @@
 """LatentFlowPipeline: sample a latent flow-matching (or DDPM) model and decode with its VAE.
 
-    from pipelines.pipeline_latentflow import LatentFlowPipeline
+    from latentflow.pipelines import LatentFlowPipeline   # installed; `from pipelines import ...` in a checkout
     pipe = LatentFlowPipeline.from_pretrained("PIPE_DIR").to("cpu")
     out = pipe(batch_size=4, num_inference_steps=8, solver="euler", generator=torch.Generator().manual_seed(0))
     out.images[0].save("sample.png"); print(out.nfe)
@@ -11,13 +11,14 @@ pipeline.py; `custom_pipeline="pipelines/pipeline_latentflow.py"` works as well)
 which imports the `latentflow` modules that `model_index.json` names; the `latentflow` package must be installed.
 
 Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is integrated with
-`latentflow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`.
+`latentflow.flow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 import latentflow.models  # noqa: F401  (model_index.json names latentflow.models.* classes)
+import latentflow.vae  # the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny
 from latentflow.errors import LatentflowError
-from latentflow.export import LatentFlowScheduler, check_vae_fingerprint
-from latentflow.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ddim_sample, integrate
-
-import latentflow.vae  # noqa: F401  (the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny)
+from latentflow.flow.guidance import guided_field
+from latentflow.flow.solvers import STAGES_PER_STEP, Field, check_solver, ddim_sample, integrate, nfe_of
+from latentflow.io import write_bytes_atomic
+from latentflow.scheduler import LatentFlowScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CUSTOM_PIPELINE_FILE = "pipeline.py"  # the name diffusers looks for when custom_pipeline is a folder
-NOISE_SOLVERS = ("ddim",)
-STAGES_PER_STEP = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
-"""Velocity evaluations per step of the one-step fixed-grid methods (these also support step callbacks)."""
-
-Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _expose_loading_base(module_name: str) -> None:
@@ -90,14 +87,19 @@ class LatentFlowPipeline(DiffusionPipeline):
         _check_components(transformer, vae, scheduler)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """diffusers' from_pretrained, after importing the `latentflow` modules a local folder's model_index.json
+        names (diffusers loads components only from modules already imported; folders exported by earlier
+        releases name modules this file does not import, e.g. `latentflow.export`)."""
+        _import_named_latentflow_modules(Path(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' save_pretrained, plus this file as `pipeline.py` so that
         `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)` finds the class."""
         super().save_pretrained(save_directory, **kwargs)
-        target = Path(save_directory) / CUSTOM_PIPELINE_FILE
-        temporary = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(Path(__file__), temporary)
-        os.replace(temporary, target)
+        write_bytes_atomic(Path(save_directory) / CUSTOM_PIPELINE_FILE, Path(__file__).read_bytes())
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -179,7 +181,7 @@ class LatentFlowPipeline(DiffusionPipeline):
 
     def check_solver(self, solver: str) -> None:
         """Raise LatentflowError when this pipeline's model cannot be sampled with `solver`."""
-        _check_solver(solver, self.scheduler.config.prediction_type)
+        check_solver(solver, self.scheduler.config.prediction_type)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.scheduler.config
@@ -227,23 +229,12 @@ class LatentFlowPipeline(DiffusionPipeline):
 
     def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float) -> Field:
         """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1."""
-        if guidance_scale == 1.0:
-            return lambda x, t: self._model(x, t, labels)
-        if labels is None:
-            raise LatentflowError(f"guidance_scale={guidance_scale} needs a class-conditional model; use 1.0")
-        null = torch.full_like(labels, self.scheduler.null_class_id)
-
-        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            both = self._model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, h, w)
-            conditional, unconditional = both.chunk(2)
-            return unconditional + guidance_scale * (conditional - unconditional)
-
-        return guided
+        return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale)
 
     def _sample(self, field: Field, x0: torch.Tensor, settings: dict, generator, callback) -> tuple[torch.Tensor, int]:
         """Integrate from noise x0 (t=0) to data (t=1); returns (x1 (B, C, h, w), nfe)."""
         solver, steps = settings["solver"], settings["steps"]
-        total = steps * STAGES_PER_STEP[solver] if solver in STAGES_PER_STEP else (steps if solver == "ddim" else None)
+        total = nfe_of(solver, steps)
         with self._progress(total) as bar:
             counted = _counting(field, bar)
             if solver == "ddim":
@@ -279,18 +270,11 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _to_cache_space(self, x1: torch.Tensor) -> torch.Tensor:
         """Undo the per-channel normalisation the model was trained with (if any)."""
         statistics = self.scheduler.channel_statistics()
-        if statistics is None:
-            return x1
-        mean, std = statistics
-        return x1 * std.to(x1) + mean.to(x1)
+        return x1 if statistics is None else latentflow.vae.denormalize_latents(x1, *statistics)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Cache-space latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], with the VAE's own scale/shift."""
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        raw = latents.to(self.vae.dtype) / config.scaling_factor + shift
-        decoded = self.vae.decode(raw)
-        return decoded.sample if hasattr(decoded, "sample") else decoded
+        return latentflow.vae.decode_latents(self.vae, latents)
 
     @torch.no_grad()
     def image_size(self) -> tuple[int, int]:
@@ -302,7 +286,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         latents = self._to_cache_space(x1)
         if output_type == "latent":
             return latents
-        images = (self.decode_latents(latents).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        images = self.decode_latents(latents) / 2 + 0.5  # (B, 3, H, W) in [0, 1]
         if output_type == "pt":
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
@@ -311,6 +295,16 @@ class LatentFlowPipeline(DiffusionPipeline):
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _import_named_latentflow_modules(folder: Path) -> None:
+    """Import the modules of `latentflow` (and nothing else) that `folder/model_index.json` names."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    for value in json.loads(index.read_text()).values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("latentflow."):
+            importlib.import_module(value[0])
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
@@ -331,16 +325,6 @@ def _counting(field: Field, bar) -> Field:
 def _rescaled_field(field: Field, start: torch.Tensor, width: torch.Tensor) -> Field:
     """g(x, s) = width * field(x, start + s * width): integrating g over s in [0, 1] covers [start, start + width]."""
     return lambda x, s: width * field(x, start + s * width)
-
-
-def _check_solver(solver: str, prediction_type: str) -> None:
-    if prediction_type == "noise":
-        if solver not in NOISE_SOLVERS:
-            raise LatentflowError(f"a noise-prediction (ddpm) model samples with solver='ddim', not {solver!r}")
-        return
-    valid = sorted(FIXED_STEP_METHODS + ADAPTIVE_METHODS)
-    if solver not in valid:
-        raise LatentflowError(f"unknown solver {solver!r} for a velocity model; choose one of {valid}")
 
 
 def _check_callback(solver: str, tensor_inputs: Sequence[str]) -> None:
@@ -370,7 +354,7 @@ def _check_components(transformer: torch.nn.Module, vae: torch.nn.Module, schedu
     model_classes = getattr(transformer.config, "num_classes", 0) or 0
     if model_classes != config.num_classes:
         raise LatentflowError(f"transformer num_classes={model_classes} but scheduler num_classes={config.num_classes}")
-    check_vae_fingerprint(config.vae_fingerprint, vae, "LatentFlowPipeline")
+    latentflow.vae.check_vae_fingerprint(config.vae_fingerprint, vae, "LatentFlowPipeline")
 
 
 __all__ = ["LatentFlowPipeline", "LatentFlowPipelineOutput", "LatentFlowScheduler"]

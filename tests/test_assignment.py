@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from latentflow.assignment import WARM_START_MIN_SIZE, reduced_cost, sinkhorn_potentials, solve_assignment
-from latentflow.couplings import squared_cost
 from latentflow.errors import LatentflowError
+from latentflow.flow.assignment import WARM_START_MIN_SIZE, reduced_cost, sinkhorn_potentials, solve_assignment
+from latentflow.flow.couplings import squared_cost
 from latentflow.toy.distributions import get_distribution
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from latentflow.config import Config, load_config, save_config, validate_config
 from latentflow.errors import LatentflowError
 from latentflow.models import make_model
+from latentflow.train.config import Config, load_config, save_config, validate_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -59,7 +59,8 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, {"data": {"cache": "c"}}),
                          ["train.max_steps=7", "optim.lr=3e-4", "model.settings.depth=2", "log.trackers=[]",
                           "objective.sigma=null"])
-    assert (config.train.max_steps, config.optim.lr, config.model.settings, config.log.trackers) == (7, 3e-4, {"depth": 2}, [])
+    assert (config.train.max_steps, config.optim.lr, config.model.settings, config.log.trackers) == (7, 3e-4,
+                                                                                                     {"depth": 2}, [])
     assert config.objective.sigma is None
     with pytest.raises(LatentflowError, match="unknown key"):
         load_config(None, ["train.max_step=7"])

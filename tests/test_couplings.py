@@ -2,8 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from latentflow.couplings import ExactOTCoupling, IndependentCoupling, SinkhornOTCoupling, make_coupling, squared_cost
 from latentflow.errors import LatentflowError
+from latentflow.flow.couplings import (
+    ExactOTCoupling,
+    IndependentCoupling,
+    SinkhornOTCoupling,
+    make_coupling,
+    squared_cost,
+)
 
 
 def planted_permutation(batch: int, seed: int = 0):

@@ -9,8 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from latentflow.data.preprocess import (PreprocessConfig, check_resolution, preprocess_bytes, resize_center_crop,
-                                        to_model_input, to_rgb)
+from latentflow.data.preprocess import (
+    PreprocessConfig,
+    check_resolution,
+    preprocess_bytes,
+    resize_center_crop,
+    to_model_input,
+    to_rgb,
+)
 from latentflow.errors import LatentflowError
 
 
@@ -80,7 +86,7 @@ def test_jpeg_draft_keeps_size_and_content():
 
 
 def test_unreadable_bytes_raise_for_the_caller_to_skip():
-    with pytest.raises(Exception):
+    with pytest.raises((OSError, ValueError)):
         preprocess_bytes(b"not an image", PreprocessConfig(resolution=8))
 
 

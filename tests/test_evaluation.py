@@ -10,23 +10,23 @@ import scipy.linalg
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.evaluation import (
-    Dinov2Features,
+from latentflow.eval.features import Dinov2Features, InceptionFeatures, legacy_bilinear_resize
+from latentflow.eval.references import (
     FeatureAccumulator,
-    InceptionFeatures,
+    folder_statistics,
+    load_statistics,
+    save_statistics,
+    statistics_resolution,
+)
+from latentflow.eval.statistics import (
     compare_statistics,
     feature_statistics,
-    folder_statistics,
     frechet_distance,
     frechet_distance_from_stats,
     kernel_inception_distance,
-    legacy_bilinear_resize,
-    load_statistics,
-    parse_sweep,
-    save_statistics,
-    statistics_resolution,
     unbiased_mmd2,
 )
+from latentflow.eval.sweep import parse_sweep
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 FLOWERS_VAL = SHARED / "data" / "tf_flowers" / "images_128" / "val"
@@ -125,7 +125,7 @@ def inception() -> InceptionFeatures:
 def flower_images() -> torch.Tensor:
     if not FLOWERS_VAL.is_dir():
         pytest.skip(f"flower photos not found at {FLOWERS_VAL}")
-    from latentflow.evaluation import iterate_image_batches, list_images
+    from latentflow.eval.references import iterate_image_batches, list_images
 
     files = list_images(FLOWERS_VAL)[::40][:16]
     return torch.cat(list(iterate_image_batches(files, batch_size=16)))
@@ -172,7 +172,7 @@ def test_folder_images_are_brought_to_a_resolution_like_the_cache(tmp_path):
     from PIL import Image
 
     from latentflow.data.preprocess import resize_center_crop
-    from latentflow.evaluation import iterate_image_batches, list_images
+    from latentflow.eval.references import iterate_image_batches, list_images
 
     rng = np.random.default_rng(7)
     (tmp_path / "a").mkdir()

@@ -16,8 +16,8 @@ from PIL import Image
 from latentflow import cli
 from latentflow.errors import LatentflowError
 from latentflow.export import export_run, load_pipeline
+from latentflow.flow.solvers import integrate
 from latentflow.models import load_model
-from latentflow.solvers import integrate
 
 REPO = Path(__file__).parents[1]
 SHARED = REPO.parent / "shared"
@@ -48,9 +48,9 @@ def run_dir(photos: Path, tmp_path_factory) -> Path:
     with per-channel latent normalisation (so export must carry the channel statistics)."""
     from accelerate.state import AcceleratorState
 
-    from latentflow.config import load_config
     from latentflow.data.encoder import EncodeConfig, encode_dataset
-    from latentflow.training import train
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import train
 
     cache = tmp_path_factory.mktemp("cache") / "cache"
     encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(photos), out=cache, resolution=64, batch_size=10,
@@ -118,6 +118,7 @@ def test_export_refuses_a_vae_other_than_the_cache_one(run_dir: Path, tmp_path: 
     shutil.copytree(run_dir, altered)
     manifest = json.loads((altered / "cache_manifest.json").read_text())
     manifest["vae"]["files"] = {name: "0" * 64 for name in manifest["vae"]["files"]}
+    manifest["vae"]["weights_sha256"] = "0" * 64  # the same rule judges weights by their hash first
     (altered / "cache_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LatentflowError, match="not the one the cache was encoded with"):
         export_run(altered, tmp_path / "pipe")
@@ -166,3 +167,16 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "ddim:10"]) == 2  # a velocity model
+
+
+def test_exported_files_get_the_umask_permissions_and_load_without_warnings(pipe_dir: Path, capfd) -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = sorted(pipe_dir.rglob("*.safetensors"))
+    assert weights and all((path.stat().st_mode & 0o777) == (0o666 & ~umask) for path in weights)
+    diffusers_logging.set_verbosity_warning()
+    capfd.readouterr()
+    load_pipeline(pipe_dir)
+    assert "will be ignored" not in capfd.readouterr().err

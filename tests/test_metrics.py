@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.metrics import path_straightness, sliced_wasserstein2, wasserstein2
-from latentflow.solvers import integrate
+from latentflow.flow.metrics import path_straightness, sliced_wasserstein2, wasserstein2
+from latentflow.flow.solvers import integrate
 
 
 def test_w2_of_a_translated_cloud_is_the_translation_length():

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.objectives import DDPMObjective, DDPMSchedule, OBJECTIVES, make_objective
+from latentflow.flow.objectives import OBJECTIVES, DDPMObjective, make_objective
+from latentflow.flow.schedules import DDPMSchedule
 
 
 def test_ddpm_schedule_matches_the_lecture_formula():
@@ -31,7 +32,8 @@ def test_ddpm_objective_builds_x_t_from_the_schedule():
     steps = DDPMSchedule().time_to_timestep(batch.t)
     assert int(steps.min()) >= 1 and int(steps.max()) <= 1000
     alpha_bar = DDPMSchedule().alphas_cumprod()[steps].unsqueeze(1)
-    torch.testing.assert_close(batch.x_t, alpha_bar.sqrt() * x1 + (1 - alpha_bar).sqrt() * batch.x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.x_t, alpha_bar.sqrt() * x1 + (1 - alpha_bar).sqrt() * batch.x0, rtol=1e-5,
+                               atol=1e-5)
     assert torch.equal(batch.target, batch.x0)
     assert objective.prediction == "noise"
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.paths import CFMPath, RectifiedFlowPath, expand_time
-from latentflow.time_samplers import LogitNormalTime, UniformTime, make_time_sampler
+from latentflow.flow.paths import CFMPath, RectifiedFlowPath, expand_time
+from latentflow.flow.time_samplers import LogitNormalTime, UniformTime, make_time_sampler
 
 
 @pytest.mark.parametrize("shape", [(8, 2), (4, 3, 5, 5)])

@@ -15,10 +15,11 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from latentflow.errors import LatentflowError
-from latentflow.export import LatentFlowScheduler, vae_fingerprint
+from latentflow.flow.solvers import ddim_sample, integrate
 from latentflow.models import DiT
-from latentflow.solvers import ddim_sample, integrate
-from pipelines.pipeline_latentflow import LatentFlowPipeline
+from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
+from latentflow.scheduler import LatentFlowScheduler
+from latentflow.vae import vae_fingerprint
 
 REPO = Path(__file__).parents[1]
 SHARED = REPO.parent / "shared"
@@ -306,7 +307,7 @@ def test_save_then_from_pretrained_gives_identical_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["transformer"] == ["latentflow.models.dit", "DiT"]
-    assert index["scheduler"] == ["latentflow.export", "LatentFlowScheduler"]
+    assert index["scheduler"] == ["latentflow.scheduler", "LatentFlowScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     loaded = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
@@ -340,7 +341,7 @@ def test_diffusion_pipeline_with_custom_pipeline_loads_offline_in_a_fresh_interp
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-6:] == ["LatentFlowPipeline", "latentflow.export", "4"] * 2
+    assert result.stdout.split()[-6:] == ["LatentFlowPipeline", "latentflow.scheduler", "4"] * 2
     for index in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"images{index}.npy"), expected)
 

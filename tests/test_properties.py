@@ -7,12 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
 from scipy.optimize import linear_sum_assignment
 
-from latentflow.assignment import solve_assignment
-from latentflow.couplings import ExactOTCoupling, SinkhornOTCoupling, squared_cost
 from latentflow.data.preprocess import PreprocessConfig, preprocess_bytes
+from latentflow.flow.assignment import solve_assignment
+from latentflow.flow.couplings import ExactOTCoupling, SinkhornOTCoupling, squared_cost
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.objectives import DDPMSchedule
-from latentflow.solvers import ADAPTIVE_METHODS, ddim_sample, ddim_timesteps, integrate
+from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.solvers import ADAPTIVE_METHODS, ddim_sample, ddim_timesteps, integrate
 
 
 class CountedCubic:

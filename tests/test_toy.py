@@ -11,9 +11,9 @@ import torch
 
 from latentflow.cli import main
 from latentflow.errors import LatentflowError
+from latentflow.flow.objectives import make_objective
 from latentflow.toy.distributions import DISTRIBUTIONS, get_distribution
 from latentflow.toy.lab import BATCHES_PER_HANDOFF, LabSettings, PreparedBatches, batch_stream, batch_workers
-from latentflow.objectives import make_objective
 
 
 def test_eight_gaussians_match_torchcfm_definition():
@@ -114,7 +114,8 @@ def test_bad_npy_files_are_named(tmp_path):
     np.save(wrong_shape, np.zeros((10, 3)))
     with_nan = tmp_path / "nan.npy"
     np.save(with_nan, np.array([[0.0, np.nan], [1.0, 2.0]]))
-    assert "expected an array of shape (N, 2)" in run_cli("--target", str(wrong_shape), "--out", str(tmp_path / "o")).stderr
+    assert "expected an array of shape (N, 2)" in run_cli("--target", str(wrong_shape), "--out",
+                                                          str(tmp_path / "o")).stderr
     assert "finite" in run_cli("--source", str(with_nan), "--out", str(tmp_path / "o")).stderr
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from latentflow import cli
-from latentflow.checkpoint import find_checkpoint, list_checkpoints
-from latentflow.config import load_config
 from latentflow.errors import LatentflowError
 from latentflow.models import load_model
-from latentflow.train_utils import CsvLog
+from latentflow.train.checkpoint import find_checkpoint, list_checkpoints
+from latentflow.train.config import load_config
+from latentflow.train.logs import CsvLog
 
 REPO = Path(__file__).parents[1]
 SHARED = REPO.parent / "shared"
@@ -117,7 +117,7 @@ def test_plot_log_draws_png(finished_run: Path) -> None:
 
 
 def test_resume_gives_the_same_losses_as_continuing(finished_run: Path, cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     config = load_config(FLOWERS_CONFIG, full_run_overrides(cache, tmp_path / "resumed") + ["train.max_steps=3"])
     Trainer(config).fit()
@@ -143,7 +143,7 @@ def test_truncated_checkpoint_is_named_and_latest_falls_back(finished_run: Path,
 
 
 def test_loss_falls_on_a_fixed_batch(cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(cache, tmp_path, "objective.name=rf", "optim.grad_clip=0", "optim.lr=1e-2"))
     batch = next(trainer.batches())  # same x_t, t and target every step
@@ -152,7 +152,7 @@ def test_loss_falls_on_a_fixed_batch(cache: Path, tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_path_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(cache, tmp_path, "train.mixed_precision=bf16"))
     assert trainer.accelerator.mixed_precision == "bf16"
@@ -166,7 +166,7 @@ def test_bf16_autocast_path_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_job(cache: Path, tmp_path: Path, capsys) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(cache, tmp_path, "train.max_nonfinite_steps=3"))
     batches = trainer.batches()
@@ -188,11 +188,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_job(cache: Path, tmp_path: P
 
 
 def test_cache_with_other_latent_shape_is_refused_before_work(cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     out = tmp_path / "never"
-    config = tiny_config(cache, out, "model.settings={hidden_size: 32, depth: 2, num_heads: 2, in_channels: 4, sample_size: 32}")
-    with pytest.raises(LatentflowError, match=r"holds latents of shape \(32, 8, 8\) but the model .* takes \(4, 32, 32\)"):
+    config = tiny_config(cache, out,
+                         "model.settings={hidden_size: 32, depth: 2, num_heads: 2, in_channels: 4, sample_size: 32}")
+    with pytest.raises(LatentflowError,
+                       match=r"holds latents of shape \(32, 8, 8\) but the model .* takes \(4, 32, 32\)"):
         Trainer(config)
     assert not out.exists()
 
@@ -200,9 +202,9 @@ def test_cache_with_other_latent_shape_is_refused_before_work(cache: Path, tmp_p
 DISTRIBUTED_SCRIPT = textwrap.dedent('''
     import json, sys, zlib
     import torch
-    from latentflow.config import load_config
-    from latentflow.training import Trainer
-    from latentflow.train_utils import global_ot_pairing, seed_for
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import Trainer
+    from latentflow.train.pairing import global_ot_pairing, seed_for
 
     cache, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
     config = load_config(None, sys.argv[4:] + [f"data.cache={cache}", f"output_dir={out}"])
@@ -227,7 +229,8 @@ DISTRIBUTED_SCRIPT = textwrap.dedent('''
     flat = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
     torch.save(flat, f"{report}.params{rank}.pt")
     with open(f"{report}.rank{rank}.json", "w") as stream:
-        json.dump({"seen": seen, "pairs": pairs, "world": accelerator.num_processes, "step": trainer.state.step}, stream)
+        json.dump({"seen": seen, "pairs": pairs, "world": accelerator.num_processes, "step": trainer.state.step},
+                  stream)
 ''')
 
 
@@ -263,7 +266,7 @@ def test_two_process_launch_keeps_ranks_in_sync_with_global_ot(cache: Path, tmp_
 
 
 def test_unet_with_ddpm_trains_and_samples_through_ddim(cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     unet = ("model.settings={block_out_channels: [32, 32], attention_levels: [false, true], layers_per_block: 1, "
             "attention_head_dim: 8, norm_num_groups: 8}")
@@ -277,7 +280,7 @@ def test_unet_with_ddpm_trains_and_samples_through_ddim(cache: Path, tmp_path: P
 
 
 def test_guided_samples_differ_from_unguided(cache: Path, tmp_path: Path) -> None:
-    from latentflow.training import Trainer
+    from latentflow.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(cache, tmp_path, "sample.steps=2", "sample.num_images=3"))
     batches = trainer.batches()

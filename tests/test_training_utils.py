@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
-from latentflow.checkpoint import find_checkpoint, publish, temporary_dir, verify_checkpoint
-from latentflow.config import OptimConfig
-from latentflow.couplings import make_coupling
 from latentflow.errors import LatentflowError
-from latentflow.objectives import TrainingBatch, make_objective
-from latentflow.train_utils import (
-    EMA, CsvLog, PairingTransform, cpu_fused_optimizer, drop_labels, global_ot_pairing, image_grid, learning_rate,
-)
+from latentflow.flow.couplings import make_coupling
+from latentflow.flow.objectives import TrainingBatch, make_objective
+from latentflow.io import image_grid
+from latentflow.train.checkpoint import find_checkpoint, publish, temporary_dir, verify_checkpoint
+from latentflow.train.config import OptimConfig
+from latentflow.train.ema import EMA
+from latentflow.train.logs import CsvLog
+from latentflow.train.optim import cpu_fused_optimizer, learning_rate
+from latentflow.train.pairing import PairingTransform, drop_labels, global_ot_pairing
 
 
 def test_ema_follows_the_closed_form() -> None:
@@ -105,15 +107,15 @@ def test_checkpoints_publish_atomically_and_keep_the_newest(tmp_path) -> None:
 
 
 def test_image_grid_layout() -> None:
-    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 1.0, 0.0)])
-    grid = image_grid(images)
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 1.0, 0.5)])  # one value range: [0, 1]
+    grid = image_grid(images, padding=0)
     assert grid.size == (4, 4)
     assert grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((2, 0)) == (255, 255, 255)
     assert grid.getpixel((0, 2)) == (128, 128, 128) and grid.getpixel((2, 2)) == (0, 0, 0)
 
 
 def test_fused_cpu_adamw_takes_the_same_steps_as_the_default() -> None:
-    from latentflow.training import make_adamw
+    from latentflow.train.optim import make_adamw
 
     optim = OptimConfig(lr=1e-2, weight_decay=0.1, betas=[0.8, 0.95], eps=1e-6)
     torch.manual_seed(0)

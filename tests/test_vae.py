@@ -79,7 +79,8 @@ def test_taef2_save_pretrained_round_trip_keeps_pool_branch(taef2, tmp_path):
     torch.testing.assert_close(reloaded.encode(images).mean, taef2.encode(images).mean)
     with torch.no_grad():
         torch.testing.assert_close(direct.encoder(images), taef2.encode(images).mean)
-    assert reloaded.identity["format"] == "diffusers" and "diffusion_pytorch_model.safetensors" in reloaded.identity["files"]
+    assert reloaded.identity["format"] == "diffusers"
+    assert "diffusion_pytorch_model.safetensors" in reloaded.identity["files"]
 
 
 def _release_files(model: AutoencoderTiny, folder: Path, family: str) -> None:
@@ -139,3 +140,21 @@ def test_dtype_option_and_bad_inputs(tmp_path):
     torch.save({}, tmp_path / "half" / "taesd_encoder.pth")
     with pytest.raises(LatentflowError, match="taesd_decoder.pth"):
         load_vae(tmp_path / "half")
+
+
+def test_one_identity_rule_for_manifests_exports_and_pipelines() -> None:
+    from latentflow.vae import identity_differences
+
+    base = {"class": "AutoencoderTiny", "latent_channels": 32, "scaling_factor": 1.0, "shift_factor": 0.0}
+    hashed = {**base, "weights_sha256": "a" * 64, "files": {"x.pth": "1" * 64}, "source": "/here"}
+    # the weights hash decides when both sides have one: other files or sources with the same weights are the same VAE
+    assert identity_differences(hashed, {**hashed, "files": {"y.safetensors": "2" * 64}, "source": "/there"}) == {}
+    assert set(identity_differences(hashed, {**hashed, "weights_sha256": "b" * 64})) == {"weights_sha256"}
+    # else the weight files, else the source
+    assert set(identity_differences({**base, "files": {"x": "1"}}, {**base, "files": {"x": "2"}})) == {"files"}
+    assert set(identity_differences({**base, "source": "a"}, {**base, "source": "b"})) == {"source"}
+    # pipeline folders of 0.1.0 stored the class as class_name; None factors are the diffusers defaults
+    legacy = {"class_name": "AutoencoderTiny", "latent_channels": 32, "scaling_factor": None, "shift_factor": None}
+    assert identity_differences(legacy, base) == {}
+    assert set(identity_differences(base, {**base, "scaling_factor": 0.5, "class": "AutoencoderKL"})) == {
+        "scaling_factor", "class"}

@@ -12,15 +12,18 @@ def register(subparsers) -> None:
     defaults = DemoSettings()
     parser = subparsers.add_parser("demo", help="encode, train (OT-CFM), export, sample and evaluate, end to end",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=defaults.data, help="image folder (with train/ and val/ if any), shards or hf:NAME")
-    parser.add_argument("--vae", default=defaults.vae, help="diffusers VAE (hub id or folder) or a TAESD-family .pth folder")
+    parser.add_argument("--data", default=defaults.data,
+                        help="image folder (with train/ and val/ if any), shards or hf:NAME")
+    parser.add_argument("--vae", default=defaults.vae,
+                        help="diffusers VAE (hub id or folder) or a TAESD-family .pth folder")
     parser.add_argument("--out", type=Path, default=defaults.out)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training config override (repeatable)")
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--train-steps", type=int, default=None, help="default: the config's train.max_steps")
-    parser.add_argument("--eval-images", type=int, default=defaults.eval_images, help="generated images per FID setting")
+    parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
+                        help="generated images per FID setting")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
     parser.add_argument("--grid-images", type=int, default=defaults.grid_images)
     parser.add_argument("--seed", type=int, default=defaults.seed)

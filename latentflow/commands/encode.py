@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="cache folder")
     parser.add_argument("--resolution", type=int, default=64, help="square side, a multiple of the VAE factor")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: 1 on CPU, min(8, cpus-1) on GPU)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="image decoding workers (default: 1 on CPU, min(8, cpus-1) on GPU)")
     parser.add_argument("--flip", action="store_true", help="also encode the horizontally flipped image")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="VAE compute dtype")

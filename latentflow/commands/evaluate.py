@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -28,56 +27,24 @@ def register(subparsers) -> None:
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--floors", type=Path, default=None,
+                        help="training image folder: report real-vs-real and the VAE floor at the same --n beside "
+                             "every FID (computed once, cached beside the reference)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from latentflow.errors import LatentflowError
-    from latentflow.evaluation import (
-        evaluate_setting, make_extractors, parse_sweep, reference_statistics, write_sweep_results,
-    )
+    from latentflow.card import write_model_card
+    from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
 
-    if args.n < 2:
-        raise LatentflowError(f"--n must be at least 2, got {args.n}")
-    settings = parse_sweep(args.sweep)
+    settings = EvaluationSettings(
+        reference=args.ref, n=args.n, sweep=list(args.sweep), batch_size=args.batch_size, seed=args.seed,
+        guidance_scale=args.guidance_scale, device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors)
+    settings.check()
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
-    for setting in settings:  # refuse e.g. euler for a ddpm model before any work
-        pipe.check_solver(setting.solver)
-    extractors = make_extractors(args.device, args.dinov2)
-    image_size = pipe.image_size()[0]
-    resolution = (args.ref_resolution or image_size) if args.ref.is_dir() else None
-    if resolution is None:
-        _check_reference_resolution(args.ref, image_size)
-    reference = reference_statistics(args.ref, extractors, args.batch_size, lambda it: tqdm(it, desc="reference"),
-                                     resolution)
-    results = []
-    for setting in tqdm(settings, desc="settings"):
-        result = evaluate_setting(pipe, setting, reference, extractors, args.n, args.batch_size, args.seed,
-                                  args.guidance_scale, args.kid_subsets, args.kid_subset_size)
-        results.append(result)
-        tqdm.write(_format_row(result.row()))
-    info = {"pipeline": str(args.pipe_dir), "reference": str(args.ref), "n": args.n, "seed": args.seed,
-            "image_size": image_size, "reference_resolution": resolution,
-            "guidance_scale": args.guidance_scale, "sweep": list(args.sweep)}
-    paths = write_sweep_results(results, args.out or args.pipe_dir / "evaluation", info)
-    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
+    card = write_model_card(args.pipe_dir, evaluation_file=paths["json"])
+    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}; updated {card}")
     return 0
-
-
-def _check_reference_resolution(reference: Path, image_size: int) -> None:
-    from latentflow.evaluation import statistics_resolution
-
-    stored = statistics_resolution(reference)
-    if stored != image_size:
-        print(f"warning: {reference} was computed at resolution {stored or 'as stored'}, the samples are "
-              f"{image_size} px; FID compares like with like only at equal resolution (fid-stats --resolution)",
-              file=sys.stderr)
-
-
-def _format_row(row: dict) -> str:
-    kid = "" if row["kid"] is None else f"  KID {row['kid']:.4f} +- {row['kid_std']:.4f}"
-    dino = "" if row["fd_dinov2"] is None else f"  FD-DINOv2 {row['fd_dinov2']:.2f}"
-    return f"{row['setting']:>16}  NFE {row['nfe']:7.1f}  FID {row['fid']:8.2f}{kid}{dino}"

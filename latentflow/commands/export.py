@@ -13,12 +13,19 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument("--vae", default=None,
                         help="load the VAE from here instead of the manifest's source (must be the same weights)")
+    parser.add_argument("--grid-images", type=int, default=16,
+                        help="images in the sample grid the model card shows (0: none)")
+    parser.add_argument("--license", default="other", help="licence named in the model card's header")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                        help="upload the finished folder to this Hugging Face Hub model repo (huggingface_hub)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentflow.export import export_run
+    from latentflow.export import export_run, push_to_hub
 
-    out = export_run(args.run_dir, args.out, vae=args.vae)
+    out = export_run(args.run_dir, args.out, vae=args.vae, grid_images=args.grid_images, license_name=args.license)
     print(f"wrote pipeline {out} (load with LatentFlowPipeline.from_pretrained({str(out)!r}))")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
     return 0

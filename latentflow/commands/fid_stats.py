@@ -25,7 +25,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from latentflow.evaluation import folder_statistics, make_extractors, save_statistics
+    from latentflow.eval.features import make_extractors
+    from latentflow.eval.references import folder_statistics, save_statistics
 
     extractors = make_extractors(args.device, args.dinov2)
     stats = folder_statistics(args.images_dir, extractors, args.batch_size, lambda it: tqdm(it, desc="features"),

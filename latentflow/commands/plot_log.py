@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentflow.train_plots import plot_log
+    from latentflow.train.logs import plot_log
 
     print(plot_log(args.run_dir, args.out))
     return 0

@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from latentflow.errors import LatentflowError
-    from latentflow.evaluation import SamplerSetting, generate_batches, image_grid, save_image_atomic
+    from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
+    from latentflow.io import image_grid, save_image
 
     if args.grid is None and args.outdir is None:
         raise LatentflowError("nothing to write: give --grid FILE.png and/or --outdir DIR")
@@ -46,13 +47,13 @@ def run(args: argparse.Namespace) -> int:
         for batch in batches:
             if args.outdir is not None:
                 for offset, image in enumerate(batch.images):
-                    save_image_atomic(image_grid(image[None], columns=1, padding=0),
+                    save_image(image_grid(image[None], columns=1, padding=0),
                                       args.outdir / f"{len(images) + offset:06d}.png")
             images.extend(batch.images)
             nfes.append(batch.nfe)
             bar.update(len(batch.images))
     if args.grid is not None:
-        save_image_atomic(image_grid(torch.stack(images)), args.grid)
+        save_image(image_grid(torch.stack(images)), args.grid)
     written = " and ".join(str(path) for path in (args.grid, args.outdir) if path is not None)
     nfe = nfes[0] if len(set(nfes)) == 1 else nfes
     print(f"{args.n} images, {setting.label}, NFE per batch {nfe}: wrote {written}")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from latentflow.errors import LatentflowError
-from latentflow.objectives import OBJECTIVES
+from latentflow.flow.objectives import OBJECTIVES
 from latentflow.toy.lab import LabSettings
 
 
@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--sigma", type=float, default=None, help="path sigma (default: 0 for rf, 0.01 otherwise)")
-    parser.add_argument("--reg", type=float, default=defaults.reg, help="Sinkhorn regularisation (relative to max cost)")
+    parser.add_argument("--reg", type=float, default=defaults.reg,
+                        help="Sinkhorn regularisation (relative to max cost)")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader processes that prepare batches (default: one per core, up to 4, for OT "
                              "objectives; 1 for the others; 0 on a single core)")

@@ -26,8 +26,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentflow.config import load_config
-    from latentflow.training import train
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import train
 
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     print(f"trained to step {result.step}")

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from latentflow.data.manifest import build_manifest, check_compatible, write_settings, write_skipped
 from latentflow.data.preprocess import PreprocessConfig, check_resolution, preprocess_bytes, to_model_input
 from latentflow.data.sources import Record, Source, open_source
-from latentflow.data.writer import (INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries,
-                                    write_json_atomic)
+from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
 from latentflow.errors import LatentflowError
+from latentflow.io import write_json_atomic
 from latentflow.vae import FrozenVAE, load_vae
 
 
@@ -216,7 +216,7 @@ def _finish(out: Path, settings: dict[str, Any], command: str) -> dict[str, Any]
     indexes = read_indexes(out)
     manifest = build_manifest(settings, indexes, settings.get("label_names"), command)
     write_skipped(out, indexes)
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / "manifest.json", manifest, indent=1)
     return manifest
 
 

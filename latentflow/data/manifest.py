@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from latentflow.data.writer import INDEX_DIR, ShardIndex, write_json_atomic
+from latentflow.data.writer import INDEX_DIR, ShardIndex
 from latentflow.errors import LatentflowError
+from latentflow.io import write_json_atomic
+from latentflow.vae import identity_differences
 
 FORMAT = "latentflow-latent-cache"
 FORMAT_VERSION = 1
@@ -21,14 +23,15 @@ SETTINGS_FILE = "settings.json"
 COMPATIBILITY_FIELDS = ("vae", "resolution", "flip", "preprocessing", "storage_dtype", "compute_dtype", "source")
 
 
-def _vae_fingerprint(vae: dict[str, Any]) -> dict[str, Any]:
-    keys = ("class", "files", "scaling_factor", "shift_factor", "latent_channels") if vae.get("files") else \
-        ("class", "source", "scaling_factor", "shift_factor", "latent_channels")
-    return {key: vae.get(key) for key in keys}
-
-
-def _comparable(settings: dict[str, Any], field: str) -> Any:
-    return _vae_fingerprint(settings["vae"]) if field == "vae" else settings.get(field)
+def _differences(existing: dict[str, Any], settings: dict[str, Any], field: str) -> tuple[Any, Any] | None:
+    """(what the cache has, what this run has) when `field` differs, else None."""
+    if field == "vae":
+        differing = identity_differences(existing["vae"], settings["vae"])
+        if not differing:
+            return None
+        return ({key: want for key, (want, _) in differing.items()}, {key: have for key, (_,
+                                                                                          have) in differing.items()})
+    return None if existing.get(field) == settings.get(field) else (existing.get(field), settings.get(field))
 
 
 def check_compatible(out: Path, settings: dict[str, Any]) -> bool:
@@ -45,10 +48,11 @@ def check_compatible(out: Path, settings: dict[str, Any]) -> bool:
         return False
     existing = json.loads(path.read_text())
     for field in COMPATIBILITY_FIELDS:
-        if _comparable(existing, field) != _comparable(settings, field):
+        differing = _differences(existing, settings, field)
+        if differing:
             raise LatentflowError(
-                f"{out} was encoded with {field}={json.dumps(_comparable(existing, field))}, this run has "
-                f"{field}={json.dumps(_comparable(settings, field))}; use another --out, or --overwrite to replace it")
+                f"{out} was encoded with {field}={json.dumps(differing[0])}, this run has "
+                f"{field}={json.dumps(differing[1])}; use another --out, or --overwrite to replace it")
     return True
 
 

@@ -98,7 +98,8 @@ def preprocess_bytes(data: bytes, config: PreprocessConfig) -> Preprocessed:
     with Image.open(io.BytesIO(data)) as image:
         original_size = image.size
         if min(original_size) < config.min_size:
-            raise ValueError(f"image {original_size[0]}x{original_size[1]} is smaller than --min-size {config.min_size}")
+            raise ValueError(f"image {original_size[0]}x{original_size[1]} is smaller than --min-size "
+                             f"{config.min_size}")
         if config.jpeg_draft and image.format == "JPEG" and image.mode in ("RGB", "L"):
             image.draft(image.mode, (config.resolution, config.resolution))
         image.load()

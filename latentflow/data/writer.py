@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentflow import atomic
 from latentflow.errors import LatentflowError
+from latentflow.io import write_json_atomic
 
 INDEX_DIR = "index"
 _SHARD_RE = re.compile(r"shard-(\d{6})(?:-r(\d+))?\.tar")
@@ -34,11 +34,6 @@ _SHARD_RE = re.compile(r"shard-(\d{6})(?:-r(\d+))?\.tar")
 def shard_name(index: int, rank: int, world_size: int) -> str:
     """``shard-000000.tar`` for one process, ``shard-000000-r1.tar`` per rank under several."""
     return f"shard-{index:06d}.tar" if world_size == 1 else f"shard-{index:06d}-r{rank}.tar"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
-    atomic.write_json_atomic(path, payload, indent=1)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -201,7 +196,7 @@ class ShardWriter:
             channel_sumsq=zeros if self._sumsq is None else self._sumsq.tolist(),
             channel_var_sum=zeros if self._var is None else self._var.tolist(),
             positions=self._positions, max_label=self._max_label)
-        write_json_atomic(self.out / INDEX_DIR / f"{self._name}.json", index.__dict__)
+        write_json_atomic(self.out / INDEX_DIR / f"{self._name}.json", index.__dict__, indent=1)
         os.replace(self._temporary, self.out / self._name)
         self.number += 1
         self._reset()

@@ -92,7 +92,8 @@ class PointCloud:
 def load_point_file(path: Path) -> PointCloud:
     """Load and validate a `.npy` file of shape (N, 2) with finite values."""
     if not path.is_file():
-        raise LatentflowError(f"{path}: no such file; give a built-in name ({', '.join(DISTRIBUTIONS)}) or an existing .npy")
+        raise LatentflowError(f"{path}: no such file; give a built-in name ({', '.join(DISTRIBUTIONS)}) or an "
+                              f"existing .npy")
     try:
         points = np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -110,4 +111,5 @@ def get_distribution(spec: str) -> Sampler:
         return DISTRIBUTIONS[spec]
     if spec.endswith(".npy"):
         return load_point_file(Path(spec))
-    raise LatentflowError(f"unknown distribution {spec!r}; choose one of {list(DISTRIBUTIONS)} or a .npy file of shape (N, 2)")
+    raise LatentflowError(f"unknown distribution {spec!r}; choose one of {list(DISTRIBUTIONS)} or a .npy file "
+                          f"of shape (N, 2)")

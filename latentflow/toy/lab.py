@@ -19,14 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from latentflow.atomic import write_json_atomic
 from latentflow.errors import LatentflowError
-from latentflow.metrics import path_straightness, wasserstein2
-from latentflow.couplings import IndependentCoupling
-from latentflow.objectives import OBJECTIVES, FlowMatchingObjective, Objective, TrainingBatch, make_objective
-from latentflow.solvers import SolverOutput, ddim_sample, integrate
-from latentflow.train_utils import cpu_fused_optimizer
+from latentflow.flow.couplings import IndependentCoupling
+from latentflow.flow.metrics import path_straightness, wasserstein2
+from latentflow.flow.objectives import OBJECTIVES, FlowMatchingObjective, Objective, TrainingBatch, make_objective
+from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate
+from latentflow.io import write_json_atomic
 from latentflow.toy.distributions import Sampler, get_distribution
+from latentflow.train.optim import cpu_fused_optimizer
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _unchanged(batch):
 
 def _to_numpy(batch: TrainingBatch) -> dict:
     """The batch with numpy arrays for tensors, pickled by value between processes: torch tensors
-    would each go through their own shared-memory file (about 4 ms a batch here)."""
+    would each go through their own shared-memory file, a cost per batch comparable to the step itself."""
     return {item.name: _tensor_to_numpy(getattr(batch, item.name)) for item in fields(batch)}
 
 
@@ -149,8 +149,8 @@ class _Runs(torch.utils.data.Dataset):
         return [self.dataset[i] for i in range(run * self.size, min((run + 1) * self.size, len(self.dataset)))]
 
 
-# Batches a worker hands over at once. One hand-off per batch cost about 10% of an OT-CFM step on 2 cores
-# (3.0 to 3.2 ms a step against 2.7 to 2.8 with runs of 16, 32 or 64 batches).
+# Batches a worker hands over at once: one hand-off per batch cost a tenth of an OT-CFM step on 2 cores, and runs
+# of 16, 32 or 64 cost the same (README, "Against torchcfm").
 BATCHES_PER_HANDOFF = 16
 
 
@@ -163,11 +163,13 @@ def batch_workers(settings: LabSettings, objective: Objective) -> int:
     if settings.workers is not None:
         return settings.workers
     cpus = os.cpu_count() or 1
-    pairs_by_ot = isinstance(objective, FlowMatchingObjective) and not isinstance(objective.coupling, IndependentCoupling)
+    pairs_by_ot = isinstance(objective, FlowMatchingObjective) and not isinstance(objective.coupling,
+                                                                                  IndependentCoupling)
     return min(4, cpus) if pairs_by_ot else min(1, cpus - 1)
 
 
-def batch_stream(settings: LabSettings, objective: Objective, source: Sampler, target: Sampler) -> Iterable[TrainingBatch]:
+def batch_stream(settings: LabSettings, objective: Objective, source: Sampler,
+                 target: Sampler) -> Iterable[TrainingBatch]:
     """Prepared batches in order, the very same batches inline or in loader worker processes.
 
     Workers send runs of BATCHES_PER_HANDOFF batches back as numpy arrays (pickled by value) and
@@ -188,7 +190,8 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def train_field(settings: LabSettings, objective: Objective, model: nn.Module, source: Sampler, target: Sampler) -> tuple[float, float]:
+def train_field(settings: LabSettings, objective: Objective, model: nn.Module, source: Sampler,
+                target: Sampler) -> tuple[float, float]:
     """Train `model` in place; returns (seconds, mean loss over the last 100 steps)."""
     optimizer = cpu_fused_optimizer(torch.optim.Adam, model.parameters(), lr=settings.learning_rate)
     threads = torch.get_num_threads()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from latentflow.io import write_bytes_atomic
 
 
 @dataclass
@@ -46,7 +48,7 @@ def save_panels(panels: list[Panel], path: Path) -> None:
         axis.set_visible(False)
     axes[0][0].legend(loc="lower left", fontsize=7, markerscale=3)
     figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    os.replace(temporary, path)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -23,7 +23,8 @@ def panels_for(settings: LabSettings, model, objective) -> list[Panel]:
         stochastic = sample_points(settings, objective, model, x0, steps, eta=settings.stochastic_eta, trajectory=True)
         return [
             Panel(f"ddpm, DDIM sigma=0 (deterministic), {steps} steps", deterministic.trajectory, target),
-            Panel(f"ddpm, DDIM eta={settings.stochastic_eta:g} (stochastic), {steps} steps", stochastic.trajectory, target),
+            Panel(f"ddpm, DDIM eta={settings.stochastic_eta:g} (stochastic), {steps} steps", stochastic.trajectory,
+                  target),
         ]
     out = sample_points(settings, objective, model, x0, steps, trajectory=True)
     return [Panel(f"{settings.objective}: {settings.source} -> {settings.target}, {settings.solver} {steps} steps",
@@ -61,5 +62,6 @@ def format_table(results: dict[str, LabResult]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {straight} | {result.training_seconds:.1f} |")
         if result.w2_stochastic:
             cells = [f"{result.w2_stochastic[k]:.3f}" for k in nfes]
-            lines.append(f"| {name} (stochastic, eta={result.settings['stochastic_eta']:g}) | " + " | ".join(cells) + " | - | - |")
+            label = f"{name} (stochastic, eta={result.settings['stochastic_eta']:g})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " | - | - |")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import ot
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.solvers import Field
+from latentflow.flow.solvers import Field
 
 
 def _as_points(samples: torch.Tensor | np.ndarray, name: str) -> np.ndarray:

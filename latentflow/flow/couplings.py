@@ -15,8 +15,8 @@ import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from latentflow.assignment import solve_assignment
 from latentflow.errors import LatentflowError
+from latentflow.flow.assignment import solve_assignment
 
 
 @dataclass
@@ -49,7 +49,8 @@ def squared_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def _check_batches(x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | None) -> None:
     if x0.shape[1:] != x1.shape[1:]:
-        raise LatentflowError(f"noise and data must have the same sample shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+        raise LatentflowError(f"noise and data must have the same sample shape, got {tuple(x0.shape)} and "
+                              f"{tuple(x1.shape)}")
     if x0.shape[0] != x1.shape[0]:
         raise LatentflowError(f"noise batch {x0.shape[0]} and data batch {x1.shape[0]} must be the same size")
     if labels is not None and labels.shape != (x1.shape[0],):
@@ -80,6 +81,10 @@ def _make_pairing(x0, x1, labels, x0_index: torch.Tensor, x1_index: torch.Tensor
         x1_index=x1_index,
         cost=_mean_squared_distance(x0_paired, x1_paired),
     )
+
+
+EXACT_SOLVERS = ("assignment", "lsa", "emd")
+"""Exact OT solvers of `ExactOTCoupling` (see its docstring)."""
 
 
 class Coupling(ABC):
@@ -163,12 +168,12 @@ class ExactOTCoupling(_BlockwiseCoupling):
     Args:
         class_aware: pair only within the same label.
         solver: 'assignment' (scipy's linear_sum_assignment warm-started by approximate
-            duals, see latentflow.assignment: the same optimum, the fastest exact solver
+            duals, see latentflow.flow.assignment: the same optimum, the fastest exact solver
             here), 'lsa' (scipy's linear_sum_assignment on the raw cost) or 'emd' (POT's
             network simplex; its plan is read as a permutation).
     """
 
-    SOLVERS = ("assignment", "lsa", "emd")
+    SOLVERS = EXACT_SOLVERS
 
     def __init__(self, class_aware: bool = False, solver: str = "assignment"):
         super().__init__(class_aware)

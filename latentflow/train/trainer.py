@@ -28,16 +28,17 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from latentflow import checkpoint as ckpt
-from latentflow.config import Config, OptimConfig, flat_config, save_config, validate_config, write_text_atomic
 from latentflow.errors import LatentflowError
+from latentflow.flow.objectives import Objective, TrainingBatch, make_objective
+from latentflow.io import write_folder_atomic, write_json_atomic, write_text_atomic
 from latentflow.models import make_model
-from latentflow.objectives import Objective, TrainingBatch, make_objective
-from latentflow.solvers import ddim_sample, integrate
-from latentflow.train_utils import (
-    EMA, CsvLog, PairingTransform, cpu_fused_optimizer, drop_labels, global_ot_pairing, image_grid, learning_rate,
-    save_png_atomic, seed_for,
-)
+from latentflow.train import checkpoint as ckpt
+from latentflow.train.config import Config, ObjectiveConfig, flat_config, save_config, validate_config
+from latentflow.train.ema import EMA
+from latentflow.train.logs import CsvLog
+from latentflow.train.optim import learning_rate, make_adamw
+from latentflow.train.pairing import PairingTransform, drop_labels, global_ot_pairing, seed_for
+from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
 
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -110,19 +111,18 @@ def check_model_matches_cache(model_config: dict[str, Any], cache_shape: tuple[i
         )
 
 
+def objective_from_config(objective: ObjectiveConfig) -> Objective:
+    """The objective the `objective:` section of a config describes."""
+    time_settings = {"mean": objective.time_mean,
+                     "std": objective.time_std} if objective.time_sampler == "logit_normal" else {}
+    return make_objective(objective.name, sigma=objective.sigma, reg=objective.reg, class_aware=objective.class_aware,
+                          time_sampler=objective.time_sampler, ot_solver=objective.ot_solver, **time_settings)
+
+
 def share_cpu_threads(accelerator: Accelerator) -> None:
     """On CPU, give each of N processes 1/N of the cores: oversubscribed OpenMP threads stall each other."""
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-
-
-def make_adamw(model: torch.nn.Module, optim: OptimConfig, fused_on_cpu: bool) -> torch.optim.AdamW:
-    """AdamW with `optim`'s settings; fused on CPU (see `cpu_fused_optimizer`). CUDA keeps torch's default
-    (foreach), which the GPU figures were measured with."""
-    settings = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    if fused_on_cpu:
-        return cpu_fused_optimizer(torch.optim.AdamW, model.parameters(), **settings)
-    return torch.optim.AdamW(model.parameters(), **settings)
 
 
 class Trainer:
@@ -147,10 +147,7 @@ class Trainer:
         self.cache = _open_cache(config.data.cache)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
-        self.objective: Objective = make_objective(
-            config.objective.name, sigma=config.objective.sigma, reg=config.objective.reg,
-            class_aware=config.objective.class_aware, time_sampler=config.objective.time_sampler,
-        )
+        self.objective: Objective = objective_from_config(config.objective)
         self.state = TrainState()
         self._build_model()
 
@@ -200,7 +197,8 @@ class Trainer:
             yield list(islice(iterator, accumulation))
 
     # ------------------------------------------------------------------ step
-    def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch, float | None]:
+    def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch,
+                                                                                                float | None]:
         """Move a micro-batch to the device; in global OT mode pair it across processes first.
 
         `position` (the micro-batch's index in the run) seeds the plan identically on every process.
@@ -303,58 +301,18 @@ class Trainer:
         return info
 
     # --------------------------------------------------------------- samples
-    def _load_vae_on_main(self):
-        """The VAE for sample grids on the main process (None elsewhere); every process fails together."""
-        from latentflow.vae import load_vae
-
-        vae, error = None, None
-        if self.accelerator.is_main_process:
-            try:
-                vae = load_vae(self.config.sample.vae or vae_source(self.cache.vae_identity),
-                               device=self.accelerator.device)
-            except (LatentflowError, OSError) as caught:
-                error = caught
-        failures = self.accelerator.reduce(torch.tensor([float(error is not None)], device=self.accelerator.device))
-        if error is not None:
-            raise LatentflowError(f"sample grids need the cache's VAE: {error} (set sample.vae, or sample.every=0)")
-        if float(failures) > 0:
-            raise LatentflowError("the main process could not load the VAE for sample grids (see its error)")
-        return vae
-
-    @torch.no_grad()
     def sample_latents(self) -> tuple[torch.Tensor, float | None]:
-        """Fixed-noise samples from the EMA model: (N, C, h, w) latents (un-normalised) and path straightness."""
-        from latentflow.metrics import path_straightness
-
-        sample, device = self.config.sample, self.accelerator.device
-        generator = torch.Generator().manual_seed(sample.seed)
-        noise = torch.randn((sample.num_images, *self.cache.latent_shape), generator=generator).to(device)
-        labels = (torch.arange(sample.num_images) % self.num_classes).to(device) if self.num_classes else None
-        model, scale = self.ema.model, sample.guidance_scale
-
-        def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if labels is None or scale == 1.0:
-                return model(x, t, labels).float()
-            null = torch.full_like(labels, self.num_classes)
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
-            conditional, unconditional = both.chunk(2)
-            return unconditional + scale * (conditional - unconditional)  # classifier-free guidance
-
-        if self.objective.prediction == "noise":
-            latents, straightness = ddim_sample(field, noise, steps=sample.steps).x, None
-        else:
-            out = integrate(field, noise, method=sample.solver, steps=sample.steps, return_trajectory=True)
-            latents, straightness = out.x, path_straightness(field, out.trajectory, out.times)
-        if self.config.data.normalize:
-            mean, std = self.cache.channel_mean.to(device), self.cache.channel_std.to(device)
-            latents = latents * std[:, None, None] + mean[:, None, None]
-        return latents, straightness
+        """Fixed-noise samples from the EMA model: (N, C, h, w) latents in the model's space and path straightness."""
+        return preview_latents(self.ema.model, self.config.sample, tuple(self.cache.latent_shape), self.num_classes,
+                               self.objective.prediction, self.accelerator.device)
 
     def write_samples(self, vae) -> float | None:
         """Decode the fixed-noise samples to OUT/samples/step-XXXXXX.png; returns path straightness."""
         latents, straightness = self.sample_latents()
-        images = vae.decode(latents)
-        save_png_atomic(image_grid(images), self.output_dir / "samples" / f"step-{self.state.step:06d}.png")
+        normalized = self.config.data.normalize
+        write_preview(vae, latents, self.cache.channel_mean if normalized else None,
+                      self.cache.channel_std if normalized else None,
+                      self.output_dir / "samples" / f"step-{self.state.step:06d}.png")
         return straightness
 
     # ------------------------------------------------------------------- fit
@@ -364,7 +322,7 @@ class Trainer:
         if resume:
             info = self.load_checkpoint(resume)
             accelerator.print(f"resumed from {info.path} at step {info.step}")
-        vae = self._load_vae_on_main() if config.sample.every else None
+        vae = load_preview_vae(accelerator, config.sample.vae, self.cache.vae_identity) if config.sample.every else None
         csv_log = None
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -416,29 +374,14 @@ class Trainer:
             self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
 
     def export(self) -> Path | None:
-        """Write the EMA model to OUT/model (diffusers format) and the cache manifest beside it."""
+        """Write the EMA model to OUT/model (diffusers format, replaced atomically) and the cache manifest beside it."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
-        target = self.output_dir / "model"
-        temporary = self.output_dir / ".model.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        self.ema.model.save_pretrained(temporary)
-        shutil.rmtree(target, ignore_errors=True)
-        temporary.rename(target)
-        write_text_atomic(self.output_dir / "cache_manifest.json", json.dumps(self.cache.manifest, indent=1))
+        target = write_folder_atomic(self.output_dir / "model", lambda folder: self.ema.model.save_pretrained(folder))
+        write_json_atomic(self.output_dir / "cache_manifest.json", self.cache.manifest, indent=1)
         return target
-
-
-def vae_source(identity: dict[str, Any]) -> str:
-    """The load_vae argument recorded in a cache's VAE identity."""
-    for key in ("source", "path", "name_or_path", "repo_id", "name"):
-        if identity.get(key):
-            return str(identity[key])
-    raise LatentflowError(
-        f"the cache manifest's VAE identity {identity} names no VAE to load; set sample.vae to the VAE's folder or hub id"
-    )
 
 
 def train(config: Config, resume: str | None = None) -> FitResult:

@@ -11,14 +11,13 @@ before anything is loaded from it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentflow.config import write_text_atomic
 from latentflow.errors import LatentflowError
+from latentflow.io import replace_folder, write_text_atomic
 
 RECORD_NAME = "checkpoint.json"
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
@@ -62,9 +61,7 @@ def publish(temporary: Path, step: int, keep: int) -> Path:
     """Record, rename the temporary folder into place, and delete all but the newest `keep`."""
     write_record(temporary, step)
     final = temporary.parent / checkpoint_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    replace_folder(temporary, final)
     for old in sorted(list_checkpoints(temporary.parent), key=lambda p: p.step)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
@@ -92,7 +89,8 @@ def verify_checkpoint(path: str | Path) -> CheckpointInfo:
         record = json.loads(record_file.read_text())
         files, step = dict(record["files"]), int(record["step"])
     except FileNotFoundError:
-        raise LatentflowError(f"checkpoint {path} is incomplete: {RECORD_NAME} is missing (interrupted save?)") from None
+        raise LatentflowError(
+            f"checkpoint {path} is incomplete: {RECORD_NAME} is missing (interrupted save?)") from None
     except (ValueError, KeyError, TypeError) as error:
         raise LatentflowError(f"checkpoint {path} is corrupt: {record_file} unreadable ({error})") from None
     for name, size in files.items():

@@ -13,10 +13,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from latentflow.couplings import Coupling, IndependentCoupling, Pairing, make_coupling
 from latentflow.errors import LatentflowError
-from latentflow.paths import CFMPath, ProbabilityPath, RectifiedFlowPath, expand_time
-from latentflow.time_samplers import make_time_sampler
+from latentflow.flow.couplings import Coupling, IndependentCoupling, Pairing, make_coupling
+from latentflow.flow.paths import CFMPath, ProbabilityPath, RectifiedFlowPath, expand_time
+from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.time_samplers import make_time_sampler
 
 
 @dataclass
@@ -115,35 +116,6 @@ class FlowMatchingObjective(Objective):
         return TrainingBatch(point.x_t, t, point.u_t, pairing.labels, pairing.x0, pairing.x1, ot_cost)
 
 
-@dataclass(frozen=True)
-class DDPMSchedule:
-    """The DDPM noise schedule: linear betas from beta_start to beta_end over T steps.
-
-    Timestep k in 1..T (k = T is nearly pure noise) has
-    alpha_bar_k = prod_{s=1..k} (1 - beta_s), and x_k = sqrt(alpha_bar_k) x1 + sqrt(1 - alpha_bar_k) x0.
-    """
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-
-    def betas(self) -> torch.Tensor:
-        """(T,) float64 betas; entry k-1 belongs to timestep k."""
-        return torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64)
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        """(T + 1,) float64 alpha_bar; entry k belongs to timestep k, entry 0 is 1 (clean data)."""
-        return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - self.betas(), dim=0)])
-
-    def timestep_to_time(self, k: torch.Tensor) -> torch.Tensor:
-        """DDPM timestep k (0..T, T = noise) -> our time t = 1 - k/T (t = 0 noise)."""
-        return 1.0 - k.to(torch.float32) / self.num_train_timesteps
-
-    def time_to_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """Our time t in [0, 1] -> the nearest DDPM timestep k = round((1 - t) T), long."""
-        return torch.round((1.0 - t.double()) * self.num_train_timesteps).long()
-
-
 class DDPMObjective(Objective):
     """DDPM noise prediction: k ~ U{1..T}, x_k = sqrt(a_k) x1 + sqrt(1 - a_k) x0, MSE to x0 (the noise).
 
@@ -165,7 +137,41 @@ class DDPMObjective(Objective):
         return TrainingBatch(x_t, t, noise, labels, noise, x1, None)
 
 
-OBJECTIVES = ("rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm")
+def _rectified_flow(sigma, reg, class_aware, ot_solver, times) -> Objective:
+    if sigma not in (None, 0, 0.0):
+        raise LatentflowError(f"objective 'rf' has sigma 0; got sigma={sigma} (use 'cfm' for sigma > 0)")
+    return FlowMatchingObjective(RectifiedFlowPath(), make_coupling("independent"), times)
+
+
+def _cfm(sigma, reg, class_aware, ot_solver, times) -> Objective:
+    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), make_coupling("independent"), times)
+
+
+def _otcfm(sigma, reg, class_aware, ot_solver, times) -> Objective:
+    coupling = make_coupling("exact", class_aware=class_aware, solver=ot_solver)
+    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), coupling, times)
+
+
+def _otcfm_sinkhorn(sigma, reg, class_aware, ot_solver, times) -> Objective:
+    coupling = make_coupling("sinkhorn", reg=reg, class_aware=class_aware)
+    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), coupling, times)
+
+
+def _ddpm(sigma, reg, class_aware, ot_solver, times) -> Objective:
+    return DDPMObjective()
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "rf": _rectified_flow,
+    "cfm": _cfm,
+    "otcfm": _otcfm,
+    "otcfm-sinkhorn": _otcfm_sinkhorn,
+    "ddpm": _ddpm,
+}
+"""The objective registry: name -> builder(sigma, reg, class_aware, ot_solver, time_sampler)."""
+
+OT_OBJECTIVES = ("otcfm", "otcfm-sinkhorn")
+"""The objectives whose coupling is an OT plan (they may pair across processes: ot_scope 'global')."""
 
 
 def make_objective(
@@ -190,18 +196,5 @@ def make_objective(
     """
     if name not in OBJECTIVES:
         raise LatentflowError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
-    if name == "ddpm":
-        return DDPMObjective()
     times = make_time_sampler(time_sampler, **time_sampler_kwargs)
-    if name == "rf":
-        if sigma not in (None, 0, 0.0):
-            raise LatentflowError(f"objective 'rf' has sigma 0; got sigma={sigma} (use 'cfm' for sigma > 0)")
-        return FlowMatchingObjective(RectifiedFlowPath(), make_coupling("independent"), times)
-    path = CFMPath(0.01 if sigma is None else sigma)
-    if name == "cfm":
-        coupling = make_coupling("independent")
-    elif name == "otcfm":
-        coupling = make_coupling("exact", class_aware=class_aware, solver=ot_solver)
-    else:
-        coupling = make_coupling("sinkhorn", reg=reg, class_aware=class_aware)
-    return FlowMatchingObjective(path, coupling, times)
+    return OBJECTIVES[name](sigma, reg, class_aware, ot_solver, times)

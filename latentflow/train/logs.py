@@ -1,12 +1,49 @@
-"""Training curves from OUT/log.csv to a PNG (matplotlib, Agg backend)."""
+"""The training log: OUT/log.csv (fixed columns, cut back on resume) and its plot (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
+from typing import Any
 
 from latentflow.errors import LatentflowError
-from latentflow.train_utils import LOG_COLUMNS, CsvLog
+from latentflow.io import write_bytes_atomic, write_text_atomic
+
+LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "images_per_s", "ot_cost", "skipped_steps", "straightness")
+
+
+class CsvLog:
+    """Append-only metrics table at OUT/log.csv with fixed columns; resumes cut rows past the step."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = self.read(path) if (resume_step is not None and path.is_file()) else []
+        kept = [row for row in rows if int(row["step"]) <= (resume_step or 0)]
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(path, buffer.getvalue())
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write one row (missing columns empty) and flush."""
+        with open(self.path, "a", newline="") as stream:
+            csv.DictWriter(stream, LOG_COLUMNS).writerow({k: _format(row.get(k)) for k in LOG_COLUMNS})
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, str]]:
+        """The rows of a log.csv as dicts of strings."""
+        with open(path, newline="") as stream:
+            return list(csv.DictReader(stream))
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
 
 PLOTTED = tuple(column for column in LOG_COLUMNS if column != "step")
 
@@ -47,8 +84,7 @@ def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure.suptitle(str(run_dir))
     figure.tight_layout()
     out = Path(out) if out else run_dir / "log.png"
-    temporary = out.with_name(f".{out.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    temporary.replace(out)
-    return out
+    return write_bytes_atomic(out, buffer.getvalue())

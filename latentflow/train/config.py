@@ -17,10 +17,16 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from latentflow.atomic import write_text_atomic  # noqa: F401  (re-exported for callers)
 from latentflow.errors import LatentflowError
+from latentflow.flow.couplings import EXACT_SOLVERS
+from latentflow.flow.objectives import OBJECTIVES, OT_OBJECTIVES
+from latentflow.flow.time_samplers import TIME_SAMPLERS
+from latentflow.io import write_text_atomic
 
-OBJECTIVE_NAMES = ("rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm")
+# the config's choices are the registries' names (one home for each list of names)
+ObjectiveName = Literal[tuple(OBJECTIVES)]
+ExactSolverName = Literal[tuple(EXACT_SOLVERS)]
+TimeSamplerName = Literal[tuple(TIME_SAMPLERS)]
 
 
 @dataclass
@@ -52,18 +58,23 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The objective (`latentflow.objectives.make_objective`) and how noise is paired.
+    """The objective (`latentflow.flow.objectives.make_objective`) and how noise is paired.
 
     `ot_scope`: 'local' pairs each process's batch in its loader workers; 'global' gathers
     noise and latents from all processes and solves one plan for the global batch.
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
+    `name`: one of `latentflow.flow.objectives.OBJECTIVES`; `ot_solver`: the exact OT solver of otcfm (one of
+    `latentflow.flow.couplings.EXACT_SOLVERS`); `time_mean`, `time_std`: the logit-normal time sampler's.
     """
 
-    name: Literal["rf", "cfm", "otcfm", "otcfm-sinkhorn", "ddpm"] = "otcfm"
+    name: ObjectiveName = "otcfm"
     sigma: float | None = None
     reg: float = 0.05
     class_aware: bool = False
-    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    ot_solver: ExactSolverName = "assignment"
+    time_sampler: TimeSamplerName = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
     ot_scope: Literal["local", "global"] = "local"
     label_dropout: float = 0.1
 
@@ -266,9 +277,11 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
     _require(0 <= config.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     _require(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
-    _require(0 <= objective.label_dropout < 1, f"objective.label_dropout must be in [0, 1), got {objective.label_dropout}")
-    _require(objective.ot_scope == "local" or objective.name in ("otcfm", "otcfm-sinkhorn"),
-             f"objective.ot_scope 'global' needs an OT objective (otcfm, otcfm-sinkhorn), not {objective.name!r}")
+    _require(0 <= objective.label_dropout < 1,
+             f"objective.label_dropout must be in [0, 1), got {objective.label_dropout}")
+    _require(objective.time_std > 0, f"objective.time_std must be > 0, got {objective.time_std}")
+    _require(objective.ot_scope == "local" or objective.name in OT_OBJECTIVES,
+             f"objective.ot_scope 'global' needs an OT objective {list(OT_OBJECTIVES)}, not {objective.name!r}")
     _require(config.checkpoint.every >= 0 and config.checkpoint.keep >= 1,
              "checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _require(config.sample.every >= 0 and config.sample.num_images >= 1 and config.sample.steps >= 1,

@@ -1,0 +1,116 @@
+"""The model card of a pipeline folder: `README.md` in the Hugging Face Hub's format (a YAML header, then how the
+model was trained, how to load it by both routes, its sample grid and its evaluation beside the floors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentflow.io import write_text_atomic
+
+CARD_NAME = "README.md"
+GRID_NAME = "samples.png"
+EVALUATION_NAME = "evaluation.json"
+
+
+def card_metadata(scheduler_config: dict[str, Any], manifest: dict[str, Any] | None,
+                  license_name: str = "other") -> dict[str, Any]:
+    """The card's YAML header (Hub model-card fields)."""
+    conditional = int(scheduler_config.get("num_classes") or 0) > 0
+    tags = ["latentflow", "flow-matching", "latent-flow-matching", "image-generation",
+            "class-conditional" if conditional else "unconditional-image-generation"]
+    objective = scheduler_config.get("objective")
+    if objective:
+        tags.append(objective)
+    metadata: dict[str, Any] = {"library_name": "diffusers", "license": license_name, "tags": tags,
+                                "pipeline_tag": "unconditional-image-generation"}
+    source = (manifest or {}).get("source", {})
+    if source.get("kind") == "huggingface" and source.get("name"):
+        metadata["datasets"] = [source["name"]]
+    return metadata
+
+
+def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] | None,
+                    training: dict[str, Any] | None) -> list[str]:
+    lines = [f"- objective: `{scheduler_config.get('objective')}` ({scheduler_config.get('prediction_type')} "
+             f"prediction); default sampler `{scheduler_config.get('solver')}`, "
+             f"{scheduler_config.get('num_inference_steps')} steps"]
+    if manifest:
+        vae = manifest.get("vae", {})
+        lines.append(f"- latents: {manifest.get('num_samples')} images encoded at {manifest.get('resolution')} px "
+                     f"into {tuple(manifest.get('latent_shape', ()))} latents by the frozen VAE "
+                     f"`{vae.get('source')}` ({vae.get('class')}; base VAE, shipped in `vae/`)")
+        source = manifest.get("source", {})
+        lines.append(f"- data: {source.get('kind')} `{source.get('path') or source.get('name')}`"
+                     + (f", classes {manifest.get('label_names')}" if manifest.get("num_classes") else ""))
+    if training:
+        model, optim, train = training.get("model", {}), training.get("optim", {}), training.get("train", {})
+        lines.append(f"- model: {model.get('name')} {model.get('settings') or ''}; {train.get('max_steps')} steps "
+                     f"at batch {training.get('data', {}).get('batch_size')}, AdamW lr {optim.get('lr')}, "
+                     f"EMA {train.get('ema_decay')} (the EMA weights are in `transformer/`)")
+    return lines
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    lines = [f"{evaluation.get('n')} generated images per setting against `{evaluation.get('reference')}` "
+             f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}).", "",
+             "| setting | NFE | FID | KID |", "|---|---|---|---|"]
+    for row in [*evaluation.get("results", []), *evaluation.get("floors", [])]:
+        kid = "" if row.get("kid") is None else f"{row['kid']:.4f} +- {row.get('kid_std') or 0:.4f}"
+        nfe = "" if row.get("nfe") is None else f"{row['nfe']:g}"
+        lines.append(f"| {row['setting']} | {nfe} | {row['fid']:.1f} | {kid} |")
+    if evaluation.get("floors"):
+        lines += ["", "The floor rows use as many training images as there are samples: real photos against the "
+                  "reference, and the same photos after a round trip through this pipeline's VAE (what a perfect "
+                  "model of the latent cache would score)."]
+    return lines
+
+
+def model_card(pipe_dir: Path, license_name: str = "other", evaluation_file: Path | None = None,
+               name: str | None = None) -> str:
+    """The card text for the pipeline folder as it is now (its evaluation from `evaluation_file`, by default
+    `PIPE_DIR/evaluation/evaluation.json`, when it exists)."""
+    scheduler = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
+    manifest_file, training_file = pipe_dir / "cache_manifest.json", pipe_dir / "training_config.yaml"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    training = yaml.safe_load(training_file.read_text()) if training_file.is_file() else None
+    name = name or pipe_dir.resolve().name
+    parts = ["---", yaml.safe_dump(card_metadata(scheduler, manifest, license_name), sort_keys=False).strip(), "---",
+             "", f"# {name}", "", "A latent flow-matching model trained with "
+             "[latentflow](https://pypi.org/project/latentflow/): a velocity field on the latents of a frozen VAE, "
+             "sampled by integrating its ODE from noise (t=0) to data (t=1), then decoded by the VAE.", "",
+             "## Training", "", *_training_lines(scheduler, manifest, training), "", "## Use", "", "```python",
+             "import torch", "from latentflow.pipelines import LatentFlowPipeline",
+             f'pipe = LatentFlowPipeline.from_pretrained("{name}")',
+             'out = pipe(batch_size=4, num_inference_steps=8, solver="euler", '
+             "generator=torch.Generator().manual_seed(0))",
+             "# or, without importing latentflow (it must be installed):",
+             "from diffusers import DiffusionPipeline",
+             f'pipe = DiffusionPipeline.from_pretrained("{name}", custom_pipeline="{name}", trust_remote_code=True)',
+             "```", "", f"or `latentflow sample {name} --n 64 --steps 8 --grid grid.png`."]
+    if (pipe_dir / GRID_NAME).is_file():
+        parts += ["", "## Samples", "", f"![samples]({GRID_NAME})"]
+    evaluation_file = Path(evaluation_file or pipe_dir / "evaluation" / EVALUATION_NAME)
+    if evaluation_file.is_file():
+        parts += ["", "## Evaluation", "", *_evaluation_lines(json.loads(evaluation_file.read_text()))]
+    return "\n".join(parts) + "\n"
+
+
+def write_model_card(pipe_dir: str | Path, license_name: str | None = None, evaluation_file: Path | None = None,
+                     name: str | None = None) -> Path:
+    """(Re)write `PIPE_DIR/README.md` from what the folder holds (keeping the licence of an existing card unless
+    one is given)."""
+    pipe_dir = Path(pipe_dir)
+    license_name = license_name or _existing_license(pipe_dir) or "other"
+    return write_text_atomic(pipe_dir / CARD_NAME, model_card(pipe_dir, license_name, evaluation_file, name))
+
+
+def _existing_license(pipe_dir: Path) -> str | None:
+    card = pipe_dir / CARD_NAME
+    if not card.is_file():
+        return None
+    header = card.read_text().split("---")
+    return (yaml.safe_load(header[1]) or {}).get("license") if len(header) > 2 else None

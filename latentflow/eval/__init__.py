@@ -1,0 +1,1 @@
+"""Evaluation: feature networks, feature statistics and distances, reference statistics, sampler sweeps."""

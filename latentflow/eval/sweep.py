@@ -1,0 +1,346 @@
+"""Sweeps: generate sample sets with a pipeline under several sampler settings and measure each against a
+reference (FID, KID, FD-DINOv2), written as JSON, CSV and a plot of FID against NFE."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from latentflow.errors import LatentflowError
+from latentflow.eval.features import FeatureExtractor
+from latentflow.eval.floors import Floors
+from latentflow.eval.references import FeatureAccumulator
+from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
+from latentflow.flow.solvers import STEPPED_SOLVERS
+from latentflow.io import write_bytes_atomic
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler configuration of a sweep: a solver with a step count (fixed-step solvers, DDIM) or a
+    tolerance (adaptive solvers, used as both atol and rtol; None keeps the pipeline's default)."""
+
+    solver: str
+    steps: int | None = None
+    tolerance: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. "euler-4", "dopri5", "dopri5-tol1e-03"."""
+        if self.steps is not None:
+            return f"{self.solver}-{self.steps}"
+        return self.solver if self.tolerance is None else f"{self.solver}-tol{self.tolerance:.0e}"
+
+
+def parse_sweep(items: Sequence[str]) -> list[SamplerSetting]:
+    """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances)."""
+    settings: list[SamplerSetting] = []
+    for item in items:
+        solver, _, values = item.partition(":")
+        numbers = [value for value in values.split(",") if value] if values else []
+        if solver in STEPPED_SOLVERS:
+            if not numbers:
+                raise LatentflowError(f"sweep item {item!r}: {solver} needs step counts, e.g. {solver}:1,2,4,8")
+            try:
+                settings.extend(SamplerSetting(solver, steps=int(number)) for number in numbers)
+            except ValueError as error:
+                raise LatentflowError(f"sweep item {item!r}: step counts must be integers") from error
+        elif numbers:
+            try:
+                settings.extend(SamplerSetting(solver, tolerance=float(number)) for number in numbers)
+            except ValueError as error:
+                raise LatentflowError(f"sweep item {item!r}: tolerances must be numbers like 1e-3") from error
+        else:
+            settings.append(SamplerSetting(solver))
+    if not settings:
+        raise LatentflowError("empty sweep; give items like euler:1,2,4,8 midpoint:4 dopri5")
+    return settings
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch of generated images (float (B, 3, H, W) in [0, 1]) with its NFE and class labels."""
+
+    images: torch.Tensor
+    nfe: int
+    class_labels: torch.Tensor | None
+
+
+def sample_labels(pipe, n: int, seed: int, class_label: int | str | None = None) -> list[int] | None:
+    """Class ids for `n` images: all `class_label`, or balanced over the classes in an order seeded by `seed`
+    (None for an unconditional model)."""
+    scheduler = pipe.scheduler
+    if scheduler.config.num_classes == 0:
+        if class_label is not None:
+            raise LatentflowError("a class was given, but this pipeline's model is unconditional")
+        return None
+    if class_label is not None:
+        return [scheduler.class_id(class_label)] * n
+    classes = scheduler.config.num_classes
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return (order % classes).tolist()  # balanced: every class n // C or n // C + 1 times, in a seeded order
+
+
+def generate_batches(
+    pipe,
+    n: int,
+    setting: SamplerSetting,
+    batch_size: int = 50,
+    seed: int = 0,
+    class_label: int | str | None = None,
+    guidance_scale: float = 1.0,
+    eta: float | None = None,
+) -> Iterator[GeneratedBatch]:
+    """Generate `n` images in batches. Image i's noise comes from its own generator seeded `seed + i`, so a
+    sample set is the same whatever the batch size, and every setting of a sweep starts from the same noise."""
+    labels = sample_labels(pipe, n, seed, class_label)
+    device = pipe._execution_device
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        generators = [torch.Generator(device).manual_seed(seed + index) for index in range(start, stop)]
+        output = pipe(
+            batch_size=stop - start,
+            num_inference_steps=setting.steps,
+            solver=setting.solver,
+            atol=setting.tolerance,
+            rtol=setting.tolerance,
+            class_labels=None if labels is None else labels[start:stop],
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generators,
+            output_type="pt",
+        )
+        yield GeneratedBatch(output.images, output.nfe, output.class_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps: metrics against NFE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    """Metrics of one sampler setting. `nfe` is the mean over batches (exact and constant for fixed-step
+    solvers; adaptive solvers may differ per batch, listed in `nfe_per_batch`)."""
+
+    setting: SamplerSetting
+    nfe: float
+    nfe_per_batch: list[int]
+    metrics: SampleMetrics
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        """Flat dict for CSV/JSON."""
+        return {
+            "setting": self.setting.label,
+            "solver": self.setting.solver,
+            "steps": self.setting.steps,
+            "tolerance": self.setting.tolerance,
+            "nfe": self.nfe,
+            "fid": self.metrics.fid,
+            "kid": self.metrics.kid,
+            "kid_std": self.metrics.kid_std,
+            "fd_dinov2": self.metrics.fd_dinov2,
+            "num_samples": self.metrics.num_samples,
+            "seconds": self.seconds,
+        }
+
+
+def evaluate_setting(
+    pipe,
+    setting: SamplerSetting,
+    reference: dict[str, FeatureStatistics],
+    extractors: Sequence[FeatureExtractor],
+    n: int,
+    batch_size: int = 50,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+) -> SweepResult:
+    """Generate `n` images with one setting and measure them against the reference."""
+    import time
+
+    began = time.perf_counter()
+    accumulator = FeatureAccumulator(extractors)
+    nfes: list[int] = []
+    for batch in generate_batches(pipe, n, setting, batch_size, seed, guidance_scale=guidance_scale):
+        accumulator.update(batch.images)
+        nfes.append(batch.nfe)
+    metrics = compare_statistics(accumulator.statistics(), reference, kid_subsets, kid_subset_size, seed)
+    return SweepResult(setting, float(np.mean(nfes)), nfes, metrics, time.perf_counter() - began)
+
+
+def write_sweep_results(results: Sequence[SweepResult], out_dir: str | os.PathLike, info: dict[str, Any],
+                        floors: Floors | None = None) -> dict:
+    """Write evaluation.json, evaluation.csv and fid_vs_nfe.png to `out_dir` (the floors beside the results when
+    given); returns the paths."""
+    import csv
+    import io
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [result.row() for result in results]
+    floor_rows = floors.rows() if floors is not None else []
+    document = {**info, "results": [{**row, "nfe_per_batch": r.nfe_per_batch} for row, r in zip(rows, results)],
+                "floors": floor_rows}
+    paths = {"json": out / "evaluation.json", "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
+    write_bytes_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), restval="")
+    writer.writeheader()
+    writer.writerows([*rows, *floor_rows])
+    write_bytes_atomic(paths["csv"], buffer.getvalue().encode())
+    write_bytes_atomic(paths["png"], plot_evaluations([(None, document)], title=str(info.get("pipeline", ""))))
+    return paths
+
+
+def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], title: str = "") -> bytes:
+    """PNG bytes of FID against NFE: one line per run and solver, ticks at the NFEs used, each run's floors as
+    horizontal lines.
+
+    Args:
+        evaluations: (label or None, the contents of an evaluation.json) per run.
+        title: the figure's title.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
+    ticks: set[float] = set()
+    for label, document in evaluations:
+        rows = [row for row in document.get("results", []) if row.get("nfe") is not None]
+        for solver in dict.fromkeys(row["solver"] for row in rows):
+            points = sorted((row["nfe"], row["fid"]) for row in rows if row["solver"] == solver)
+            ticks.update(point[0] for point in points)
+            name = solver if label is None else f"{label}: {solver}"
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for row, style in zip(document.get("floors", []), ("--", ":")):
+            name = row["setting"] if label is None else f"{label}: {row['setting']}"
+            axes.axhline(row["fid"], linestyle=style, color="grey", linewidth=1, label=f"{name} ({row['fid']:.1f})")
+    axes.set_xscale("log")
+    if ticks:
+        axes.set_xticks(sorted(ticks), [f"{tick:g}" for tick in sorted(ticks)])
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("NFE (velocity evaluations per sample)")
+    axes.set_ylabel("FID")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationSettings:
+    """What `latentflow evaluate` (and the demo) measures: `n` images per sampler setting of `sweep` against the
+    reference (an image folder, resized to `reference_resolution` or the samples' size, or a .npz of fid-stats)."""
+
+    reference: Path
+    n: int = 2000
+    sweep: list[str] = field(default_factory=lambda: ["euler:1,2,4,8", "midpoint:4", "dopri5"])
+    batch_size: int = 50
+    seed: int = 0
+    guidance_scale: float = 1.0
+    device: str = "cpu"
+    dinov2: Path | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    reference_resolution: int | None = None
+    floors: Path | None = None
+
+    def check(self) -> list[SamplerSetting]:
+        """Refuse settings that cannot work before any work; returns the parsed sweep."""
+        if self.n < 2:
+            raise LatentflowError(f"--n must be at least 2, got {self.n}")
+        return parse_sweep(self.sweep)
+
+
+def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSettings,
+                      out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Measure a loaded pipeline over the sweep and write evaluation.json/.csv and fid_vs_nfe.png to `out_dir`."""
+    from tqdm.auto import tqdm
+
+    from latentflow.eval.features import make_extractors
+    from latentflow.eval.references import reference_statistics
+
+    sweep = settings.check()
+    for setting in sweep:  # refuse e.g. euler for a ddpm model before any work
+        pipe.check_solver(setting.solver)
+    extractors = make_extractors(settings.device, settings.dinov2)
+    image_size = pipe.image_size()[0]
+    reference = Path(settings.reference)
+    resolution = (settings.reference_resolution or image_size) if reference.is_dir() else None
+    if resolution is None:
+        _check_reference_resolution(reference, image_size)
+    statistics = reference_statistics(reference, extractors, settings.batch_size,
+                                      lambda it: tqdm(it, desc="reference"), resolution)
+    results = []
+    for setting in tqdm(sweep, desc="settings"):
+        result = evaluate_setting(pipe, setting, statistics, extractors, settings.n, settings.batch_size, settings.seed,
+                                  settings.guidance_scale, settings.kid_subsets, settings.kid_subset_size)
+        results.append(result)
+        tqdm.write(format_row(result.row()))
+    floors = None
+    if settings.floors is not None:
+        floors = evaluation_floors(pipe, settings, statistics, extractors, image_size,
+                                   reference.parent if reference.is_file() else Path(out_dir))
+        for row in floors.rows():
+            tqdm.write(format_row({**row, "nfe": None}))
+    info = {"pipeline": str(pipe_dir), "reference": str(reference), "n": settings.n, "seed": settings.seed,
+            "image_size": image_size, "reference_resolution": resolution,
+            "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep)}
+    return write_sweep_results(results, out_dir, info, floors)
+
+
+def evaluation_floors(pipe, settings: EvaluationSettings, reference: dict[str, FeatureStatistics],
+                      extractors: Sequence[FeatureExtractor], image_size: int, cache_dir: Path) -> Floors:
+    """Real-against-real and the VAE floor at the evaluation's n, cached in `cache_dir`."""
+    from latentflow.eval.floors import cached_floors, compute_floors, floor_files, floors_cache_key, vae_round_trip
+    from latentflow.vae import weights_sha256
+
+    key = floors_cache_key(settings.floors, settings.n, settings.seed, image_size, weights_sha256(pipe.vae),
+                           settings.reference, settings.kid_subset_size)
+    files = floor_files(settings.floors, settings.n, settings.seed)
+    return cached_floors(cache_dir / f"floors-{key}.json", lambda: compute_floors(
+        files, reference, extractors, vae_round_trip(pipe.vae), image_size, settings.batch_size,
+        settings.kid_subsets, settings.kid_subset_size, settings.seed))
+
+
+def _check_reference_resolution(reference: Path, image_size: int) -> None:
+    import sys
+
+    from latentflow.eval.references import statistics_resolution
+
+    stored = statistics_resolution(reference)
+    if stored != image_size:
+        print(f"warning: {reference} was computed at resolution {stored or 'as stored'}, the samples are "
+              f"{image_size} px; FID compares like with like only at equal resolution (fid-stats --resolution)",
+              file=sys.stderr)
+
+
+def format_row(row: dict) -> str:
+    """One console line of a sweep result."""
+    kid = "" if row["kid"] is None else f"  KID {row['kid']:.4f} +- {row['kid_std']:.4f}"
+    dino = "" if row["fd_dinov2"] is None else f"  FD-DINOv2 {row['fd_dinov2']:.2f}"
+    nfe = "" if row["nfe"] is None else f"{row['nfe']:7.1f}"
+    return f"{row['setting']:>20}  NFE {nfe:>7}  FID {row['fid']:8.2f}{kid}{dino}"

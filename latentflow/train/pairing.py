@@ -1,0 +1,121 @@
+"""Pairing noise with latents for a training step: in the loader workers (local OT, independent) or across
+processes (global OT), with label dropout for classifier-free guidance; the per-batch seeds that make a resumed
+run draw exactly what an uninterrupted one would."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from latentflow.flow.couplings import Pairing
+from latentflow.flow.objectives import Objective, TrainingBatch
+
+
+def seed_for(*parts: int) -> int:
+    """A deterministic 63-bit seed mixed from integers."""
+    data = np.asarray(parts, dtype=np.int64).tobytes()
+    return (zlib.crc32(data) << 31 | zlib.crc32(data[::-1])) & (2**63 - 1)
+
+
+def drop_labels(
+    labels: torch.Tensor | None, probability: float, null_class: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """Replace each label by the null class with `probability` (classifier-free guidance training)."""
+    if labels is None or probability <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator) < probability  # (B,)
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+
+
+def batch_key(batch: dict[str, Any]) -> int:
+    """A deterministic key for a loader batch: its index if the loader gives one, else a checksum."""
+    if "batch_index" in batch:
+        return int(batch["batch_index"])
+    return zlib.crc32(batch["latents"].detach().cpu().contiguous().numpy().tobytes())
+
+
+class PairingTransform:
+    """The loader's `batch_transform`: pairs noise with latents in the loader workers.
+
+    With `pair=True` it returns a prepared `TrainingBatch` (noise drawn, OT pairing, times,
+    x_t, target, label dropout); with `pair=False` (global OT) it returns the batch dict
+    untouched apart from a `seed` entry, and pairing happens in the step across processes.
+    Randomness comes from the loader's per-batch generator (seeded by seed, rank and batch
+    index; or, called without one, from a generator seeded by seed, rank and the batch's
+    index or checksum), so a resumed run draws exactly what an uninterrupted one would.
+    With `keep_endpoints=False` the prepared batch leaves x0 and x1 out (None): the step
+    needs only x_t, t, target and labels, and two fewer tensors cross from the worker.
+    """
+
+    def __init__(
+        self, objective: Objective, seed: int, rank: int, num_classes: int, label_dropout: float, pair: bool,
+        keep_endpoints: bool = True,
+    ) -> None:
+        self.objective, self.seed, self.rank = objective, seed, rank
+        self.num_classes, self.label_dropout, self.pair = num_classes, label_dropout, pair
+        self.keep_endpoints = keep_endpoints
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> TrainingBatch | dict[str,
+                                                                                                                Any]:
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed_for(self.seed, self.rank, batch_key(batch)))
+        labels = batch.get("labels") if self.num_classes > 0 else None
+        if not self.pair:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            return {"latents": batch["latents"], "labels": labels, "seed": seed}
+        prepared = self.objective.prepare(batch["latents"], labels, generator)
+        prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
+        if not self.keep_endpoints:
+            prepared.x0 = prepared.x1 = None
+        return prepared
+
+
+@dataclass
+class GlobalPairing:
+    """This process's share of one OT plan solved for the global batch.
+
+    Attributes:
+        pairing: the local pairs (x0 drawn on any process, x1 this process's data).
+        noise_index: (b,) rows of the gathered global noise paired with this process's rows.
+        global_cost: mean squared pair distance over the whole global batch.
+    """
+
+    pairing: Pairing
+    noise_index: torch.Tensor
+    global_cost: float
+
+
+def global_ot_pairing(
+    x1: torch.Tensor,
+    labels: torch.Tensor | None,
+    coupling: Callable[..., Pairing],
+    gather: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+    noise_generator: torch.Generator,
+    plan_generator: torch.Generator,
+) -> GlobalPairing:
+    """Gather noise and latents from all processes, solve one plan, keep this process's pairs.
+
+    Every process draws its own noise (b, ...), all noise and data are gathered to
+    (W*b, ...), and each process solves the same plan (same inputs, same `plan_generator`
+    seed everywhere) and keeps the pairs at rows rank*b:(rank+1)*b. For exact OT the plan
+    is a permutation sorted by data row, so each process keeps its own data and receives
+    a distinct share of the global noise.
+    """
+    local = x1.shape[0]
+    x0 = torch.randn(x1.shape, generator=noise_generator, dtype=x1.dtype).to(x1.device)  # (b, ...)
+    x0_all, x1_all = gather(x0.contiguous()), gather(x1.contiguous())  # (W*b, ...)
+    labels_all = gather(labels.contiguous()) if labels is not None else None
+    plan = coupling(x0_all, x1_all, labels_all, plan_generator)
+    rows = slice(rank * local, (rank + 1) * local)
+    pair_x0, pair_x1 = plan.x0[rows], plan.x1[rows]
+    cost = float((pair_x0 - pair_x1).flatten(1).float().square().sum(1).mean())
+    pairing = Pairing(
+        x0=pair_x0, x1=pair_x1, labels=None if plan.labels is None else plan.labels[rows],
+        x0_index=plan.x0_index[rows], x1_index=plan.x1_index[rows], cost=cost,
+    )
+    return GlobalPairing(pairing, plan.x0_index[rows], plan.cost)
