@@ -180,3 +180,57 @@ def test_exported_files_get_the_umask_permissions_and_load_without_warnings(pipe
     capfd.readouterr()
     load_pipeline(pipe_dir)
     assert "will be ignored" not in capfd.readouterr().err
+
+
+def test_the_model_card_parses_as_a_hub_card_and_names_files_that_exist(pipe_dir: Path) -> None:
+    import re
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(pipe_dir / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "other"
+    assert "latentflow" in card.data.tags and "class-conditional" in card.data.tags
+    assert "custom_pipeline" in card.text and "LatentFlowPipeline.from_pretrained" in card.text
+    named = re.findall(r"!\[[^\]]*\]\(([^)]+)\)|`([\w./-]+/)`", card.text)
+    files = [image or folder for image, folder in named]
+    assert "samples.png" in files and "transformer/" in files and "vae/" in files
+    assert all((pipe_dir / name).exists() for name in files)
+    assert Image.open(pipe_dir / "samples.png").size == (4 * 66 + 2, 4 * 66 + 2)  # 16 images of 64 px
+
+
+def test_evaluate_with_floors_updates_the_card(pipe_dir: Path, photos: Path, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, pipe)
+    ref = tmp_path / "ref.npz"
+    assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10", "--resolution", "64"]) == 0
+    args = ["evaluate", str(pipe), "--ref", str(ref), "--n", "4", "--batch-size", "4", "--sweep", "euler:1",
+            "--kid-subsets", "3", "--floors", str(photos)]
+    assert cli.main(args) == 0
+    document = json.loads((pipe / "evaluation" / "evaluation.json").read_text())
+    floors = {row["setting"]: row for row in document["floors"]}
+    assert set(floors) == {"floor: real vs real", "floor: VAE round trip"}
+    assert all(row["num_samples"] == 4 and row["fid"] > 0 for row in floors.values())
+    assert len(list(tmp_path.glob("floors-*.json"))) == 1  # cached beside the reference statistics
+    with open(pipe / "evaluation" / "evaluation.csv") as handle:
+        assert [row["setting"] for row in csv.DictReader(handle)][-2:] == list(floors)
+    card = ModelCard.load(pipe / "README.md")
+    assert "## Evaluation" in card.text and "floor: VAE round trip" in card.text
+    assert cli.main(args) == 0  # the second time the floors come from the cache
+    assert json.loads((pipe / "evaluation" / "evaluation.json").read_text())["floors"] == document["floors"]
+
+
+def test_push_to_hub_offline_fails_with_one_line_after_the_folder_is_complete(run_dir: Path, tmp_path: Path,
+                                                                             monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "pipe"
+    code = cli.main(["export", str(run_dir), "--out", str(out), "--grid-images", "0", "--push-to-hub", "me/flowers"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "me/flowers" in error and "the folder is complete" in error
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    assert not (out / "samples.png").exists()
