@@ -80,7 +80,7 @@ def model_card(pipe_dir: Path, license_name: str = "other", evaluation_file: Pat
     name = name or pipe_dir.resolve().name
     parts = ["---", yaml.safe_dump(card_metadata(scheduler, manifest, license_name), sort_keys=False).strip(), "---",
              "", f"# {name}", "", "A latent flow-matching model trained with "
-             "[latentflow](https://pypi.org/project/latentflow/): a velocity field on the latents of a frozen VAE, "
+             "latentflow: a velocity field on the latents of a frozen VAE, "
              "sampled by integrating its ODE from noise (t=0) to data (t=1), then decoded by the VAE.", "",
              "## Training", "", *_training_lines(scheduler, manifest, training), "", "## Use", "", "```python",
              "import torch", "from latentflow.pipelines import LatentFlowPipeline",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from latentflow.card import GRID_NAME
 from latentflow.errors import LatentflowError
 from latentflow.io import write_folder_atomic
 from latentflow.vae import DEFAULT_VAE
@@ -42,10 +43,12 @@ class DemoSettings:
     config: Path = DEFAULT_CONFIG
     resolution: int = 64
     train_steps: int | None = None
-    eval_images: int = 256
-    sweep: list[str] = field(default_factory=lambda: ["euler:1,2,4,8", "midpoint:4"])
+    eval_images: int | None = None  # None: as many as the reference holds
+    sweep: list[str] = field(default_factory=lambda: ["euler:8", "midpoint:4"])
     grid_images: int = 64
     grid_steps: int = 8
+    class_guidance: float = 2.0
+    floors: bool = True
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
 
@@ -147,33 +150,47 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
 
     done = stage(f"4/5 sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps")
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
-    batches = generate_batches(pipe, settings.grid_images, SamplerSetting("euler", settings.grid_steps, None),
-                               16, settings.seed, None, 1.0, None)
+    setting = SamplerSetting("euler", settings.grid_steps, None)
+    batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, 1.0, None)
     images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
     grid = save_image(image_grid(images), settings.out / "samples.png")
+    save_image(image_grid(images), pipe_dir / GRID_NAME)  # the model card's picture
     print(f"   grid: {grid}")
+    names = pipe.scheduler.config.label_names or []
+    if pipe.scheduler.config.num_classes:
+        rows = [torch.cat([batch.images for batch in generate_batches(pipe, 8, setting, 8, settings.seed, label,
+                                                                        settings.class_guidance)])
+                for label in range(pipe.scheduler.config.num_classes)]
+        by_class = save_image(image_grid(torch.cat(rows), columns=8), settings.out / "samples_by_class.png")
+        print(f"   one row per class ({', '.join(names)}), guidance {settings.class_guidance:g}: {by_class}")
     done()
     return grid
 
 
 def evaluate_stage(settings: DemoSettings, pipe_dir: Path, splits: DataSplits) -> Path:
+    from latentflow.card import write_model_card
+    from latentflow.eval.references import list_images
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
 
     reference = splits.reference or write_reference_images(splits.train, settings.out / "reference", 2000)
-    done = stage(f"5/5 FID against {reference} with {settings.eval_images} images per setting: "
-                 f"{' '.join(settings.sweep)}")
+    n = settings.eval_images or len(list_images(reference))
+    train_folder = Path(splits.train) if Path(splits.train).is_dir() else None
+    floors = train_folder if settings.floors else None
+    done = stage(f"5/5 FID against {reference} with {n} images per setting: {' '.join(settings.sweep)}"
+                 + (f", floors from {n} images of {train_folder}" if floors else ""))
     out = settings.out / "evaluation"
-    evaluation = EvaluationSettings(reference=reference, n=settings.eval_images, sweep=list(settings.sweep),
-                                    seed=settings.seed, kid_subset_size=min(1000, settings.eval_images))
-    evaluate_pipeline(load_pipeline(pipe_dir, "cpu", progress=False), pipe_dir, evaluation, out)
+    evaluation = EvaluationSettings(reference=reference, n=n, sweep=list(settings.sweep), seed=settings.seed,
+                                    kid_subset_size=min(1000, n), floors=floors)
+    paths = evaluate_pipeline(load_pipeline(pipe_dir, "cpu", progress=False), pipe_dir, evaluation, out)
+    write_model_card(pipe_dir, evaluation_file=paths["json"])
     done()
     return out
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Path]:
     """Run the five stages; returns where each result lies."""
-    if settings.eval_images < 2 or settings.grid_images < 1:
+    if (settings.eval_images is not None and settings.eval_images < 2) or settings.grid_images < 1:
         raise LatentflowError("--eval-images must be >= 2 and --grid-images >= 1")
     if Path(settings.vae).exists():  # record local VAEs by absolute path, so later stages find them anywhere
         settings.vae = str(Path(settings.vae).resolve())

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from latentflow.cli import main
 from latentflow.demo import find_splits
@@ -52,6 +53,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert (out / "samples.png").stat().st_size > 1000
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert evaluation["results"][0]["nfe"] == 1
+    assert [row["setting"] for row in evaluation["floors"]] == ["floor: real vs real", "floor: VAE round trip"]
+    assert all(row["num_samples"] == 4 for row in evaluation["floors"])
+    assert Image.open(out / "samples_by_class.png").size == (8 * 66 + 2, 2 * 66 + 2)  # a row for each class
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "floor: VAE round trip" in card and "![samples](samples.png)" in card
     # a second run resumes: nothing re-encoded, training already at its last step
     assert main(args) == 0
     log = (out / "run" / "log.csv").read_text().splitlines()

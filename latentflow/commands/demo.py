@@ -23,7 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--train-steps", type=int, default=None, help="default: the config's train.max_steps")
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
-                        help="generated images per FID setting")
+                        help="generated images per FID setting (default: as many as the reference holds)")
+    parser.add_argument("--no-floors", dest="floors", action="store_false",
+                        help="skip the floors (real vs real, the VAE floor) beside the FIDs")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
     parser.add_argument("--grid-images", type=int, default=defaults.grid_images)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(data=args.data, vae=args.vae, out=args.out, config=args.config,
                             resolution=args.resolution, train_steps=args.train_steps, eval_images=args.eval_images,
-                            sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides)
+                            sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides,
+                            floors=args.floors)
     results = run_demo(settings)
     print("\nresults:")
     for name, path in results.items():
