@@ -143,6 +143,22 @@ def test_inception_features_equal_fid_helper_reference_pipeline(inception, flowe
     np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_onnx_runtime_copy_gives_the_torchscript_features(inception, flower_images, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh export, checked and cached there
+    from latentflow.eval import features
+
+    features._onnx_session.cache_clear()
+    onnx = InceptionFeatures(backend="onnxruntime")
+    torchscript = InceptionFeatures(backend="torchscript")
+    assert onnx.backend == "onnxruntime" and torchscript.backend == "torchscript"
+    assert len(list((tmp_path / "latentflow").glob("fid_inception_*.onnx"))) == 1
+    np.testing.assert_allclose(onnx(flower_images[:4]), torchscript(flower_images[:4]), rtol=0, atol=1e-4)
+    features._onnx_session.cache_clear()
+    with pytest.raises(LatentflowError, match="backend"):
+        InceptionFeatures(backend="tensorrt")
+
+
 def test_fid_of_real_flowers_against_themselves_is_zero_and_matches_scipy(inception, flower_images):
     accumulator = FeatureAccumulator([inception])
     accumulator.update(flower_images[:8])
