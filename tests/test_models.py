@@ -118,3 +118,67 @@ def test_bf16_autocast_forward_runs_on_cpu() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+LIGHTNING = {"norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "rope": True}
+
+
+def small_dit(**options) -> DiT:
+    return DiT(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3,
+               **options)
+
+
+def test_the_default_dit_is_unchanged_by_the_options() -> None:
+    plain = small_dit()
+    assert plain.config.norm == "layernorm" and not plain.config.rope
+    assert not any(".w13." in name or "q_norm" in name for name, _ in plain.named_parameters())
+
+
+@pytest.mark.parametrize("option", [{"norm": "rmsnorm"}, {"qk_norm": True}, {"mlp": "swiglu"}, {"rope": True},
+                                    LIGHTNING])
+def test_block_options_start_at_zero_learn_and_round_trip(option: dict, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = small_dit(**option)
+    x, t, labels = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
+    assert torch.equal(model(x, t, labels), torch.zeros_like(x))  # adaLN-zero holds with every option
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(x, t, labels) - x).square().mean().backward()
+        optimizer.step()
+    output = model(x, t, labels)
+    assert output.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(DiT.from_pretrained(tmp_path)(x, t, labels), output, rtol=0, atol=0)
+
+
+def test_swiglu_keeps_the_parameter_count() -> None:
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert abs(count(small_dit(mlp="swiglu")) / count(small_dit()) - 1) < 0.02
+
+
+def test_rope_scores_depend_only_on_the_offset_between_tokens() -> None:
+    from latentflow.models.dit import apply_rope, rope_2d_tables
+
+    grid, dim = 4, 8
+    cos, sin = rope_2d_tables(grid, dim)
+    query, key = torch.randn(dim), torch.randn(dim)
+
+    def score(q_at: tuple[int, int], k_at: tuple[int, int]) -> torch.Tensor:
+        positions = torch.tensor([q_at[0] * grid + q_at[1], k_at[0] * grid + k_at[1]])
+        rotated_q = apply_rope(query[None, None, None], cos[positions[:1]], sin[positions[:1]])
+        rotated_k = apply_rope(key[None, None, None], cos[positions[1:]], sin[positions[1:]])
+        return (rotated_q * rotated_k).sum()
+
+    torch.testing.assert_close(score((0, 1), (2, 2)), score((1, 2), (3, 3)))  # the same offset (2, 1)
+    torch.testing.assert_close(score((3, 0), (3, 0)), (query * key).sum())  # no offset: no rotation left
+    assert not torch.allclose(score((0, 0), (0, 1)), score((0, 0), (1, 0)))  # rows and columns differ
+    with pytest.raises(LatentflowError, match="divisible by 4"):
+        rope_2d_tables(4, 6)
+
+
+def test_unknown_block_options_list_the_choices() -> None:
+    with pytest.raises(LatentflowError, match="layernorm or rmsnorm"):
+        small_dit(norm="batchnorm")
+    with pytest.raises(LatentflowError, match="gelu or swiglu"):
+        small_dit(mlp="relu")

@@ -79,43 +79,108 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+def rope_2d_tables(grid_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of 2D rotary position embeddings (RoFormer, Su et al. 2021, Eq. 34, applied axially as
+    in LightningDiT): the first half of each head's rotated pairs turns with the token's row, the second half
+    with its column.
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    Returns:
+        cos, sin: (grid_size**2, head_dim) float32, row-major over (row, column).
+    """
+    if head_dim % 4:
+        raise LatentflowError(f"DiT rope needs a head size divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    frequencies = base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)  # (d/4,)
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+    angles = torch.cat([rows.flatten()[:, None] * frequencies, cols.flatten()[:, None] * frequencies], -1)  # (N, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (N, d): pairs (i, i + d/2) share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, N, d) queries or keys by the position tables (N, d): pairs (i, i + d/2) turn together."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
+
+
+def make_norm(kind: str, size: int, affine: bool = False) -> nn.Module:
+    """'layernorm' (DiT) or 'rmsnorm' (LightningDiT) over the last dimension."""
+    if kind == "layernorm":
+        return nn.LayerNorm(size, elementwise_affine=affine, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(size, elementwise_affine=affine, eps=1e-6)
+    raise LatentflowError(f"DiT norm {kind!r} unknown; choose layernorm or rmsnorm")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, optionally with RMS-normalised queries
+    and keys (QK-norm) and 2D rotary position embeddings."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise LatentflowError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        head_dim = hidden_size // num_heads
+        self.q_norm = make_norm("rmsnorm", head_dim, affine=True) if qk_norm else nn.Identity()
+        self.k_norm = make_norm("rmsnorm", head_dim, affine=True) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape  # (B, N, D)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)  # (B, N, 3, H, D/H)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        query, key = self.q_norm(query), self.k_norm(key)
+        if rope is not None:
+            query, key = apply_rope(query, *rope), apply_rope(key, *rope)
         out = F.scaled_dot_product_attention(query, key, value)  # (B, H, N, D/H)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020, Eq. 6): w2(silu(w1 x) * w3 x), hidden width 2/3 of the GELU MLP's so
+    the parameter count matches."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
+        super().__init__()
+        width = int(2 * mlp_hidden / 3)
+        self.w13 = nn.Linear(hidden_size, 2 * width)
+        self.w2 = nn.Linear(width, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w13(x).chunk(2, dim=-1)  # (B, N, W) each
+        return self.w2(F.silu(gate) * value)  # (B, N, D)
+
+
+def make_mlp(kind: str, hidden_size: int, mlp_hidden: int) -> nn.Module:
+    """'gelu' (DiT) or 'swiglu' (LightningDiT)."""
+    if kind == "gelu":
+        return nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
+                             nn.Linear(mlp_hidden, hidden_size))
+    if kind == "swiglu":
+        return SwiGLU(hidden_size, mlp_hidden)
+    raise LatentflowError(f"DiT mlp {kind!r} unknown; choose gelu or swiglu")
 
 
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-zero conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm: str = "layernorm",
+                 qk_norm: bool = False, mlp: str = "gelu") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        mlp_hidden = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
-        )
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = make_norm(norm, hidden_size)
+        self.mlp = make_mlp(mlp, hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # x (B, N, D), condition (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(condition).chunk(6, -1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)  # (B, N, D)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
@@ -148,6 +213,11 @@ class DiT(ModelMixin, ConfigMixin):
         num_classes: number of real classes; 0 means unconditional. Class id `num_classes`
             is the null class for classifier-free guidance.
         time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding.
+        norm: 'layernorm' (DiT) or 'rmsnorm' in the blocks (LightningDiT's options, Yao et al. 2025, which
+            report faster convergence; all four are off by default, which is the DiT of Peebles & Xie).
+        qk_norm: RMS-normalise queries and keys per head.
+        mlp: 'gelu' or 'swiglu'.
+        rope: 2D rotary position embeddings on queries and keys (besides the fixed sine-cosine ones).
     """
 
     _supports_gradient_checkpointing = True
@@ -164,6 +234,10 @@ class DiT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         time_scale: float = 1000.0,
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        mlp: str = "gelu",
+        rope: bool = False,
     ) -> None:
         super().__init__()
         if sample_size % patch_size:
@@ -175,7 +249,12 @@ class DiT(ModelMixin, ConfigMixin):
         self.register_buffer(
             "pos_embed", sincos_position_embedding_2d(hidden_size, self.grid_size)[None], persistent=False
         )  # (1, N, D)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        if rope:
+            cos, sin = rope_2d_tables(self.grid_size, hidden_size // num_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (N, D/H)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (N, D/H)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, norm, qk_norm, mlp)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -225,11 +304,12 @@ class DiT(ModelMixin, ConfigMixin):
         condition = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             condition = condition + self.y_embedder(self._labels_or_null(class_labels, x_t))  # (B, D)
+        rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(block, x, condition)  # (B, N, D)
+                x = self._gradient_checkpointing_func(block, x, condition, rope)  # (B, N, D)
             else:
-                x = block(x, condition)  # (B, N, D)
+                x = block(x, condition, rope)  # (B, N, D)
         return self.unpatchify(self.final_layer(x, condition))  # (B, C, h, w)
 
     def _labels_or_null(self, class_labels: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
