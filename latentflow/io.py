@@ -63,6 +63,13 @@ def write_json_atomic(path: str | os.PathLike, payload: Any, indent: int | None 
     return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a numpy array as .npy atomically (no pickles)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """Read a JSON object, with errors naming the file."""
     path = Path(path)

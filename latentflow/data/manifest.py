@@ -13,7 +13,7 @@ from typing import Any
 
 from latentflow.data.writer import INDEX_DIR, ShardIndex
 from latentflow.errors import LatentflowError
-from latentflow.io import write_json_atomic
+from latentflow.io import write_json_atomic, write_text_atomic
 from latentflow.vae import identity_differences
 
 FORMAT = "latentflow-latent-cache"
@@ -155,7 +155,5 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
 def write_skipped(out: Path, indexes: list[ShardIndex]) -> int:
     """Write ``skipped.jsonl`` (sorted by key) from the indexes; returns the count."""
     entries = sorted((entry for index in indexes for entry in index.skipped), key=lambda entry: entry["key"])
-    temporary = out / ".skipped.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
-    temporary.replace(out / "skipped.jsonl")
+    write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
     return len(entries)

@@ -24,7 +24,7 @@ from latentflow.flow.couplings import IndependentCoupling
 from latentflow.flow.metrics import path_straightness, wasserstein2
 from latentflow.flow.objectives import OBJECTIVES, FlowMatchingObjective, Objective, TrainingBatch, make_objective
 from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate
-from latentflow.io import write_json_atomic
+from latentflow.io import save_npy, write_json_atomic
 from latentflow.toy.distributions import Sampler, get_distribution
 from latentflow.train.optim import cpu_fused_optimizer
 
@@ -232,7 +232,7 @@ def evaluate_field(settings, objective, model, source: Sampler, target: Sampler,
     results: dict = {"w2": {}, "nfe_used": {}, "w2_stochastic": {}}
     for steps in settings.nfe:
         out = sample_points(settings, objective, model, x0, steps)
-        np.save(out_dir / f"samples_nfe{steps}.npy", out.x.numpy())
+        save_npy(out_dir / f"samples_nfe{steps}.npy", out.x.numpy())
         results["w2"][str(steps)] = wasserstein2(out.x, reference)
         results["nfe_used"][str(steps)] = out.nfe
         if objective.prediction == "noise":
