@@ -30,7 +30,7 @@ def shipped_config(name: str) -> Path:
     return installed if not checkout.is_file() and installed.is_file() else checkout
 
 
-DEFAULT_CONFIG = shipped_config("flowers64_dit_s2_otcfm.yaml")
+DEFAULT_CONFIG = shipped_config("flowers64_demo.yaml")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class DemoSettings:
     sweep: list[str] = field(default_factory=lambda: ["euler:8", "midpoint:4"])
     grid_images: int = 64
     grid_steps: int = 8
-    class_guidance: float = 2.0
+    guidance_scale: float = 3.0  # classifier-free guidance of the grids and the evaluation (class-conditional data)
     floors: bool = True
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
@@ -148,10 +148,12 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     from latentflow.export import load_pipeline
     from latentflow.io import image_grid, save_image
 
-    done = stage(f"4/5 sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps")
+    done = stage(f"4/5 sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps, guidance "
+                 f"{settings.guidance_scale:g} (class-conditional models)")
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
     setting = SamplerSetting("euler", settings.grid_steps, None)
-    batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, 1.0, None)
+    guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
+    batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, guidance, None)
     images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
     grid = save_image(image_grid(images), settings.out / "samples.png")
     save_image(image_grid(images), pipe_dir / GRID_NAME)  # the model card's picture
@@ -159,10 +161,10 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     names = pipe.scheduler.config.label_names or []
     if pipe.scheduler.config.num_classes:
         rows = [torch.cat([batch.images for batch in generate_batches(pipe, 8, setting, 8, settings.seed, label,
-                                                                        settings.class_guidance)])
+                                                                        guidance)])
                 for label in range(pipe.scheduler.config.num_classes)]
         by_class = save_image(image_grid(torch.cat(rows), columns=8), settings.out / "samples_by_class.png")
-        print(f"   one row per class ({', '.join(names)}), guidance {settings.class_guidance:g}: {by_class}")
+        print(f"   one row per class ({', '.join(names)}), guidance {guidance:g}: {by_class}")
     done()
     return grid
 
@@ -180,9 +182,11 @@ def evaluate_stage(settings: DemoSettings, pipe_dir: Path, splits: DataSplits) -
     done = stage(f"5/5 FID against {reference} with {n} images per setting: {' '.join(settings.sweep)}"
                  + (f", floors from {n} images of {train_folder}" if floors else ""))
     out = settings.out / "evaluation"
+    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
     evaluation = EvaluationSettings(reference=reference, n=n, sweep=list(settings.sweep), seed=settings.seed,
-                                    kid_subset_size=min(1000, n), floors=floors)
-    paths = evaluate_pipeline(load_pipeline(pipe_dir, "cpu", progress=False), pipe_dir, evaluation, out)
+                                    kid_subset_size=min(1000, n), floors=floors, guidance_scale=guidance)
+    paths = evaluate_pipeline(pipe, pipe_dir, evaluation, out)
     write_model_card(pipe_dir, evaluation_file=paths["json"])
     done()
     return out

@@ -31,8 +31,8 @@ def test_installed_wheel_finds_the_demo_config(tmp_path):
         env=environment, cwd=tmp_path,
     ).stdout.split()
     assert Path(module).is_relative_to(prefix.resolve()) or Path(module).is_relative_to(prefix)
-    assert Path(found) == Path(env_prefix) / "share" / "latentflow" / "configs" / "flowers64_dit_s2_otcfm.yaml"
-    assert Path(found).read_text() == (REPO / "configs" / "flowers64_dit_s2_otcfm.yaml").read_text()
+    assert Path(found) == Path(env_prefix) / "share" / "latentflow" / "configs" / "flowers64_demo.yaml"
+    assert Path(found).read_text() == (REPO / "configs" / "flowers64_demo.yaml").read_text()
     assert (Path(env_prefix) / "share" / "latentflow" / "configs" / "accelerate" / "cpu_2proc.yaml").is_file()
     assert own_install(tmp_path) == before  # this environment's own latentflow left alone
 

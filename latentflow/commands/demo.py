@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="default: the config's train.max_steps")
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
                         help="generated images per FID setting (default: as many as the reference holds)")
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                        help="classifier-free guidance of the grids and the evaluation (class-conditional models)")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip the floors (real vs real, the VAE floor) beside the FIDs")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(data=args.data, vae=args.vae, out=args.out, config=args.config,
                             resolution=args.resolution, train_steps=args.train_steps, eval_images=args.eval_images,
                             sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides,
-                            floors=args.floors)
+                            floors=args.floors, guidance_scale=args.guidance_scale)
     results = run_demo(settings)
     print("\nresults:")
     for name, path in results.items():
