@@ -135,7 +135,8 @@ def export_stage(settings: DemoSettings, run_dir: Path) -> Path:
     from latentflow.export import export_run
 
     done = stage("3/5 export the EMA model and the VAE as a diffusers pipeline")
-    pipe_dir = export_run(run_dir, settings.out / "pipeline", vae=settings.vae)
+    pipe_dir = export_run(run_dir, settings.out / "pipeline", vae=settings.vae,
+                          grid_images=0)  # the sample stage writes the card's grid
     print(f"   pipeline: {pipe_dir}")
     done()
     return pipe_dir
@@ -155,8 +156,9 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
     batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, guidance, None)
     images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
-    grid = save_image(image_grid(images), settings.out / "samples.png")
-    save_image(image_grid(images), pipe_dir / GRID_NAME)  # the model card's picture
+    picture = image_grid(images)
+    grid = save_image(picture, settings.out / "samples.png")
+    save_image(picture, pipe_dir / GRID_NAME)  # the model card's picture
     print(f"   grid: {grid}")
     names = pipe.scheduler.config.label_names or []
     if pipe.scheduler.config.num_classes:
