@@ -30,11 +30,13 @@ from latentflow.card import GRID_NAME, write_model_card
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.solvers import FLOW_MAP_SOLVERS
 from latentflow.io import image_grid, read_json, save_image, write_folder_atomic, write_json_atomic
 from latentflow.scheduler import LatentFlowScheduler
 from latentflow.vae import check_same_vae, check_vae_fingerprint, vae_fingerprint
 
-__all__ = ["LatentFlowScheduler", "check_vae_fingerprint", "export_run", "load_pipeline", "scheduler_from_run"]
+__all__ = ["LatentFlowScheduler", "check_vae_fingerprint", "export_run", "load_pipeline", "pipeline_from_run",
+           "scheduler_from_run"]
 
 CACHE_MANIFEST_NAME = "cache_manifest.json"
 RUN_MODEL_DIR = "model"
@@ -59,13 +61,18 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
 def scheduler_from_run(config: Any, manifest: dict[str, Any], vae_module: torch.nn.Module) -> LatentFlowScheduler:
     """The sampling settings of a trained run: objective, latent shape/statistics, classes, sample defaults."""
     prediction = make_objective(config.objective.name).prediction
+    solver, steps = config.sample.solver, config.sample.steps
+    if prediction == "noise":
+        solver = "ddim"
+    elif prediction == "average_velocity" and solver not in FLOW_MAP_SOLVERS:
+        solver, steps = FLOW_MAP_SOLVERS[0], 1  # a flow map's point: one jump
     channels, height, width = manifest["latent_shape"]
     normalize = bool(config.data.normalize)
     defaults = DDPMSchedule()
     return LatentFlowScheduler(
         prediction_type=prediction,
-        solver="ddim" if prediction == "noise" else config.sample.solver,
-        num_inference_steps=config.sample.steps,
+        solver=solver,
+        num_inference_steps=steps,
         ddpm_num_train_timesteps=defaults.num_train_timesteps,
         ddpm_beta_start=defaults.beta_start,
         ddpm_beta_end=defaults.beta_end,
@@ -106,6 +113,30 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     return f"https://huggingface.co/{repo_id}"
 
 
+def pipeline_from_run(run_dir: str | os.PathLike, vae: str | None = None, where: str = "export"):
+    """The pipeline of a finished training run, built in memory: its EMA model, the cache's VAE, its sampling
+    settings (see `export_run` for the arguments; `where` names the caller in errors).
+
+    Returns:
+        LatentFlowPipeline on the CPU.
+    """
+    from latentflow.models import load_model
+    from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
+    from latentflow.train.config import load_config
+    from latentflow.vae import load_vae, vae_source
+
+    run = Path(run_dir)
+    manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
+    config = load_config(run / RUN_CONFIG)
+    if not (run / RUN_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"no EMA model at {run / RUN_MODEL_DIR}; is {run} a finished `latentflow train` run?")
+    model = load_model(run / RUN_MODEL_DIR).eval()
+    frozen = load_vae(vae or vae_source(manifest["vae"]))
+    check_same_vae(manifest["vae"], frozen.identity, f"{where} {run}")
+    return LatentFlowPipeline(transformer=model, vae=frozen.module,
+                              scheduler=scheduler_from_run(config, manifest, frozen.module))
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str | None = None,
                grid_images: int = 16, license_name: str = "other") -> Path:
     """Turn a training run folder into a pipeline folder.
@@ -122,21 +153,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
     Returns:
         The pipeline folder.
     """
-    from latentflow.models import load_model
-    from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
-    from latentflow.train.config import load_config
-    from latentflow.vae import load_vae, vae_source
-
     run = Path(run_dir)
+    pipe = pipeline_from_run(run, vae)
     manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
-    config = load_config(run / RUN_CONFIG)
-    if not (run / RUN_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"no EMA model at {run / RUN_MODEL_DIR}; is {run} a finished `latentflow train` run?")
-    model = load_model(run / RUN_MODEL_DIR).eval()
-    frozen = load_vae(vae or vae_source(manifest["vae"]))
-    check_same_vae(manifest["vae"], frozen.identity, f"export {run}")
-    pipe = LatentFlowPipeline(transformer=model, vae=frozen.module,
-                              scheduler=scheduler_from_run(config, manifest, frozen.module))
 
     def fill(staging: Path) -> None:
         pipe.save_pretrained(str(staging), safe_serialization=True)

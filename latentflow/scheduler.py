@@ -14,8 +14,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from latentflow.errors import LatentflowError
 from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.solvers import PREDICTIONS
 
-PREDICTION_TYPES = ("velocity", "noise")
+PREDICTION_TYPES = PREDICTIONS
 
 
 class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
@@ -25,7 +26,8 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
     integration itself is `latentflow.flow.solvers.integrate` (velocity models) or `ddim_sample` (noise models).
 
     Args:
-        prediction_type: "velocity" (flow matching) or "noise" (DDPM, sampled with DDIM).
+        prediction_type: "velocity" (flow matching), "noise" (DDPM, sampled with DDIM) or "average_velocity" (a
+            flow map, objective meanflow: sampled with "flowmap" in exactly as many evaluations as steps).
         solver: default solver: a torchdiffeq method for velocity models, "ddim" for noise models.
         num_inference_steps: default steps (fixed-step solvers and DDIM).
         atol, rtol: default tolerances of adaptive solvers.
@@ -80,7 +82,8 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
     @property
     def default_solver(self) -> str:
         """The solver used when the caller names none."""
-        return self.config.solver or ("ddim" if self.config.prediction_type == "noise" else "euler")
+        defaults = {"noise": "ddim", "average_velocity": "flowmap"}
+        return self.config.solver or defaults.get(self.config.prediction_type, "euler")
 
     @property
     def null_class_id(self) -> int:

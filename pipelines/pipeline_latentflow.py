@@ -11,7 +11,9 @@ pipeline.py; `custom_pipeline="pipelines/pipeline_latentflow.py"` works as well)
 which imports the `latentflow` modules that `model_index.json` names; the `latentflow` package must be installed.
 
 Time convention: t=0 is noise x0 ~ N(0, I), t=1 is data. A velocity model is integrated with
-`latentflow.flow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`.
+`latentflow.flow.solvers.integrate` (any torchdiffeq method); a noise model (ddpm) with `ddim_sample`; a flow map
+(objective meanflow) jumps with `sample_flow_map` (solver "flowmap": K steps, exactly K evaluations), or has its
+diagonal u(x, t, t) = v(x, t) integrated like a velocity model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ import latentflow.models  # noqa: F401  (model_index.json names latentflow.model
 import latentflow.vae  # the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny
 from latentflow.errors import LatentflowError
 from latentflow.flow.guidance import guided_field
-from latentflow.flow.solvers import STAGES_PER_STEP, Field, check_solver, ddim_sample, integrate, nfe_of
+from latentflow.flow.solvers import (
+    FLOW_MAP_SOLVERS,
+    STAGES_PER_STEP,
+    Field,
+    check_solver,
+    ddim_sample,
+    integrate,
+    nfe_of,
+    sample_flow_map,
+)
 from latentflow.io import write_bytes_atomic
 from latentflow.scheduler import LatentFlowScheduler
 
@@ -127,7 +138,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             batch_size: number of images (taken from `latents` or a list of `class_labels` when given).
             num_inference_steps: steps of fixed-step solvers and DDIM (default: the scheduler's).
             solver: torchdiffeq method for velocity models ("euler", "midpoint", "rk4", "dopri5", ...), "ddim"
-                for noise models (default: the scheduler's).
+                for noise models, "flowmap" (or an ODE method) for flow maps (default: the scheduler's).
             atol, rtol: tolerances of adaptive solvers (default: the scheduler's).
             class_labels: ids or label names, one or one per image; None on a class-conditional model draws
                 uniform labels with `generator`.
@@ -223,8 +234,9 @@ class LatentFlowPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # the field and its integration
 
-    def _model(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        output = self.transformer(x, t, class_labels=labels)
+    def _model(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+               r: torch.Tensor | None = None) -> torch.Tensor:
+        output = self.transformer(x, t, class_labels=labels) if r is None else self.transformer(x, t, labels, r=r)
         return output.sample if hasattr(output, "sample") else output
 
     def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float) -> Field:
@@ -240,6 +252,9 @@ class LatentFlowPipeline(DiffusionPipeline):
             if solver == "ddim":
                 first = generator[0] if isinstance(generator, list) else generator
                 output = ddim_sample(counted, x0, self.scheduler.ddpm_schedule(), steps, settings["eta"], first)
+                return output.x, output.nfe
+            if solver in FLOW_MAP_SOLVERS:
+                output = sample_flow_map(counted, x0, steps)
                 return output.x, output.nfe
             if callback is not None:
                 return self._integrate_stepwise(counted, x0, solver, steps, callback)
@@ -314,8 +329,8 @@ def _generator_device(generator: torch.Generator | None) -> torch.device:
 def _counting(field: Field, bar) -> Field:
     """The field, advancing the progress bar by one per evaluation."""
 
-    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        value = field(x, t)
+    def counted(x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        value = field(x, t, *extra)
         bar.update(1)
         return value
 

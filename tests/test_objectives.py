@@ -47,7 +47,7 @@ def test_flow_objectives_target_is_data_minus_noise(name):
     assert batch.t.shape == (32,) and batch.x_t.shape == x1.shape
     if name != "otcfm-sinkhorn":  # pairs drawn from a plan need not keep every data row
         assert torch.equal(batch.labels, labels) and torch.equal(batch.x1, x1)
-    assert (batch.ot_cost is None) == (name in ("rf", "cfm"))
+    assert (batch.ot_cost is None) == (name in ("rf", "cfm", "meanflow"))
 
 
 def test_rf_x_t_lies_on_the_straight_line():

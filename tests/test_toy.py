@@ -86,6 +86,20 @@ def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
     assert (tmp_path / "trajectories.png").stat().st_size > 10_000
 
 
+def test_lab_meanflow_jumps_in_k_evaluations_and_reflow_straightens(tmp_path):
+    code = main(["toy", "--objective", "rf,meanflow,reflow", "--source", "gaussian", "--steps", "400", "--nfe", "1,4",
+                 "--eval-samples", "300", "--reflow-pairs", "1000", "--workers", "0", "--out", str(tmp_path)])
+    assert code == 0
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert runs["meanflow"]["nfe_used"] == {"1": 1, "4": 4}
+    assert all(math.isfinite(value) for value in runs["meanflow"]["w2"].values())
+    assert runs["reflow"]["settings"]["reflow_pairs"] == 1000
+    # 2-rectified flow: straighter paths than the rf it came from, and a better one-step sample
+    assert runs["reflow"]["straightness"] < 0.5 * runs["rf"]["straightness"]
+    assert runs["reflow"]["w2"]["1"] < runs["rf"]["w2"]["1"]
+    assert (tmp_path / "meanflow" / "trajectories.png").stat().st_size > 10_000
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "latentflow.cli", "toy", *args], capture_output=True, text=True)
 

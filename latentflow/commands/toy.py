@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from latentflow.errors import LatentflowError
-from latentflow.flow.objectives import OBJECTIVES
-from latentflow.toy.lab import LabSettings
+from latentflow.toy.lab import LAB_OBJECTIVES, LabSettings
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -26,13 +25,15 @@ def register(subparsers) -> None:
     parser.add_argument("--source", default=defaults.source, help="built-in name or FILE.npy of shape (N, 2) (t=0)")
     parser.add_argument("--target", default=defaults.target, help="built-in name or FILE.npy of shape (N, 2) (t=1)")
     parser.add_argument("--objective", default=defaults.objective,
-                        help=f"one or a comma-separated list of {', '.join(OBJECTIVES)}")
+                        help=f"one or a comma-separated list of {', '.join(LAB_OBJECTIVES)} (reflow: rf, then "
+                             "rf again on its own (noise, endpoint) pairs)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--nfe", default="1,2,4,8,100", help="solver step counts to evaluate")
     parser.add_argument("--solver", default=defaults.solver, help="torchdiffeq fixed-step method")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--lr-schedule", default=defaults.lr_schedule, help="constant or cosine (decay to zero)")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--sigma", type=float, default=None, help="path sigma (default: 0 for rf, 0.01 otherwise)")
     parser.add_argument("--reg", type=float, default=defaults.reg,
@@ -40,6 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="loader processes that prepare batches (default: one per core, up to 4, for OT "
                              "objectives; 1 for the others; 0 on a single core)")
+    parser.add_argument("--reflow-pairs", type=int, default=defaults.reflow_pairs,
+                        help="reflow: (noise, endpoint) pairs integrated from the first rf model")
+    parser.add_argument("--reflow-solver", default=defaults.reflow_solver, help="reflow: the pairs' ODE solver")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
@@ -49,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
     objectives = [name.strip() for name in args.objective.split(",") if name.strip()]
     if not objectives:
-        raise LatentflowError(f"--objective is empty; choose from {list(OBJECTIVES)}")
+        raise LatentflowError(f"--objective is empty; choose from {list(LAB_OBJECTIVES)}")
     settings = LabSettings(
         source=args.source, target=args.target, objective=objectives[0], steps=args.steps,
         batch_size=args.batch_size, nfe=int_list(args.nfe), solver=args.solver, seed=args.seed,
-        learning_rate=args.lr, eval_samples=args.eval_samples, sigma=args.sigma, reg=args.reg, workers=args.workers,
+        learning_rate=args.lr, lr_schedule=args.lr_schedule, eval_samples=args.eval_samples, sigma=args.sigma,
+        reg=args.reg, workers=args.workers,
+        reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver,
     )
     for name in objectives:  # refuse bad settings before any training starts
         LabSettings(**{**settings.__dict__, "objective": name,

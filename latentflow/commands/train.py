@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--resume", default=None, metavar="latest|PATH",
                         help="continue from the newest intact checkpoint of output_dir, or from a checkpoint folder")
+    parser.add_argument("--init", default=None, metavar="RUN_DIR|PIPE_DIR",
+                        help="start from a trained run's (or pipeline's) EMA weights and model settings, e.g. to "
+                             "fine-tune a flow map with objective meanflow (sets train.init)")
 
 
 def register(subparsers) -> None:
@@ -29,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.train.config import load_config
     from latentflow.train.trainer import train
 
-    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    overrides = [*args.overrides, *([f"train.init={args.init}"] if args.init else [])]
+    result = train(load_config(args.config, overrides), resume=args.resume)
     print(f"trained to step {result.step}")
     return 0

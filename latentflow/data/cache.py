@@ -65,6 +65,8 @@ class LatentCache:
         channel_mean, channel_std: (C,) float32 tensors from the manifest (std of posterior samples).
         vae_identity: the manifest's VAE identity (class, source, sha256 of weights, factors).
         shards: the shards that will be read.
+        has_std, has_flip: samples carry posterior stds / flipped variants.
+        has_noise: samples carry the noise x0 paired with them (a couplings cache from `latentflow reflow`).
     """
 
     def __init__(self, path: str | Path, skip_bad_shards: bool = False):
@@ -89,6 +91,7 @@ class LatentCache:
         self.vae_identity = self.manifest["vae"]
         self.has_std = bool(self.manifest["stochastic"])
         self.has_flip = bool(self.manifest["flip"])
+        self.has_noise = "noise.npy" in (self.manifest.get("members") or [])
 
     def _check_shards(self) -> list[ShardInfo]:
         shards = []
@@ -215,7 +218,7 @@ _decode_npy = _NpyDecoder()
 
 @dataclass
 class DecodedSample:
-    """One cached sample as tensors (C, h, w) float16; optional parts None."""
+    """One cached sample as tensors (C, h, w) float16 (the noise of a coupling float32); optional parts None."""
 
     key: str
     mean: torch.Tensor
@@ -223,6 +226,7 @@ class DecodedSample:
     flip_mean: torch.Tensor | None
     flip_std: torch.Tensor | None
     label: int | None
+    noise: torch.Tensor | None = None
 
 
 def decode_raw(raw: RawSample) -> DecodedSample:
@@ -233,16 +237,18 @@ def decode_raw(raw: RawSample) -> DecodedSample:
         return None if tensor is None else tensor[0]
 
     return DecodedSample(raw["__key__"], arrays.mean[0], first(arrays.std), first(arrays.flip_mean),
-                         first(arrays.flip_std), None if arrays.labels is None else int(arrays.labels[0]))
+                         first(arrays.flip_std), None if arrays.labels is None else int(arrays.labels[0]),
+                         first(arrays.noise))
 
 
-_PARTS = {"mean": "mean.npy", "std": "std.npy", "flip_mean": "flip.mean.npy", "flip_std": "flip.std.npy"}
+_PARTS = {"mean": "mean.npy", "std": "std.npy", "flip_mean": "flip.mean.npy", "flip_std": "flip.std.npy",
+          "noise": "noise.npy"}
 
 
 @dataclass
 class LatentArrays:
     """Samples stacked: mean (N, C, h, w) float16, optional std / flip_mean / flip_std alike, labels (N,) long
-    or None, and keys."""
+    or None, keys, and the couplings' noise x0 (N, C, h, w) float32 or None."""
 
     keys: list[str]
     mean: torch.Tensor
@@ -250,6 +256,7 @@ class LatentArrays:
     flip_mean: torch.Tensor | None
     flip_std: torch.Tensor | None
     labels: torch.Tensor | None
+    noise: torch.Tensor | None = None
 
     @staticmethod
     def decode(raws: list[RawSample], shape: tuple[int, ...] | None) -> "LatentArrays":
@@ -266,7 +273,7 @@ class LatentArrays:
         if raws and "cls" in raws[0]:
             labels = torch.tensor([int(raw["cls"]) for raw in raws], dtype=torch.long)
         return LatentArrays([raw["__key__"] for raw in raws], mean, stack(_PARTS["std"]),
-                            stack(_PARTS["flip_mean"]), stack(_PARTS["flip_std"]), labels)
+                            stack(_PARTS["flip_mean"]), stack(_PARTS["flip_std"]), labels, stack(_PARTS["noise"]))
 
     @staticmethod
     def concatenate(parts: list["LatentArrays"]) -> "LatentArrays":
@@ -276,7 +283,7 @@ class LatentArrays:
             return None if values[0] is None else torch.cat(values)
 
         return LatentArrays([key for part in parts for key in part.keys], join("mean"), join("std"),
-                            join("flip_mean"), join("flip_std"), join("labels"))
+                            join("flip_mean"), join("flip_std"), join("labels"), join("noise"))
 
     def take(self, index: torch.Tensor) -> "LatentArrays":
         """The samples at `index` (B,) long, in that order."""
@@ -284,7 +291,7 @@ class LatentArrays:
             return None if tensor is None else tensor[index]
 
         return LatentArrays([self.keys[i] for i in index.tolist()], self.mean[index], pick(self.std),
-                            pick(self.flip_mean), pick(self.flip_std), pick(self.labels))
+                            pick(self.flip_mean), pick(self.flip_std), pick(self.labels), pick(self.noise))
 
 
 @dataclass(frozen=True)
@@ -429,6 +436,8 @@ class _LatentStream(IterableDataset):
             latents = (latents - self.cache.channel_mean.view(1, -1, 1, 1)) / self.cache.channel_std.view(1, -1, 1, 1)
         batch = {"latents": latents, "labels": arrays.labels, "keys": arrays.keys, "flipped": flips,
                  "batch_index": batch_index}
+        if arrays.noise is not None:
+            batch["noise"] = arrays.noise.float()  # (B, C, h, w) the couplings' x0, in the model's space as stored
         if self.batch_transform is None:
             return batch
         if self._transform_generator:
@@ -493,7 +502,8 @@ def make_latent_loader(cache: LatentCache | str | Path, batch_size: int, seed: i
 
     Returns:
         LatentLoader yielding ``{"latents": (B, C, h, w) float32, "labels": (B,) long or None, "keys": list[str],
-        "flipped": (B,) bool, "batch_index": int}`` (or whatever batch_transform returns).
+        "flipped": (B,) bool, "batch_index": int}``, plus ``"noise": (B, C, h, w) float32`` (never normalised)
+        from a couplings cache (or whatever batch_transform returns).
     """
     if not isinstance(cache, LatentCache):
         cache = LatentCache(cache)

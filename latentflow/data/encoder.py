@@ -69,7 +69,7 @@ class EncodeResult:
     seconds: float = 0.0  # wall time of this run's read-encode-write loop (0 when nothing was pending)
 
 
-class _Distributed:
+class Distributed:
     """Rank, world size, device and barriers: accelerate's state when launched with several processes."""
 
     def __init__(self, device: str | None):
@@ -136,7 +136,7 @@ def _settings(config: EncodeConfig, vae: FrozenVAE, source: Source, preprocess: 
             "label_names": source.label_names}
 
 
-def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, dist: _Distributed) -> None:
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, dist: Distributed) -> None:
     out.mkdir(parents=True, exist_ok=True)
     exists = check_compatible(out, settings) if not overwrite else False
     dist.barrier()  # every rank has checked before rank 0 changes anything
@@ -185,7 +185,7 @@ def _encode_batch(vae: FrozenVAE, pixels: torch.Tensor, flip: bool, device: torc
 
 
 def _run_loop(config: EncodeConfig, vae: FrozenVAE, source: Source, records: list[Record],
-              preprocess: PreprocessConfig, dist: _Distributed, out: Path) -> tuple[int, int]:
+              preprocess: PreprocessConfig, dist: Distributed, out: Path) -> tuple[int, int]:
     writer = ShardWriter(out, config.shard_size, dist.rank, dist.world_size)
     workers = config.num_workers if config.num_workers is not None else default_num_workers(dist.device)
     loader = DataLoader(_BatchReader(source, records, config.batch_size, preprocess), batch_size=None,
@@ -226,7 +226,7 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
     Returns:
         EncodeResult; ``num_samples == 0`` means nothing could be encoded (the CLI exits non-zero).
     """
-    dist = _Distributed(config.device)
+    dist = Distributed(config.device)
     out = Path(config.out)
     vae = load_vae(config.vae, dtype=config.dtype, device=dist.device)
     check_resolution(config.resolution, vae.downsampling_factor)

@@ -6,8 +6,9 @@ always has its index; an index without its shard is a leftover of a killed run a
 the indexes: every key in a finished shard (or skipped by one) is done, everything else is encoded again.
 
 Sample layout (webdataset: key, then extensions): ``KEY.mean.npy`` (C,h,w) float16, ``KEY.std.npy`` when the VAE
-is stochastic, ``KEY.flip.mean.npy`` / ``KEY.flip.std.npy`` with flips, ``KEY.cls`` (ASCII int) when labelled,
-``KEY.json`` (source, original size).
+is stochastic, ``KEY.flip.mean.npy`` / ``KEY.flip.std.npy`` with flips, ``KEY.noise.npy`` (C,h,w) float32 in a
+couplings cache (the noise x0 a teacher integrated to ``mean``), ``KEY.cls`` (ASCII int) when labelled,
+``KEY.json`` (source, original size; in a couplings cache the index, seed and NFE).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ShardIndex:
     channel_var_sum: list[float]
     positions: int
     max_label: int = -1
+    info_sums: dict[str, float] = field(default_factory=dict)  # totals of the info fields the writer was told to sum
 
     @property
     def count(self) -> int:
@@ -100,7 +102,8 @@ def next_shard_number(out: Path, rank: int, world_size: int) -> int:
 
 @dataclass
 class LatentSample:
-    """One encoded image: latents (C,h,w) float32 tensors (std/flip ones optional) and metadata."""
+    """One encoded image: latents (C,h,w) float32 tensors (std/flip ones optional) and metadata; or one coupling:
+    the teacher's endpoint as `mean` and its noise x0 (C,h,w) as `noise`."""
 
     key: str
     mean: torch.Tensor
@@ -109,6 +112,7 @@ class LatentSample:
     flip_std: torch.Tensor | None = None
     label: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    noise: torch.Tensor | None = None
 
 
 class ShardWriter:
@@ -118,12 +122,15 @@ class ShardWriter:
         out: cache folder.
         shard_size: samples per shard.
         rank, world_size: this process and how many write at once (names differ per rank when > 1).
+        info_totals: numeric fields of the samples' `info` whose totals each shard's index records (`info_sums`).
     """
 
-    def __init__(self, out: Path, shard_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, out: Path, shard_size: int, rank: int = 0, world_size: int = 1,
+                 info_totals: tuple[str, ...] = ()):
         if shard_size < 1:
             raise LatentflowError(f"--shard-size must be >= 1, got {shard_size}")
         self.out, self.shard_size, self.rank, self.world_size = out, shard_size, rank, world_size
+        self.info_totals = info_totals
         self.number = next_shard_number(out, rank, world_size)
         self._archive: tarfile.TarFile | None = None
         self._reset()
@@ -133,6 +140,7 @@ class ShardWriter:
         self.skipped: list[dict[str, Any]] = []
         self._sum = self._sumsq = self._var = None
         self._positions, self._max_label = 0, -1
+        self._info_sums: dict[str, float] = {}
 
     @property
     def _name(self) -> str:
@@ -150,12 +158,14 @@ class ShardWriter:
         self._archive.addfile(info, io.BytesIO(payload))
 
     def add(self, sample: LatentSample) -> None:
-        """Append one sample (its tensors are stored as float16)."""
+        """Append one sample (its latents are stored as float16, its noise as float32)."""
         members = {"mean.npy": sample.mean, "std.npy": sample.std, "flip.mean.npy": sample.flip_mean,
                    "flip.std.npy": sample.flip_std}
         for extension, tensor in members.items():
             if tensor is not None:
                 self._add_member(f"{sample.key}.{extension}", npy_bytes(tensor.to(torch.float16).cpu().numpy()))
+        if sample.noise is not None:
+            self._add_member(f"{sample.key}.noise.npy", npy_bytes(sample.noise.to(torch.float32).cpu().numpy()))
         if sample.label is not None:
             self._add_member(f"{sample.key}.cls", str(int(sample.label)).encode())
             self._max_label = max(self._max_label, int(sample.label))
@@ -174,6 +184,8 @@ class ShardWriter:
         self._sumsq = self._sumsq + mean.square().sum(dim=(1, 2))
         self._var = self._var + variance.sum(dim=(1, 2))
         self._positions += mean.shape[1] * mean.shape[2]
+        for name in self.info_totals:
+            self._info_sums[name] = self._info_sums.get(name, 0) + sample.info[name]
 
     def skip(self, key: str, origin: str, reason: str) -> None:
         """Record an input that could not be encoded; committed with the current shard."""
@@ -195,7 +207,7 @@ class ShardWriter:
             channel_sum=zeros if self._sum is None else self._sum.tolist(),
             channel_sumsq=zeros if self._sumsq is None else self._sumsq.tolist(),
             channel_var_sum=zeros if self._var is None else self._var.tolist(),
-            positions=self._positions, max_label=self._max_label)
+            positions=self._positions, max_label=self._max_label, info_sums=self._info_sums)
         write_json_atomic(self.out / INDEX_DIR / f"{self._name}.json", index.__dict__, indent=1)
         os.replace(self._temporary, self.out / self._name)
         self.number += 1

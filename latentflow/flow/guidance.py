@@ -8,8 +8,9 @@ import torch
 
 from latentflow.errors import LatentflowError
 
-ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""model(x (B, ...), t (B,), class_labels (B,) or None) -> prediction (B, ...)."""
+ConditionalModel = Callable[..., torch.Tensor]
+"""model(x (B, ...), t (B,), class_labels (B,) or None, *extra (B,)) -> prediction (B, ...); `extra` are further
+per-sample inputs such as a flow map's end time r."""
 
 
 def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_class: int, scale: float):
@@ -25,18 +26,20 @@ def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_clas
         scale: the guidance scale w >= 0.
 
     Returns:
-        field(x (B, ...), t (B,)) -> (B, ...).
+        field(x (B, ...), t (B,), *extra) -> (B, ...) (a flow map's average velocity is guided the same way,
+        with its end time r as `extra`).
     """
     if scale < 0:
         raise LatentflowError(f"guidance_scale must be >= 0, got {scale}")
     if scale == 1.0:
-        return lambda x, t: model(x, t, labels)
+        return lambda x, t, *extra: model(x, t, labels, *extra)
     if labels is None:
         raise LatentflowError(f"guidance_scale={scale} needs a class-conditional model; use 1.0")
     null = torch.full_like(labels, null_class)
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, ...)
+    def guided(x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        doubled = [torch.cat([value, value]) for value in extra]
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), *doubled)  # (2B, ...)
         conditional, unconditional = both.chunk(2)
         return unconditional + scale * (conditional - unconditional)
 

@@ -2,7 +2,9 @@
 
 Every objective splits into a model-free `prepare` (draw noise, pair it with the
 data, draw times, build x_t and the target), which can run in DataLoader workers,
-and `loss`, the per-sample MSE between the model's output and the target.
+and `training_loss`, the per-sample loss given the models: for most objectives the MSE
+between the model's output and the target; for a flow map (meanflow) the regression onto
+the MeanFlow identity, whose target needs the model's own JVP (and a teacher, if used).
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import torch
 
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import Coupling, IndependentCoupling, Pairing, make_coupling
+from latentflow.flow.flow_maps import (
+    PAPER_DISTINCT_SHARE,
+    PAPER_TIME_MEAN,
+    PAPER_TIME_STD,
+    AverageVelocity,
+    FlowMapTimes,
+    adaptive_weight,
+    mean_flow_regression_target,
+)
+from latentflow.flow.guidance import guided_field
 from latentflow.flow.paths import CFMPath, ProbabilityPath, RectifiedFlowPath, expand_time
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.time_samplers import make_time_sampler
@@ -32,6 +44,7 @@ class TrainingBatch:
         x0: (B, ...) the noise used (None once dropped, e.g. before leaving a loader worker).
         x1: (B, ...) the data used (likewise).
         ot_cost: mean squared distance of the (x0, x1) pairs, or None.
+        r: (B,) the end times of a flow-map objective (t <= r), or None.
     """
 
     x_t: torch.Tensor
@@ -41,6 +54,7 @@ class TrainingBatch:
     x0: torch.Tensor | None
     x1: torch.Tensor | None
     ot_cost: float | None = None
+    r: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainingBatch":
         """A copy with every tensor moved to `device` (`non_blocking` overlaps copies from pinned memory)."""
@@ -70,6 +84,23 @@ def draw_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
+@dataclass
+class TrainingModels:
+    """The models an objective's loss may call; all take (x (B, ...), t (B,), r (B,) or None, labels or None).
+
+    Attributes:
+        student: the model being trained (gradients flow through it).
+        tangent: the same weights callable under `torch.func.jvp` (no DDP wrapper), for flow maps.
+        teacher: a frozen velocity field whose (guided) velocity a flow map learns from, or None.
+        null_class: the class id of "no class" (classifier-free guidance), or None when unconditional.
+    """
+
+    student: AverageVelocity
+    tangent: AverageVelocity | None = None
+    teacher: AverageVelocity | None = None
+    null_class: int | None = None
+
+
 class Objective(ABC):
     """A training objective; `prediction` says what the model outputs."""
 
@@ -88,6 +119,10 @@ class Objective(ABC):
     def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
         """Per-sample loss (B,)."""
         return per_sample_mse(model_output, batch.target)
+
+    def training_loss(self, models: TrainingModels, batch: TrainingBatch) -> torch.Tensor:
+        """Per-sample loss (B,) of the student on a prepared batch."""
+        return self.loss(models.student(batch.x_t, batch.t, None, batch.labels), batch)
 
 
 class FlowMatchingObjective(Objective):
@@ -137,28 +172,121 @@ class DDPMObjective(Objective):
         return TrainingBatch(x_t, t, noise, labels, noise, x1, None)
 
 
-def _rectified_flow(sigma, reg, class_aware, ot_solver, times) -> Objective:
-    if sigma not in (None, 0, 0.0):
-        raise LatentflowError(f"objective 'rf' has sigma 0; got sigma={sigma} (use 'cfm' for sigma > 0)")
+class MeanFlowObjective(FlowMatchingObjective):
+    """A flow map learnt with the MeanFlow identity (Geng et al. 2025, Eq. 6 and 9, in our convention; see
+    `latentflow.flow.flow_maps`): the model u(x_t, t, r) regresses onto sg(v + (r - t) du/dt).
+
+    Args:
+        coupling: how noise is paired with data (the path is the straight one of rectified flow).
+        times: the (t, r) sampler.
+        velocity: "data" (v = x1 - x0, the paper) or "teacher" (v = a frozen teacher's velocity field, e.g. the
+            run the flow map is fine-tuned from: a lower-variance target).
+        guidance: the guidance scale w the learnt velocity carries (1: none). With "data", MeanFlow's Eq. 13:
+            v = w (x1 - x0) + (1 - w) u(x_t, t, t | null) for labelled samples; with "teacher", the teacher's
+            classifier-free guided field. Sample the result with guidance_scale 1.
+        weight_power: p of the adaptive loss weight 1 / (error + 1e-3)^p (Sec. 4.3; 0: plain MSE).
+    """
+
+    prediction = "average_velocity"
+
+    def __init__(self, coupling: Coupling, times: FlowMapTimes, velocity: str = "data", guidance: float = 1.0,
+                 weight_power: float = 1.0):
+        if velocity not in FLOW_MAP_VELOCITIES:
+            raise LatentflowError(f"meanflow velocity {velocity!r} unknown; choose one of {FLOW_MAP_VELOCITIES}")
+        if guidance < 0 or weight_power < 0:
+            raise LatentflowError(f"meanflow guidance ({guidance}) and weight_power ({weight_power}) must be >= 0")
+        super().__init__(RectifiedFlowPath(), coupling, times)
+        self.velocity, self.guidance, self.weight_power = velocity, float(guidance), float(weight_power)
+
+    def prepare_paired(self, pairing: Pairing, generator: torch.Generator | None = None) -> TrainingBatch:
+        times = self.time_sampler(pairing.x1.shape[0], pairing.x1.device, generator)
+        point = self.path.sample(pairing.x0, pairing.x1, times.t, generator)
+        ot_cost = None if isinstance(self.coupling, IndependentCoupling) else pairing.cost
+        return TrainingBatch(point.x_t, times.t, point.u_t, pairing.labels, pairing.x0, pairing.x1, ot_cost,
+                             r=times.r)
+
+    def instantaneous_velocity(self, models: TrainingModels, batch: TrainingBatch) -> torch.Tensor:
+        """v at (x_t, t) that the flow map's diagonal learns: (B, ...), detached."""
+        labels, scale = batch.labels, self.guidance
+        if scale != 1 and labels is None:
+            raise LatentflowError(f"meanflow guidance {scale} needs a class-conditional model and cache; use 1.0")
+        if self.velocity == "teacher":
+            if models.teacher is None:
+                raise LatentflowError("meanflow velocity 'teacher' needs a teacher: train with --init RUN_DIR")
+            teacher = models.teacher
+            field = guided_field(lambda x, t, c: teacher(x, t, None, c), labels, models.null_class, scale)
+            with torch.no_grad():
+                return field(batch.x_t, batch.t).detach()
+        if scale == 1:
+            return batch.target
+        student = models.tangent or models.student
+        null = torch.full_like(labels, models.null_class)
+        with torch.no_grad():
+            unconditional = student(batch.x_t, batch.t, batch.t, null)
+        guided = scale * batch.target + (1 - scale) * unconditional.to(batch.target.dtype)
+        labelled = (labels != models.null_class).reshape(-1, *([1] * (guided.ndim - 1)))  # (B, 1, ...)
+        return torch.where(labelled, guided, batch.target)
+
+    def training_loss(self, models: TrainingModels, batch: TrainingBatch) -> torch.Tensor:
+        if batch.r is None:
+            raise LatentflowError("a meanflow batch needs end times r; prepare it with MeanFlowObjective.prepare")
+        v = self.instantaneous_velocity(models, batch)
+        target = mean_flow_regression_target(models.tangent or models.student, batch.x_t, batch.t, batch.r, v,
+                                             batch.labels)
+        error = per_sample_mse(models.student(batch.x_t, batch.t, batch.r, batch.labels), target)
+        return error * adaptive_weight(error, self.weight_power)
+
+
+FLOW_MAP_VELOCITIES = ("data", "teacher")
+
+
+@dataclass
+class ObjectiveSettings:
+    """Everything the registry's builders read (see `make_objective`)."""
+
+    sigma: float | None = None
+    reg: float = 0.05
+    class_aware: bool = False
+    ot_solver: str = "assignment"
+    flow_map_share: float = PAPER_DISTINCT_SHARE
+    flow_map_velocity: str = "data"
+    flow_map_guidance: float = 1.0
+    flow_map_weight_power: float = 1.0
+
+
+def _path_sigma(settings: ObjectiveSettings) -> float:
+    return 0.01 if settings.sigma is None else settings.sigma
+
+
+def _rectified_flow(settings: ObjectiveSettings, times) -> Objective:
+    if settings.sigma not in (None, 0, 0.0):
+        raise LatentflowError(f"objective 'rf' has sigma 0; got sigma={settings.sigma} (use 'cfm' for sigma > 0)")
     return FlowMatchingObjective(RectifiedFlowPath(), make_coupling("independent"), times)
 
 
-def _cfm(sigma, reg, class_aware, ot_solver, times) -> Objective:
-    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), make_coupling("independent"), times)
+def _cfm(settings: ObjectiveSettings, times) -> Objective:
+    return FlowMatchingObjective(CFMPath(_path_sigma(settings)), make_coupling("independent"), times)
 
 
-def _otcfm(sigma, reg, class_aware, ot_solver, times) -> Objective:
-    coupling = make_coupling("exact", class_aware=class_aware, solver=ot_solver)
-    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), coupling, times)
+def _otcfm(settings: ObjectiveSettings, times) -> Objective:
+    coupling = make_coupling("exact", class_aware=settings.class_aware, solver=settings.ot_solver)
+    return FlowMatchingObjective(CFMPath(_path_sigma(settings)), coupling, times)
 
 
-def _otcfm_sinkhorn(sigma, reg, class_aware, ot_solver, times) -> Objective:
-    coupling = make_coupling("sinkhorn", reg=reg, class_aware=class_aware)
-    return FlowMatchingObjective(CFMPath(0.01 if sigma is None else sigma), coupling, times)
+def _otcfm_sinkhorn(settings: ObjectiveSettings, times) -> Objective:
+    coupling = make_coupling("sinkhorn", reg=settings.reg, class_aware=settings.class_aware)
+    return FlowMatchingObjective(CFMPath(_path_sigma(settings)), coupling, times)
 
 
-def _ddpm(sigma, reg, class_aware, ot_solver, times) -> Objective:
+def _ddpm(settings: ObjectiveSettings, times) -> Objective:
     return DDPMObjective()
+
+
+def _meanflow(settings: ObjectiveSettings, times) -> Objective:
+    if settings.sigma not in (None, 0, 0.0):
+        raise LatentflowError(f"objective 'meanflow' uses the straight path (sigma 0); got sigma={settings.sigma}")
+    return MeanFlowObjective(make_coupling("independent"), FlowMapTimes(times, settings.flow_map_share),
+                             settings.flow_map_velocity, settings.flow_map_guidance, settings.flow_map_weight_power)
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
@@ -167,11 +295,24 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "otcfm": _otcfm,
     "otcfm-sinkhorn": _otcfm_sinkhorn,
     "ddpm": _ddpm,
+    "meanflow": _meanflow,
 }
-"""The objective registry: name -> builder(sigma, reg, class_aware, ot_solver, time_sampler)."""
+"""The objective registry: name -> builder(ObjectiveSettings, time_sampler)."""
 
 OT_OBJECTIVES = ("otcfm", "otcfm-sinkhorn")
 """The objectives whose coupling is an OT plan (they may pair across processes: ot_scope 'global')."""
+
+FLOW_MAP_OBJECTIVES = ("meanflow",)
+"""The objectives whose model is a flow map u(x_t, t, r) (its second time input switched on)."""
+
+DEFAULT_TIME_SAMPLERS = {"meanflow": ("logit_normal", {"mean": -PAPER_TIME_MEAN, "std": PAPER_TIME_STD})}
+"""Objectives whose default time sampler is not uniform: meanflow's is the paper's logit-normal(-0.4, 1), which
+is logit-normal(0.4, 1) in our convention (see `latentflow.flow.flow_maps.from_meanflow_convention`)."""
+
+
+def default_time_sampler(objective: str) -> tuple[str, dict[str, float]]:
+    """(name, settings) of the time sampler `objective` uses when the config names none."""
+    return DEFAULT_TIME_SAMPLERS.get(objective, ("uniform", {}))
 
 
 def make_objective(
@@ -179,22 +320,37 @@ def make_objective(
     sigma: float | None = None,
     reg: float = 0.05,
     class_aware: bool = False,
-    time_sampler: str = "uniform",
+    time_sampler: str | None = None,
     ot_solver: str = "assignment",
+    flow_map_share: float = PAPER_DISTINCT_SHARE,
+    flow_map_velocity: str = "data",
+    flow_map_guidance: float = 1.0,
+    flow_map_weight_power: float = 1.0,
     **time_sampler_kwargs,
 ) -> Objective:
     """Build an objective by name.
 
     Args:
         name: 'rf' (straight path, independent pairs), 'cfm' (sigma path, independent pairs),
-            'otcfm' (exact minibatch OT pairs), 'otcfm-sinkhorn' (entropic OT pairs), 'ddpm'.
+            'otcfm' (exact minibatch OT pairs), 'otcfm-sinkhorn' (entropic OT pairs), 'ddpm',
+            'meanflow' (a flow map on the straight path, MeanFlow).
         sigma: path noise; default 0 for rf, 0.01 otherwise (the lecture's value).
         reg: Sinkhorn regularisation, relative to the largest cost.
         class_aware: OT pairs only within the same label.
-        time_sampler: 'uniform' or 'logit_normal' (kwargs mean, std).
+        time_sampler: 'uniform' or 'logit_normal' (kwargs mean, std); None: the objective's default
+            (`default_time_sampler`).
         ot_solver: exact OT solver: 'assignment' (warm-started, the default), 'lsa' (plain scipy) or 'emd' (POT).
+        flow_map_share: meanflow: the share of (t, r) pairs with r != t.
+        flow_map_velocity: meanflow: 'data' or 'teacher' (see MeanFlowObjective).
+        flow_map_guidance: meanflow: the guidance scale the learnt velocity carries.
+        flow_map_weight_power: meanflow: the adaptive loss weight's power p.
     """
     if name not in OBJECTIVES:
         raise LatentflowError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
+    if time_sampler is None:
+        time_sampler, defaults = default_time_sampler(name)
+        time_sampler_kwargs = {**defaults, **time_sampler_kwargs}
     times = make_time_sampler(time_sampler, **time_sampler_kwargs)
-    return OBJECTIVES[name](sigma, reg, class_aware, ot_solver, times)
+    settings = ObjectiveSettings(sigma, reg, class_aware, ot_solver, flow_map_share, flow_map_velocity,
+                                 flow_map_guidance, flow_map_weight_power)
+    return OBJECTIVES[name](settings, times)

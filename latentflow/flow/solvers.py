@@ -13,6 +13,7 @@ import torch
 from torchdiffeq import odeint
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.flow_maps import flow_map_step
 from latentflow.flow.schedules import DDPMSchedule
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,6 +27,13 @@ support per-step callbacks in the pipeline)."""
 
 NOISE_SOLVERS = ("ddim",)
 """Samplers of noise-prediction (ddpm) models; they take a step count."""
+
+FLOW_MAP_SOLVERS = ("flowmap",)
+"""Samplers of flow-map (average-velocity, meanflow) models: K jumps of x_r = x_t + (r - t) u(x_t, t, r), exactly
+K evaluations. A flow map's diagonal u(x, t, t) is a velocity field, so the ODE methods sample it too."""
+
+PREDICTIONS = ("velocity", "noise", "average_velocity")
+"""What a model predicts: a velocity field (flow matching), the noise (ddpm), or a flow map's average velocity."""
 
 _DOCUMENTED_METHODS = (  # torchdiffeq's README, for a release whose internals moved
     ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "heun2", "heun3"),
@@ -48,27 +56,34 @@ def _torchdiffeq_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 FIXED_STEP_METHODS, ADAPTIVE_METHODS = _torchdiffeq_methods()
-STEPPED_SOLVERS = (*FIXED_STEP_METHODS, *NOISE_SOLVERS)
+STEPPED_SOLVERS = (*FIXED_STEP_METHODS, *NOISE_SOLVERS, *FLOW_MAP_SOLVERS)
 """Every solver that takes a step count (the rest take tolerances)."""
 
 
 def check_solver(solver: str, prediction: str = "velocity") -> None:
-    """Raise LatentflowError when a model predicting `prediction` ('velocity' or 'noise') cannot be sampled
-    with `solver`, listing the valid ones."""
+    """Raise LatentflowError when a model predicting `prediction` (one of PREDICTIONS) cannot be sampled with
+    `solver`, listing the valid ones."""
+    if prediction not in PREDICTIONS:
+        raise LatentflowError(f"prediction {prediction!r} is not one of {list(PREDICTIONS)}")
     if prediction == "noise":
         if solver not in NOISE_SOLVERS:
             raise LatentflowError(f"a noise-prediction (ddpm) model samples with solver='ddim', not {solver!r}")
         return
-    valid = sorted(FIXED_STEP_METHODS + ADAPTIVE_METHODS)
+    ode_methods = sorted(FIXED_STEP_METHODS + ADAPTIVE_METHODS)
+    if solver in FLOW_MAP_SOLVERS and prediction != "average_velocity":
+        raise LatentflowError(f"solver {solver!r} needs a flow-map model (trained with objective 'meanflow'); this "
+                              f"model is a plain velocity field: use an ODE solver, e.g. euler or dopri5")
+    valid = ode_methods + (list(FLOW_MAP_SOLVERS) if prediction == "average_velocity" else [])
     if solver not in valid:
-        raise LatentflowError(f"unknown solver {solver!r} for a velocity model; choose one of {valid}")
+        raise LatentflowError(f"unknown solver {solver!r} for a {prediction.replace('_', '-')} model; choose one "
+                              f"of {valid}")
 
 
 def nfe_of(solver: str, steps: int) -> int | None:
     """Exact velocity evaluations of `steps` steps of `solver`, or None where it is not known in advance."""
     if solver in STAGES_PER_STEP:
         return steps * STAGES_PER_STEP[solver]
-    return steps if solver in NOISE_SOLVERS else None
+    return steps if solver in NOISE_SOLVERS + FLOW_MAP_SOLVERS else None
 
 
 @dataclass
@@ -211,3 +226,29 @@ def ddim_sample(
             states.append(x)
     times = schedule.timestep_to_time(timesteps) if return_trajectory else None
     return SolverOutput(x=x, nfe=steps, trajectory=torch.stack(states) if return_trajectory else None, times=times)
+
+
+def sample_flow_map(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                    steps: int, return_trajectory: bool = False):
+    """Generate with a flow map in `steps` jumps on the uniform grid 0 = t_0 < ... < t_K = 1: exactly K calls.
+
+    Args:
+        model: u(x (B, ...), t (B,), r (B,)) -> (B, ...), the average velocity (labels and guidance bound).
+        x0: (B, ...) noise at t=0.
+        steps: K >= 1.
+        return_trajectory: also return the K + 1 states.
+
+    Returns:
+        SolverOutput with x at t=1 and nfe = K.
+    """
+    if steps < 1:
+        raise LatentflowError(f"a flow-map sampler takes steps >= 1, got {steps}")
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x0.dtype, device=x0.device)
+    x, states = x0, [x0]
+    with torch.no_grad():
+        for start, end in zip(grid[:-1], grid[1:]):
+            t, r = start.expand(x.shape[0]), end.expand(x.shape[0])
+            x = flow_map_step(x, t, r, model(x, t, r))
+            states.append(x)
+    return SolverOutput(x=x, nfe=steps, trajectory=torch.stack(states) if return_trajectory else None,
+                        times=grid if return_trajectory else None)

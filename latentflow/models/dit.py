@@ -23,6 +23,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from latentflow.errors import LatentflowError
+from latentflow.models.attention import attention
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,6 +59,11 @@ def sincos_position_embedding_2d(dim: int, grid_size: int) -> torch.Tensor:
     row_embedding = sinusoidal_embedding(rows.flatten(), dim // 2)  # (G*G, dim/2)
     col_embedding = sinusoidal_embedding(cols.flatten(), dim // 2)  # (G*G, dim/2)
     return torch.cat([col_embedding, row_embedding], dim=-1)  # (G*G, dim)
+
+
+def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Times as (B,) for a batch x (B, ...): a scalar or one-element tensor is repeated."""
+    return t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -135,7 +141,7 @@ class Attention(nn.Module):
         query, key = self.q_norm(query), self.k_norm(key)
         if rope is not None:
             query, key = apply_rope(query, *rope), apply_rope(key, *rope)
-        out = F.scaled_dot_product_attention(query, key, value)  # (B, H, N, D/H)
+        out = attention(query, key, value)  # (B, H, N, D/H)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))  # (B, N, D)
 
 
@@ -218,6 +224,9 @@ class DiT(ModelMixin, ConfigMixin):
         qk_norm: RMS-normalise queries and keys per head.
         mlp: 'gelu' or 'swiglu'.
         rope: 2D rotary position embeddings on queries and keys (besides the fixed sine-cosine ones).
+        flow_map: take a second time r >= t (a flow map's end time, `latentflow.flow.flow_maps`): an embedding of
+            r - t is added to the time embedding. Its last layer starts at zero, so a flow map made from a plain
+            model's weights starts as that model's velocity field for every r.
     """
 
     _supports_gradient_checkpointing = True
@@ -238,6 +247,7 @@ class DiT(ModelMixin, ConfigMixin):
         qk_norm: bool = False,
         mlp: str = "gelu",
         rope: bool = False,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         if sample_size % patch_size:
@@ -245,6 +255,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.grid_size = sample_size // patch_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+        self.interval_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if flow_map else None
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         self.register_buffer(
             "pos_embed", sincos_position_embedding_2d(hidden_size, self.grid_size)[None], persistent=False
@@ -272,6 +283,9 @@ class DiT(ModelMixin, ConfigMixin):
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
+        if self.interval_embedder is not None:
+            nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.interval_embedder.mlp[2].weight)  # starts as the plain field for every r
         for block in [*self.blocks, self.final_layer]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -286,22 +300,29 @@ class DiT(ModelMixin, ConfigMixin):
         return x.reshape(tokens.shape[0], c, g * p, g * p)  # (B, C, h, w)
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity (noise for ddpm) at x_t.
+        """Predict the velocity (noise for ddpm; a flow map's average velocity over [t, r]) at x_t.
 
         Args:
             x_t: (B, C, h, w) latents on the path at time t.
             t: (B,) float times in [0, 1] (a scalar tensor is broadcast).
             class_labels: (B,) long in 0..num_classes (num_classes = null), or None
                 (the null class when the model is class-conditional).
+            r: (B,) end times r >= t of a flow map (None: r = t, the velocity); only for flow_map models.
 
         Returns:
             (B, C, h, w) prediction.
         """
-        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t  # (B,)
+        t = broadcast_time(t, x_t)  # (B,)
         x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed.to(x_t.dtype)  # (B, N, D)
         condition = self.t_embedder(t)  # (B, D)
+        if self.interval_embedder is not None:
+            interval = torch.zeros_like(t) if r is None else broadcast_time(r, x_t) - t  # (B,)
+            condition = condition + self.interval_embedder(interval)  # (B, D)
+        elif r is not None:
+            raise LatentflowError("this DiT is not a flow map (flow_map=False): call it without r")
         if self.y_embedder is not None:
             condition = condition + self.y_embedder(self._labels_or_null(class_labels, x_t))  # (B, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None

@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
+from torch import nn
 
 from latentflow.errors import LatentflowError
+from latentflow.models.attention import use_jvp_attention
+from latentflow.models.dit import TimestepEmbedder, broadcast_time
 
 
 class UNet(ModelMixin, ConfigMixin):
@@ -28,6 +31,9 @@ class UNet(ModelMixin, ConfigMixin):
         norm_num_groups: GroupNorm groups (must divide every entry of block_out_channels).
         num_classes: number of real classes; 0 means unconditional; id num_classes is null.
         time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding.
+        flow_map: take a second time r >= t (a flow map's end time): an embedding of r - t, whose last layer
+            starts at zero, is added to the U-Net's time embedding (through a forward hook on its
+            `time_embedding`, so the wrapped `UNet2DModel` and its weight names stay as they are).
     """
 
     _supports_gradient_checkpointing = True
@@ -44,6 +50,7 @@ class UNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         num_classes: int = 0,
         time_scale: float = 1000.0,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -65,21 +72,45 @@ class UNet(ModelMixin, ConfigMixin):
             norm_num_groups=norm_num_groups,
             num_class_embeds=num_classes + 1 if num_classes > 0 else None,
         )
+        use_jvp_attention(self.unet)  # attention blocks that also work under torch.func.jvp
+        self.interval_embedder = None
+        self._interval_embedding: torch.Tensor | None = None  # set for the length of one forward call
+        if flow_map:
+            self.interval_embedder = TimestepEmbedder(block_out_channels[0] * 4, time_scale=time_scale)
+            nn.init.zeros_(self.interval_embedder.mlp[2].weight)
+            nn.init.zeros_(self.interval_embedder.mlp[2].bias)
+            self.unet.time_embedding.register_forward_hook(self._add_interval_embedding)
+
+    def _add_interval_embedding(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output if self._interval_embedding is None else output + self._interval_embedding.to(output.dtype)
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity (noise for ddpm) at x_t.
+        """Predict the velocity (noise for ddpm; a flow map's average velocity over [t, r]) at x_t.
 
         Args:
             x_t: (B, C, h, w) latents at time t.
             t: (B,) float times in [0, 1] (a scalar tensor is broadcast).
             class_labels: (B,) long in 0..num_classes, or None (the null class when conditional).
+            r: (B,) end times r >= t of a flow map (None: r = t, the velocity); only for flow_map models.
 
         Returns:
             (B, C, h, w) prediction.
         """
-        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t  # (B,)
+        t = broadcast_time(t, x_t)  # (B,)
+        if self.interval_embedder is None and r is not None:
+            raise LatentflowError("this UNet is not a flow map (flow_map=False): call it without r")
+        if self.interval_embedder is not None:
+            interval = torch.zeros_like(t) if r is None else broadcast_time(r, x_t) - t  # (B,)
+            self._interval_embedding = self.interval_embedder(interval)  # (B, 4 * block_out_channels[0])
+        try:
+            return self._unet_forward(x_t, t, class_labels)
+        finally:
+            self._interval_embedding = None
+
+    def _unet_forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         labels = None
         if self.config.num_classes > 0:
             if class_labels is None:

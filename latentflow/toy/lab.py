@@ -2,11 +2,14 @@
 
 Reproduces the lecture's teaching results: CFM's curved paths against OT-CFM's
 straight ones, deterministic against stochastic diffusion sampling, and sample
-quality (exact W2) against the number of solver steps.
+quality (exact W2) against the number of solver steps; and the few-step methods: a
+flow map learnt with MeanFlow (`meanflow`, sampled in K jumps) and 2-rectified flow
+(`reflow`: train rf, integrate it into (noise, endpoint) pairs, retrain on them).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -22,8 +25,15 @@ from tqdm.auto import tqdm
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import IndependentCoupling
 from latentflow.flow.metrics import path_straightness, wasserstein2
-from latentflow.flow.objectives import OBJECTIVES, FlowMatchingObjective, Objective, TrainingBatch, make_objective
-from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate
+from latentflow.flow.objectives import (
+    OBJECTIVES,
+    FlowMatchingObjective,
+    Objective,
+    TrainingBatch,
+    TrainingModels,
+    make_objective,
+)
+from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate, sample_flow_map
 from latentflow.io import save_npy, write_json_atomic
 from latentflow.toy.distributions import Sampler, get_distribution
 from latentflow.train.optim import cpu_fused_optimizer
@@ -42,17 +52,23 @@ class LabSettings:
     solver: str = "euler"
     seed: int = 0
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     width: int = 64
     eval_samples: int = 2000
     sigma: float | None = None
     reg: float = 0.05
     stochastic_eta: float = 1.0
     workers: int | None = None
+    reflow_pairs: int = 20000
+    reflow_solver: str = "dopri5"
 
     def validate(self) -> None:
         """Raise LatentflowError naming the first impossible value."""
-        if self.objective not in OBJECTIVES:
-            raise LatentflowError(f"unknown objective {self.objective!r}; choose one of {list(OBJECTIVES)}")
+        if self.objective not in LAB_OBJECTIVES:
+            raise LatentflowError(f"unknown objective {self.objective!r}; choose one of {list(LAB_OBJECTIVES)}")
+        if self.reflow_pairs < self.batch_size:
+            raise LatentflowError(f"--reflow-pairs must be at least the batch size {self.batch_size}, got "
+                                  f"{self.reflow_pairs}")
         if self.steps <= 0:
             raise LatentflowError(f"--steps must be a positive number of training steps, got {self.steps}")
         if self.batch_size <= 1:
@@ -61,6 +77,8 @@ class LabSettings:
             raise LatentflowError("--nfe is empty; give a comma-separated list of step counts such as 1,2,4,8,100")
         if min(self.nfe) <= 0:
             raise LatentflowError(f"--nfe values must be positive step counts, got {list(self.nfe)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise LatentflowError(f"--lr-schedule {self.lr_schedule!r} unknown; choose one of {LR_SCHEDULES}")
         if self.workers is not None and self.workers < 0:
             raise LatentflowError(f"workers must be >= 0 (or None: automatic), got {self.workers}")
         if self.eval_samples <= 1:
@@ -69,20 +87,32 @@ class LabSettings:
             raise LatentflowError(f"ddpm starts from Gaussian noise: use --source gaussian (got {self.source!r})")
 
 
-class ToyMLP(nn.Module):
-    """A field v(x, t) for 2D points: an MLP of `depth` SELU hidden layers on [x, t]."""
+LR_SCHEDULES = ("constant", "cosine")
+"""Learning rate over the lab's steps: constant, or cosine decay to zero (the final weights are less noisy)."""
 
-    def __init__(self, dim: int = 2, width: int = 64, depth: int = 3):
+LAB_OBJECTIVES = (*OBJECTIVES, "reflow")
+"""The training objectives, and `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs)."""
+
+
+class ToyMLP(nn.Module):
+    """A field v(x, t) for 2D points: an MLP of `depth` SELU hidden layers on [x, t]; with `flow_map`, an
+    average velocity u(x, t, r) on [x, t, r - t] (r = t when not given)."""
+
+    def __init__(self, dim: int = 2, width: int = 64, depth: int = 3, flow_map: bool = False):
         super().__init__()
+        self.flow_map = flow_map
         layers: list[nn.Module] = []
-        sizes = [dim + 1] + [width] * depth
+        sizes = [dim + 1 + int(flow_map)] + [width] * depth
         for size_in, size_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(size_in, size_out), nn.SELU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, dim))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # x: (B, 2), t: (B,) -> (B, 2)
-        return self.net(torch.cat([x, t.reshape(-1, 1).to(x.dtype)], dim=1))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, 2), t: (B,), r: (B,) or None -> (B, 2)
+        inputs = [x, t.reshape(-1, 1).to(x.dtype)]
+        if self.flow_map:
+            inputs.append(torch.zeros_like(inputs[1]) if r is None else (r - t).reshape(-1, 1).to(x.dtype))
+        return self.net(torch.cat(inputs, dim=1))
 
 
 @dataclass
@@ -200,8 +230,12 @@ def train_field(settings: LabSettings, objective: Objective, model: nn.Module, s
     start = time.perf_counter()
     progress = tqdm(batch_stream(settings, objective, source, target), total=settings.steps,
                     desc=f"toy {settings.objective}", leave=False, mininterval=0.5)
+    models = TrainingModels(student=lambda x, t, r, labels: model(x, t) if r is None else model(x, t, r))
     for step, batch in enumerate(progress):
-        loss = objective.loss(model(batch.x_t, batch.t), batch).mean()
+        if settings.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+        loss = objective.training_loss(models, batch).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -217,6 +251,8 @@ def sample_points(settings: LabSettings, objective: Objective, model: nn.Module,
                   eta: float = 0.0, trajectory: bool = False) -> SolverOutput:
     """Generate from x0 with `steps` solver steps (DDIM with `eta` for ddpm)."""
     model.eval()
+    if objective.prediction == "average_velocity":
+        return sample_flow_map(model, x0, steps, return_trajectory=trajectory)
     if objective.prediction == "noise":
         generator = torch.Generator().manual_seed(settings.seed + 7)
         return ddim_sample(model, x0, objective.schedule, steps=steps, eta=eta, generator=generator,
@@ -238,9 +274,10 @@ def evaluate_field(settings, objective, model, source: Sampler, target: Sampler,
         if objective.prediction == "noise":
             stochastic = sample_points(settings, objective, model, x0, steps, eta=settings.stochastic_eta)
             results["w2_stochastic"][str(steps)] = wasserstein2(stochastic.x, reference)
-    if objective.prediction == "velocity":
-        path = sample_points(settings, objective, model, x0[:500], max(settings.nfe), trajectory=True)
-        results["straightness"] = path_straightness(model, path.trajectory, path.times)
+    if objective.prediction != "noise":
+        field = model if objective.prediction == "velocity" else (lambda x, t: model(x, t, t))
+        path = integrate(field, x0[:500], method=settings.solver, steps=max(settings.nfe), return_trajectory=True)
+        results["straightness"] = path_straightness(field, path.trajectory, path.times)
     return results
 
 
@@ -250,10 +287,15 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     source, target = get_distribution(settings.source), get_distribution(settings.target)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    model = ToyMLP(width=settings.width)
-    objective = make_objective(settings.objective, sigma=settings.sigma, reg=settings.reg)
+    trained_name = "rf" if settings.objective == "reflow" else settings.objective
+    objective = make_objective(trained_name, sigma=settings.sigma, reg=settings.reg)
+    model = ToyMLP(width=settings.width, flow_map=objective.prediction == "average_velocity")
     settings = replace(settings, workers=batch_workers(settings, objective))  # recorded as resolved
     seconds, final_loss = train_field(settings, objective, model, source, target)
+    if settings.objective == "reflow":
+        pairs = reflow_pairs(settings, model, source)
+        more, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
+        seconds += more + pairs.seconds
     evaluation = evaluate_field(settings, objective, model, source, target, out_dir)
     result = LabResult(
         settings=asdict(settings), w2=evaluation["w2"], nfe_used=evaluation["nfe_used"],
@@ -262,6 +304,36 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     )
     write_json(out_dir / "metrics.json", asdict(result))
     return result, model, objective
+
+
+@dataclass
+class ReflowPairs:
+    """A teacher's coupling as two samplers that draw the same rows: `noise(n, g)` then `endpoint(n, g)`."""
+
+    noise: Sampler
+    endpoint: Sampler
+    seconds: float
+
+
+def reflow_pairs(settings: LabSettings, teacher: nn.Module, source: Sampler) -> ReflowPairs:
+    """Integrate the teacher from `settings.reflow_pairs` seeded noise points (Liu et al. 2022, Alg. 1) and
+    return samplers of the (noise, endpoint) pairs; each batch's two calls pick the same random rows."""
+    start = time.perf_counter()
+    x0 = source(settings.reflow_pairs, torch.Generator().manual_seed(settings.seed + 3_000_000))
+    teacher.eval()
+    x1 = integrate(teacher, x0, method=settings.reflow_solver, steps=100, atol=1e-5, rtol=1e-5).x
+    teacher.train()
+    chosen: dict[int, torch.Tensor] = {}
+
+    def noise(count: int, generator: torch.Generator) -> torch.Tensor:
+        rows = torch.randint(settings.reflow_pairs, (count,), generator=generator)
+        chosen[id(generator)] = rows
+        return x0[rows]
+
+    def endpoint(count: int, generator: torch.Generator) -> torch.Tensor:
+        return x1[chosen.pop(id(generator))]
+
+    return ReflowPairs(noise, endpoint, time.perf_counter() - start)
 
 
 def write_json(path: Path, payload: dict) -> None:

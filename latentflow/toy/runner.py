@@ -26,6 +26,11 @@ def panels_for(settings: LabSettings, model, objective) -> list[Panel]:
             Panel(f"ddpm, DDIM eta={settings.stochastic_eta:g} (stochastic), {steps} steps", stochastic.trajectory,
                   target),
         ]
+    if objective.prediction == "average_velocity":
+        one = sample_points(settings, objective, model, x0, 1, trajectory=True)
+        many = sample_points(settings, objective, model, x0, steps, trajectory=True)
+        return [Panel(f"meanflow: {settings.source} -> {settings.target}, the 1-step map", one.trajectory, target),
+                Panel(f"meanflow: {steps} flow-map steps", many.trajectory, target)]
     out = sample_points(settings, objective, model, x0, steps, trajectory=True)
     return [Panel(f"{settings.objective}: {settings.source} -> {settings.target}, {settings.solver} {steps} steps",
                   out.trajectory, target)]

@@ -19,7 +19,9 @@ import yaml
 
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import EXACT_SOLVERS
-from latentflow.flow.objectives import OBJECTIVES, OT_OBJECTIVES
+from latentflow.flow.flow_maps import PAPER_DISTINCT_SHARE
+from latentflow.flow.objectives import FLOW_MAP_OBJECTIVES, FLOW_MAP_VELOCITIES, OBJECTIVES, OT_OBJECTIVES
+from latentflow.flow.solvers import FLOW_MAP_SOLVERS
 from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import write_text_atomic
 
@@ -27,6 +29,7 @@ from latentflow.io import write_text_atomic
 ObjectiveName = Literal[tuple(OBJECTIVES)]
 ExactSolverName = Literal[tuple(EXACT_SOLVERS)]
 TimeSamplerName = Literal[tuple(TIME_SAMPLERS)]
+FlowMapVelocity = Literal[tuple(FLOW_MAP_VELOCITIES)]
 
 
 @dataclass
@@ -63,8 +66,16 @@ class ObjectiveConfig:
     `ot_scope`: 'local' pairs each process's batch in its loader workers; 'global' gathers
     noise and latents from all processes and solves one plan for the global batch.
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
+    `coupling`: 'sampled' draws fresh noise for each batch; 'stored' trains on the (noise, endpoint) pairs of a
+    couplings cache from `latentflow reflow` as they are (reflow, e.g. with rf; no OT objective, no flips).
     `name`: one of `latentflow.flow.objectives.OBJECTIVES`; `ot_solver`: the exact OT solver of otcfm (one of
-    `latentflow.flow.couplings.EXACT_SOLVERS`); `time_mean`, `time_std`: the logit-normal time sampler's.
+    `latentflow.flow.couplings.EXACT_SOLVERS`); `time_sampler`: None is the objective's default (uniform; for
+    meanflow the paper's logit-normal, mean 0.4 and std 1 in our convention); `time_mean`, `time_std`: the
+    logit-normal sampler's (None: the objective's default, else 0 and 1).
+    meanflow (`latentflow.flow.objectives.MeanFlowObjective`): `flow_map_share` the share of (t, r) pairs with
+    r != t (paper: 0.25); `flow_map_velocity` 'data' (x1 - x0, the paper) or 'teacher' (the --init run's field);
+    `flow_map_guidance` the guidance scale baked into the learnt velocity (sample it with guidance 1);
+    `flow_map_weight_power` the adaptive loss weight's power (paper: 1; 0 is plain MSE).
     """
 
     name: ObjectiveName = "otcfm"
@@ -72,11 +83,16 @@ class ObjectiveConfig:
     reg: float = 0.05
     class_aware: bool = False
     ot_solver: ExactSolverName = "assignment"
-    time_sampler: TimeSamplerName = "uniform"
-    time_mean: float = 0.0
-    time_std: float = 1.0
+    time_sampler: TimeSamplerName | None = None
+    time_mean: float | None = None
+    time_std: float | None = None
+    flow_map_share: float = PAPER_DISTINCT_SHARE
+    flow_map_velocity: FlowMapVelocity = "data"
+    flow_map_guidance: float = 1.0
+    flow_map_weight_power: float = 1.0
     ot_scope: Literal["local", "global"] = "local"
     label_dropout: float = 0.1
+    coupling: Literal["sampled", "stored"] = "sampled"
 
 
 @dataclass
@@ -99,6 +115,8 @@ class TrainConfig:
     """Length, precision, EMA, and the non-finite guard (stop after `max_nonfinite_steps` in a row).
 
     `ema_warmup` uses decay min(ema_decay, (1 + n) / (10 + n)) after n updates (off = the DiT recipe).
+    `init`: a finished training run or pipeline folder whose EMA weights (and model settings) start this run
+    (`latentflow train --init`), e.g. to fine-tune a flow map (objective meanflow) from a plain run.
     """
 
     max_steps: int = 1000
@@ -107,6 +125,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     max_nonfinite_steps: int = 20
+    init: str | None = None
 
 
 @dataclass
@@ -279,7 +298,12 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
     _require(0 <= objective.label_dropout < 1,
              f"objective.label_dropout must be in [0, 1), got {objective.label_dropout}")
-    _require(objective.time_std > 0, f"objective.time_std must be > 0, got {objective.time_std}")
+    _require(objective.time_std is None or objective.time_std > 0,
+             f"objective.time_std must be > 0, got {objective.time_std}")
+    _require(0 <= objective.flow_map_share <= 1,
+             f"objective.flow_map_share must be in [0, 1], got {objective.flow_map_share}")
+    _require(objective.flow_map_guidance >= 0 and objective.flow_map_weight_power >= 0,
+             "objective.flow_map_guidance and objective.flow_map_weight_power must be >= 0")
     _require(objective.ot_scope == "local" or objective.name in OT_OBJECTIVES,
              f"objective.ot_scope 'global' needs an OT objective {list(OT_OBJECTIVES)}, not {objective.name!r}")
     _require(config.checkpoint.every >= 0 and config.checkpoint.keep >= 1,
@@ -287,8 +311,18 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(config.sample.every >= 0 and config.sample.num_images >= 1 and config.sample.steps >= 1,
              "sample.every must be >= 0, sample.num_images and sample.steps >= 1")
     _require(config.log.every >= 1, f"log.every must be >= 1, got {config.log.every}")
+    _require(config.sample.solver not in FLOW_MAP_SOLVERS or objective.name in FLOW_MAP_OBJECTIVES,
+             f"sample.solver {config.sample.solver!r} samples flow maps; objective {objective.name!r} trains a "
+             f"velocity field: use an ODE solver such as euler")
     unknown_trackers = sorted(set(config.log.trackers) - {"tensorboard", "wandb", "csv"})
     _require(not unknown_trackers, f"log.trackers {unknown_trackers} unknown; choose from tensorboard, wandb, csv")
+    stored = objective.coupling == "stored"
+    _require(not stored or (objective.name not in OT_OBJECTIVES and objective.ot_scope == "local"),
+             f"objective.coupling 'stored' keeps the couplings' pairs, but objective.name {objective.name!r} with "
+             f"ot_scope {objective.ot_scope!r} would re-pair them; use objective.name rf or cfm, ot_scope local")
+    _require(not stored or not data.random_flip,
+             "objective.coupling 'stored': a flipped endpoint is not its stored noise's endpoint; set "
+             "data.random_flip: false")
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -1,18 +1,23 @@
-"""Pairing noise with latents for a training step: in the loader workers (local OT, independent) or across
-processes (global OT), with label dropout for classifier-free guidance; the per-batch seeds that make a resumed
-run draw exactly what an uninterrupted one would."""
+"""Pairing noise with latents for a training step: in the loader workers (local OT, independent, or the stored
+couplings of a reflow cache) or across processes (global OT), with label dropout for classifier-free guidance;
+the per-batch seeds that make a resumed run draw exactly what an uninterrupted one would."""
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
+from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import Pairing
 from latentflow.flow.objectives import Objective, TrainingBatch
+
+if TYPE_CHECKING:
+    from latentflow.data.cache import LatentCache
+    from latentflow.train.config import Config
 
 
 def seed_for(*parts: int) -> int:
@@ -49,15 +54,17 @@ class PairingTransform:
     index or checksum), so a resumed run draws exactly what an uninterrupted one would.
     With `keep_endpoints=False` the prepared batch leaves x0 and x1 out (None): the step
     needs only x_t, t, target and labels, and two fewer tensors cross from the worker.
+    With `stored_noise=True` (`objective.coupling: stored`) the batch's `noise` (B, ...),
+    stored by `latentflow reflow` with each latent, is the x0 of its pair instead of a draw.
     """
 
     def __init__(
         self, objective: Objective, seed: int, rank: int, num_classes: int, label_dropout: float, pair: bool,
-        keep_endpoints: bool = True,
+        keep_endpoints: bool = True, stored_noise: bool = False,
     ) -> None:
         self.objective, self.seed, self.rank = objective, seed, rank
         self.num_classes, self.label_dropout, self.pair = num_classes, label_dropout, pair
-        self.keep_endpoints = keep_endpoints
+        self.keep_endpoints, self.stored_noise = keep_endpoints, stored_noise
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> TrainingBatch | dict[str,
                                                                                                                 Any]:
@@ -67,11 +74,45 @@ class PairingTransform:
         if not self.pair:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             return {"latents": batch["latents"], "labels": labels, "seed": seed}
-        prepared = self.objective.prepare(batch["latents"], labels, generator)
+        prepared = self.objective.prepare(batch["latents"], labels, generator, noise=self._noise(batch))
         prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
         if not self.keep_endpoints:
             prepared.x0 = prepared.x1 = None
         return prepared
+
+    def _noise(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The stored x0 (B, ...) of the batch's pairs, or None to draw it."""
+        if not self.stored_noise:
+            return None
+        if batch.get("noise") is None:
+            raise LatentflowError("objective.coupling 'stored': the batch has no stored noise; train on a couplings "
+                                  "cache from `latentflow reflow`")
+        return batch["noise"]
+
+
+def check_coupling(config: "Config", cache: "LatentCache") -> None:
+    """Refuse, before any step, a `objective.coupling: stored` run that its cache cannot serve: a cache without
+    stored noise, posterior sampling from a cache with stds, or latents normalised otherwise than the teacher's
+    (the noise is in the teacher's model space). A couplings cache trained with 'sampled' is fine (its noise is
+    ignored); the cache-free checks are in `validate_config`.
+
+    Raises:
+        LatentflowError: naming the setting and the fix.
+    """
+    if config.objective.coupling != "stored":
+        return
+    where = f"objective.coupling 'stored' on data.cache {cache.path}"
+    if not cache.has_noise:
+        raise LatentflowError(f"{where}: the cache stores no noise (not a couplings cache); make one with "
+                              "`latentflow reflow`, or use objective.coupling: sampled")
+    if config.data.sample_posterior and cache.has_std:
+        raise LatentflowError(f"{where}: the cache has posterior stds, and a resampled latent is not the noise's "
+                              "endpoint; set data.sample_posterior: false")
+    normalized = (cache.manifest.get("couplings") or {}).get("normalized")
+    if normalized is not None and bool(config.data.normalize) != normalized:
+        raise LatentflowError(f"{where}: the teacher {'normalised' if normalized else 'did not normalise'} its "
+                              f"latents, so its noise pairs with {'normalised' if normalized else 'raw'} endpoints; "
+                              f"set data.normalize: {str(normalized).lower()}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from latentflow.errors import LatentflowError
 from latentflow.flow.guidance import guided_field
 from latentflow.flow.metrics import path_straightness
-from latentflow.flow.solvers import ddim_sample, integrate
+from latentflow.flow.solvers import FLOW_MAP_SOLVERS, ddim_sample, integrate, sample_flow_map
 from latentflow.io import image_grid, save_image
 from latentflow.train.config import SampleConfig
 from latentflow.vae import FrozenVAE, load_vae, vae_source
@@ -38,7 +38,8 @@ def preview_latents(model: torch.nn.Module, sample: SampleConfig, latent_shape: 
     """Fixed-noise samples of `model` (class i % num_classes for image i, guided by `sample.guidance_scale`).
 
     Returns:
-        (N, C, h, w) latents in the model's space, and the path straightness (None for noise models).
+        (N, C, h, w) latents in the model's space, and the path straightness (None for noise models and flow
+        maps sampled with the flow-map sampler).
     """
     generator = torch.Generator().manual_seed(sample.seed)
     noise = torch.randn((sample.num_images, *latent_shape), generator=generator).to(device)
@@ -47,6 +48,9 @@ def preview_latents(model: torch.nn.Module, sample: SampleConfig, latent_shape: 
     field = guided_field(lambda x, t, c: model(x, t, c).float(), labels, num_classes, scale)
     if prediction == "noise":
         return ddim_sample(field, noise, steps=sample.steps).x, None
+    if sample.solver in FLOW_MAP_SOLVERS:
+        average = guided_field(lambda x, t, c, r: model(x, t, c, r=r).float(), labels, num_classes, scale)
+        return sample_flow_map(average, noise, sample.steps).x, None
     out = integrate(field, noise, method=sample.solver, steps=sample.steps, return_trajectory=True)
     return out.x, path_straightness(field, out.trajectory, out.times)
 

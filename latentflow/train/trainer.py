@@ -29,15 +29,29 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from latentflow.errors import LatentflowError
-from latentflow.flow.objectives import Objective, TrainingBatch, make_objective
+from latentflow.flow.objectives import (
+    FLOW_MAP_OBJECTIVES,
+    Objective,
+    TrainingBatch,
+    TrainingModels,
+    default_time_sampler,
+    make_objective,
+)
 from latentflow.io import write_folder_atomic, write_json_atomic, write_text_atomic
 from latentflow.models import make_model
 from latentflow.train import checkpoint as ckpt
 from latentflow.train.config import Config, ObjectiveConfig, flat_config, save_config, validate_config
 from latentflow.train.ema import EMA
+from latentflow.train.init import (
+    InitialModel,
+    check_same_latents,
+    load_initial_model,
+    load_initial_weights,
+    merged_settings,
+)
 from latentflow.train.logs import CsvLog
 from latentflow.train.optim import learning_rate, make_adamw
-from latentflow.train.pairing import PairingTransform, drop_labels, global_ot_pairing, seed_for
+from latentflow.train.pairing import PairingTransform, check_coupling, drop_labels, global_ot_pairing, seed_for
 from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
 
 EMA_FILE = "ema.safetensors"
@@ -113,10 +127,24 @@ def check_model_matches_cache(model_config: dict[str, Any], cache_shape: tuple[i
 
 def objective_from_config(objective: ObjectiveConfig) -> Objective:
     """The objective the `objective:` section of a config describes."""
-    time_settings = {"mean": objective.time_mean,
-                     "std": objective.time_std} if objective.time_sampler == "logit_normal" else {}
+    time_settings = {key: value for key, value in (("mean", objective.time_mean), ("std", objective.time_std))
+                     if value is not None}
+    sampler = objective.time_sampler
+    if sampler == "uniform" or (sampler is None and default_time_sampler(objective.name)[0] == "uniform"):
+        time_settings = {}
     return make_objective(objective.name, sigma=objective.sigma, reg=objective.reg, class_aware=objective.class_aware,
-                          time_sampler=objective.time_sampler, ot_solver=objective.ot_solver, **time_settings)
+                          time_sampler=sampler, ot_solver=objective.ot_solver,
+                          flow_map_share=objective.flow_map_share, flow_map_velocity=objective.flow_map_velocity,
+                          flow_map_guidance=objective.flow_map_guidance,
+                          flow_map_weight_power=objective.flow_map_weight_power, **time_settings)
+
+
+def _with_end_time(model: torch.nn.Module):
+    """model(x, t, labels[, r=r]) as the objectives call it: f(x, t, r, labels), r None for a plain field."""
+    def call(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        return model(x, t, labels) if r is None else model(x, t, labels, r=r)
+
+    return call
 
 
 def share_cpu_threads(accelerator: Accelerator) -> None:
@@ -145,6 +173,7 @@ class Trainer:
         share_cpu_threads(self.accelerator)
         self.output_dir = Path(config.output_dir)
         self.cache = _open_cache(config.data.cache)
+        check_coupling(config, self.cache)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
@@ -154,11 +183,23 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _build_model(self) -> None:
         config, cache_shape = self.config, tuple(self.cache.latent_shape)
-        settings = {"in_channels": cache_shape[0], "sample_size": cache_shape[1], "num_classes": self.num_classes,
-                    **config.model.settings}
-        check_model_matches_cache(settings, cache_shape, self.num_classes, config.data.cache, "model.settings")
+        flow_map = config.objective.name in FLOW_MAP_OBJECTIVES
+        initial = load_initial_model(config.train.init) if config.train.init else None
+        if initial is None:
+            name = config.model.name
+            settings = {"in_channels": cache_shape[0], "sample_size": cache_shape[1], "num_classes": self.num_classes,
+                        **config.model.settings, **({"flow_map": True} if flow_map else {})}
+        else:
+            check_same_latents(initial, self.cache.manifest, config.data.normalize, config.data.cache)
+            name, settings = initial.class_name.lower(), merged_settings(initial, config.model.settings, flow_map)
+            config.model.name, config.model.settings = name, settings  # the run's saved config names the model
+        check_model_matches_cache(settings, cache_shape, self.num_classes, config.data.cache,
+                                  f"--init {initial.source}" if initial else "model.settings")
         set_seed(config.train.seed)
-        model = make_model(config.model.name, **settings)
+        model = make_model(name, **settings)
+        if initial is not None:
+            load_initial_weights(model, initial)
+        self.teacher = self._teacher(initial)
         if config.model.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
@@ -166,6 +207,20 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ema.model.to(self.accelerator.device)
         self.forward = torch.compile(self.model) if config.model.compile else self.model
+        self.models = TrainingModels(student=_with_end_time(self.forward), tangent=_with_end_time(self.unwrapped),
+                                     teacher=None if self.teacher is None else _with_end_time(self.teacher),
+                                     null_class=self.num_classes if self.num_classes else None)
+
+    def _teacher(self, initial: InitialModel | None) -> torch.nn.Module | None:
+        """The frozen start model when a flow map learns from its velocity (objective.flow_map_velocity teacher)."""
+        objective = self.config.objective
+        if objective.name not in FLOW_MAP_OBJECTIVES or objective.flow_map_velocity != "teacher":
+            return None
+        if initial is None:
+            raise LatentflowError("objective.flow_map_velocity 'teacher' learns from the velocity of the run given "
+                                  "with --init (train.init); give one, or use flow_map_velocity 'data'")
+        teacher = initial.model.to(self.accelerator.device).requires_grad_(False)
+        return teacher.eval()
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -183,6 +238,7 @@ class Trainer:
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
             config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
+            stored_noise=config.objective.coupling == "stored",
         )
         loader = make_latent_loader(
             self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,
@@ -231,8 +287,7 @@ class Trainer:
             costs.append(cost)
             last = index == len(micro_batches) - 1
             with (nullcontext() if last else accelerator.no_sync(self.model)), accelerator.autocast():
-                output = self.forward(batch.x_t, batch.t, batch.labels)  # (b, C, h, w)
-                loss = self.objective.loss(output, batch).mean()
+                loss = self.objective.training_loss(self.models, batch).mean()
             accelerator.backward(loss / len(micro_batches))
             losses.append(loss.detach().float())
         loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")

@@ -1,0 +1,62 @@
+"""2D lab, few-step generation in one run: one-step meanflow and one-step 2-rectified flow against rectified flow.
+
+For each source (8gaussians, gaussian) -> moons and each seed, the lab trains (same MLP width, batch, Adam 1e-3):
+  rf        rectified flow, `--steps` steps; W2 at NFE 1 and at NFE 100 (its many-step quality)
+  meanflow  a flow map from scratch (MeanFlow, the data velocity), `--meanflow-steps` steps; W2 at NFE 1
+  reflow    rf, then rf again from it on 20,000 of its own dopri5 (noise, endpoint) pairs; W2 at NFE 1
+Goals (issue 13): meanflow NFE-1 W2 <= 1.15x rf's NFE-100 W2; reflow NFE-1 W2 <= 0.5x rf's NFE-1 W2.
+
+    .venv/bin/python benchmarks/toy_few_step.py [--seeds 0,1,2] [--steps 5000] [--meanflow-steps 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from latentflow.toy.lab import LabSettings, run_lab
+
+SOURCES = ("8gaussians", "gaussian")
+
+
+def w2(settings: LabSettings, out: Path) -> dict[str, float]:
+    result, _, _ = run_lab(settings, out)
+    return {key: round(value, 4) for key, value in result.w2.items()} | {"seconds": round(result.training_seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--meanflow-steps", type=int, default=20000)
+    parser.add_argument("--width", type=int, default=128)
+    args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    ratios: dict[str, list[float]] = {f"{source} {goal}": [] for source in SOURCES for goal in ("mf", "reflow")}
+    with tempfile.TemporaryDirectory() as scratch:
+        for source in SOURCES:
+            for seed in seeds:
+                base = LabSettings(source=source, target="moons", steps=args.steps, seed=seed, nfe=(1, 100),
+                                   width=args.width)
+                rf = w2(LabSettings(**{**base.__dict__, "objective": "rf"}), Path(scratch) / "rf")
+                meanflow = w2(LabSettings(**{**base.__dict__, "objective": "meanflow",
+                                             "steps": args.meanflow_steps}), Path(scratch) / "mf")
+                reflow = w2(LabSettings(**{**base.__dict__, "objective": "reflow"}), Path(scratch) / "reflow")
+                ratios[f"{source} mf"].append(meanflow["1"] / rf["100"])
+                ratios[f"{source} reflow"].append(reflow["1"] / rf["1"])
+                print(f"{source} -> moons, seed {seed}: rf W2 {rf['1']:.3f} @1, {rf['100']:.3f} @100 ({rf['seconds']} "
+                      f"s) | meanflow W2 {meanflow['1']:.3f} @1, {meanflow['100']:.3f} @100 ({meanflow['seconds']} s) "
+                      f"| reflow W2 {reflow['1']:.3f} @1 ({reflow['seconds']} s)", flush=True)
+    print(f"\nwidth {args.width}, rf and reflow {args.steps} steps (reflow: twice), meanflow {args.meanflow_steps}, "
+          f"seeds {seeds}")
+    for source in SOURCES:
+        mf, re = ratios[f"{source} mf"], ratios[f"{source} reflow"]
+        print(f"{source} -> moons: meanflow W2@1 / rf W2@100 = {statistics.mean(mf):.2f} (goal <= 1.15: "
+              f"{'met' if statistics.mean(mf) <= 1.15 else 'not met'}); reflow W2@1 / rf W2@1 = "
+              f"{statistics.mean(re):.2f} (goal <= 0.5: {'met' if statistics.mean(re) <= 0.5 else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
