@@ -1,7 +1,7 @@
 """What forward-mode AD through the DiT costs, with our attention and with a written-out math attention.
 
 For the flowers demo DiT (hidden 192, depth 6, 3 heads, 32 x 8 x 8 latents, 5 classes) at patch 2 and patch 1,
-one batch, median over repeats after warm-up:
+one batch, median over interleaved rounds after warm-up:
 
 - forward: `model(x, t, class_labels)` under no_grad (the ordinary path: fused SDPA);
 - forward+backward: the same with grad and `.backward()` of a squared loss;
@@ -30,16 +30,17 @@ from latentflow.models.attention import math_attention
 DEMO_DIT = {"in_channels": 32, "sample_size": 8, "num_classes": 5, "hidden_size": 192, "depth": 6, "num_heads": 3}
 
 
-def median_ms(step: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of `step()` in milliseconds over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def median_ms(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each step over `repeats` rounds after `warmup` rounds; each round runs every
+    step once, so a load change on a shared machine hits all steps alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def make_steps(model: torch.nn.Module, batch: int) -> dict[str, Callable[[], object]]:
@@ -75,11 +76,9 @@ def bench_model(patch_size: int, batch: int, warmup: int, repeats: int) -> None:
     model = make_model("dit", patch_size=patch_size, **DEMO_DIT)  # = "DiT-S/2" with the demo's overrides at p=2
     tokens = (8 // patch_size) ** 2
     print(f"DiT hidden 192 depth 6 heads 3 patch {patch_size} ({tokens} tokens), batch {batch}:")
-    results: dict[str, float] = {}
-    for name, step in make_steps(model, batch).items():
-        results[name] = median_ms(step, warmup, repeats)
-        model.zero_grad(set_to_none=True)
-        print(f"  {name:>17}: {results[name]:8.1f} ms  {results[name] / results['forward']:5.2f} x forward")
+    results = median_ms(make_steps(model, batch), warmup, repeats)
+    for name, milliseconds in results.items():
+        print(f"  {name:>17}: {milliseconds:8.1f} ms  {milliseconds / results['forward']:5.2f} x forward")
 
 
 def main() -> None:

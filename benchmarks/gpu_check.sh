@@ -35,6 +35,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
     --ot-repeats 3 --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both \
     --steps 15 --warmup 4
+part 40 "meanflow step against an FM step (demo DiT, batch 256)" "$PYTHON" benchmarks/meanflow_step.py \
+    --device cuda --batch 256 --repeats 20
 
 if [ -n "${FLOWERS:-}" ] && [ -n "${TAEF2:-}" ]; then
     CLI=("$PYTHON" -m latentflow.cli)

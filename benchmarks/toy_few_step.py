@@ -1,12 +1,13 @@
 """2D lab, few-step generation in one run: one-step meanflow and one-step 2-rectified flow against rectified flow.
 
-For each source (8gaussians, gaussian) -> moons and each seed, the lab trains (same MLP width, batch, Adam 1e-3):
+For each source (8gaussians, gaussian) -> moons and each seed, the lab trains (same MLP width, batch, Adam 1e-3
+with cosine decay to zero):
   rf        rectified flow, `--steps` steps; W2 at NFE 1 and at NFE 100 (its many-step quality)
   meanflow  a flow map from scratch (MeanFlow, the data velocity), `--meanflow-steps` steps; W2 at NFE 1
   reflow    rf, then rf again from it on 20,000 of its own dopri5 (noise, endpoint) pairs; W2 at NFE 1
 Goals (issue 13): meanflow NFE-1 W2 <= 1.15x rf's NFE-100 W2; reflow NFE-1 W2 <= 0.5x rf's NFE-1 W2.
 
-    .venv/bin/python benchmarks/toy_few_step.py [--seeds 0,1,2] [--steps 5000] [--meanflow-steps 20000]
+    .venv/bin/python benchmarks/toy_few_step.py [--seeds 0,1,2] [--steps 5000] [--meanflow-steps 10000]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--meanflow-steps", type=int, default=20000)
+    parser.add_argument("--meanflow-steps", type=int, default=10000)
     parser.add_argument("--width", type=int, default=128)
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -39,7 +40,7 @@ def main() -> None:
         for source in SOURCES:
             for seed in seeds:
                 base = LabSettings(source=source, target="moons", steps=args.steps, seed=seed, nfe=(1, 100),
-                                   width=args.width)
+                                   width=args.width, lr_schedule="cosine", workers=0)
                 rf = w2(LabSettings(**{**base.__dict__, "objective": "rf"}), Path(scratch) / "rf")
                 meanflow = w2(LabSettings(**{**base.__dict__, "objective": "meanflow",
                                              "steps": args.meanflow_steps}), Path(scratch) / "mf")

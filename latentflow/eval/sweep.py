@@ -203,7 +203,7 @@ def write_sweep_results(results: Sequence[SweepResult], out_dir: str | os.PathLi
 
 def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], title: str = "") -> bytes:
     """PNG bytes of FID against NFE: one line per run and solver, ticks at the NFEs used, each run's floors as
-    horizontal lines.
+    horizontal lines (floors several runs share, same name and value, are drawn once), the legend outside the axes.
 
     Args:
         evaluations: (label or None, the contents of an evaluation.json) per run.
@@ -217,8 +217,9 @@ def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], t
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
+    figure, axes = plt.subplots(figsize=(8.4, 4.2), dpi=120)
     ticks: set[float] = set()
+    drawn_floors: set[tuple[str, float]] = set()
     for label, document in evaluations:
         rows = [row for row in document.get("results", []) if row.get("nfe") is not None]
         for solver in dict.fromkeys(row["solver"] for row in rows):
@@ -227,7 +228,13 @@ def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], t
             name = solver if label is None else f"{label}: {solver}"
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         for row, style in zip(document.get("floors", []), ("--", ":")):
-            name = row["setting"] if label is None else f"{label}: {row['setting']}"
+            if (row["setting"], round(row["fid"], 6)) in drawn_floors:
+                continue
+            drawn_floors.add((row["setting"], round(row["fid"], 6)))
+            shared = len(evaluations) > 1 and all(
+                any(other["setting"] == row["setting"] and round(other["fid"], 6) == round(row["fid"], 6)
+                    for other in doc.get("floors", [])) for _, doc in evaluations)
+            name = row["setting"] if label is None or shared else f"{label}: {row['setting']}"
             axes.axhline(row["fid"], linestyle=style, color="grey", linewidth=1, label=f"{name} ({row['fid']:.1f})")
     axes.set_xscale("log")
     if ticks:
@@ -237,7 +244,7 @@ def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], t
     axes.set_ylabel("FID")
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
