@@ -52,7 +52,7 @@ def cache(tmp_path_factory) -> Path:
         (root / class_dir.name).mkdir()
         for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
             os.symlink(photo, root / class_dir.name / photo.name)
-    out = root.parent / "cache"
+    out = root.with_name(root.name + "_cache")  # one per fixture instance (other modules import this fixture)
     encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(root), out=out, resolution=64, batch_size=20, shard_size=10,
                                 num_workers=0, progress=False, command=["test"]))
     return out
