@@ -187,6 +187,8 @@ class LatentFlowPipeline(DiffusionPipeline):
         }
         if output_type not in OUTPUT_TYPES:
             raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
+        if isinstance(settings["steps"], bool) or not isinstance(settings["steps"], int) or settings["steps"] < 1:
+            raise LatentflowError(f"num_inference_steps must be an integer >= 1, got {settings['steps']!r}")
         self.check_solver(settings["solver"])
         return settings
 
@@ -205,6 +207,8 @@ class LatentFlowPipeline(DiffusionPipeline):
             if tuple(latents.shape[1:]) != expected:
                 raise LatentflowError(f"latents have shape {tuple(latents.shape)}; expected (B, *{expected})")
             return latents.to(device=device, dtype=dtype)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LatentflowError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(class_labels, (list, tuple, torch.Tensor)) and batch_size == 1:
             batch_size = len(class_labels)
         if isinstance(generator, list) and len(generator) != batch_size:

@@ -155,6 +155,14 @@ def test_class_names_and_errors(pipe):
         pipe(solver="leapfrog")
     with pytest.raises(LatentflowError, match="latents have shape"):
         pipe(latents=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(LatentflowError, match="batch_size must be an integer >= 1, got 0"):
+        pipe(batch_size=0)
+    with pytest.raises(LatentflowError, match="num_inference_steps must be an integer >= 1, got 0"):
+        pipe(num_inference_steps=0)
+    with pytest.raises(LatentflowError, match="guidance_scale must be >= 0"):
+        pipe(guidance_scale=-1.0)
+    with pytest.raises(LatentflowError, match="got 2 generators for a batch of 3"):
+        pipe(batch_size=3, generator=[seeded(0), seeded(1)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
