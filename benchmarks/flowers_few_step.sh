@@ -4,8 +4,11 @@
 #   teacher  = a finished `latentflow demo` run (DiT, 2,000 steps; default runs/flowers64_demo)
 #   meanflow = configs/flowers64_meanflow.yaml fine-tuned from it (1,000 steps), flowmap 1 and 2 steps
 #   2-RF     = configs/flowers64_reflow.yaml on 4,000 teacher couplings (rk4 8 steps, guidance 4), euler 1, 2, 4
-#   teacher itself at midpoint 4 (8 NFE) and dopri5, guidance 4
-# Usage: bash benchmarks/flowers_few_step.sh [DEMO_DIR] [OUT]   (about an hour on 2 cores)
+#   meanflow on the couplings, from the teacher (400 steps) and from the 2-RF (300 steps), flowmap 1 and 2
+#   teacher itself at midpoint 4 (8 NFE), dopri5, euler 1 and 2, guidance 4
+# (benchmarks/results/cpu2_few_step.txt was made by the first version of this script, which stopped after 2-RF,
+# and the same commands for the rest run by hand right after it)
+# Usage: bash benchmarks/flowers_few_step.sh [DEMO_DIR] [OUT]   (about 1.5 hours on 2 quiet cores)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
 OUT=${2:-runs/few_step}
@@ -19,33 +22,46 @@ EVAL=(--n 736 --seed 0 --floors "$FLOWERS/train")
 stamp "reference statistics of the val photos at 64 px"
 [ -f "$OUT/ref/val64.npz" ] || $LF fid-stats "$FLOWERS/val" --resolution 64 --out "$OUT/ref/val64.npz"
 
-stamp "teacher: midpoint 4 (8 NFE) and dopri5, guidance 4"
-$LF evaluate "$DEMO/pipeline" --ref "$OUT/ref/val64.npz" "${EVAL[@]}" --guidance-scale 4 \
-    --sweep midpoint:4 dopri5 --out "$OUT/eval_teacher"
+# train NAME CONFIG INIT CACHE [--set ...]: fine-tune from INIT, export to NAME_pipe, print the training seconds
+train() {
+    local name=$1 config=$2 init=$3 cache=$4 start
+    shift 4
+    stamp "$name: train $config from $init"
+    start=$(seconds)
+    $LF train --config "$config" --init "$init" --set data.cache="$cache" --set output_dir="$OUT/$name" \
+        --set log.progress_bar=false "$@"
+    echo "$name training seconds: $(( $(seconds) - start ))"
+    $LF export "$OUT/$name" --out "$OUT/${name}_pipe"
+}
+# evaluate NAME PIPE GUIDANCE SWEEP...: the protocol above into OUT/eval_NAME
+evaluate() {
+    local name=$1 pipe=$2 guidance=$3
+    shift 3
+    $LF evaluate "$pipe" --ref "$OUT/ref/val64.npz" "${EVAL[@]}" --guidance-scale "$guidance" --sweep "$@" \
+        --out "$OUT/eval_$name"
+}
 
-stamp "meanflow fine-tune of the teacher"
-start=$(seconds)
-$LF train --config configs/flowers64_meanflow.yaml --init "$DEMO/run" --set data.cache="$DEMO/cache" \
-    --set output_dir="$OUT/meanflow" --set log.progress_bar=false
-echo "meanflow training seconds: $(( $(seconds) - start ))"
-$LF export "$OUT/meanflow" --out "$OUT/meanflow_pipe"
-$LF evaluate "$OUT/meanflow_pipe" --ref "$OUT/ref/val64.npz" "${EVAL[@]}" --guidance-scale 1 \
-    --sweep flowmap:1,2 --out "$OUT/eval_meanflow"
+stamp "teacher: midpoint 4 (8 NFE), dopri5, euler 1 and 2, guidance 4"
+evaluate teacher "$DEMO/pipeline" 4 midpoint:4 dopri5 euler:1,2
+
+train meanflow configs/flowers64_meanflow.yaml "$DEMO/run" "$DEMO/cache"
+evaluate meanflow "$OUT/meanflow_pipe" 1 flowmap:1,2
 
 stamp "reflow couplings: 4,000 teacher endpoints, rk4 8 steps, guidance 4"
 start=$(seconds)
 $LF reflow "$DEMO/run" --n 4000 --solver rk4 --steps 8 --guidance-scale 4 --batch-size 64 --no-progress \
     --out "$OUT/couplings"
 echo "reflow seconds: $(( $(seconds) - start ))"
-stamp "2-rectified flow on the couplings"
-start=$(seconds)
-$LF train --config configs/flowers64_reflow.yaml --init "$DEMO/run" --set data.cache="$OUT/couplings" \
-    --set output_dir="$OUT/reflow" --set log.progress_bar=false
-echo "2-RF training seconds: $(( $(seconds) - start ))"
-$LF export "$OUT/reflow" --out "$OUT/reflow_pipe"
-$LF evaluate "$OUT/reflow_pipe" --ref "$OUT/ref/val64.npz" "${EVAL[@]}" --guidance-scale 1 \
-    --sweep euler:1,2,4 --out "$OUT/eval_reflow"
+train reflow configs/flowers64_reflow.yaml "$DEMO/run" "$OUT/couplings"
+evaluate reflow "$OUT/reflow_pipe" 1 euler:1,2,4
+
+train meanflow_reflow configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings" --set train.max_steps=400
+evaluate meanflow_reflow "$OUT/meanflow_reflow_pipe" 1 flowmap:1,2
+train meanflow_on_2rf configs/flowers64_meanflow_reflow.yaml "$OUT/reflow" "$OUT/couplings" \
+    --set train.max_steps=300 --set optim.warmup_steps=20
+evaluate meanflow_on_2rf "$OUT/meanflow_on_2rf_pipe" 1 flowmap:1,2
 
 stamp "summary"
-$LF plot-eval "$OUT/eval_teacher" "$OUT/eval_meanflow" "$OUT/eval_reflow" --out "$OUT/fid_vs_nfe.png" || true
-for run in teacher meanflow reflow; do echo "-- $run"; cat "$OUT/eval_$run/evaluation.csv"; done
+RUNS=(teacher meanflow meanflow_reflow meanflow_on_2rf reflow)
+$LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
+for run in "${RUNS[@]}"; do echo "-- $run"; cat "$OUT/eval_$run/evaluation.csv"; done

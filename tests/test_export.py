@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_assets import FLOWERS, TAEF2, link_flower_photos
 from PIL import Image
 
 from latentflow import cli
@@ -19,10 +20,6 @@ from latentflow.export import export_run, load_pipeline
 from latentflow.flow.solvers import integrate
 from latentflow.models import load_model
 
-REPO = Path(__file__).parents[1]
-SHARED = REPO.parent / "shared"
-TAEF2 = SHARED / "weights" / "taef2"
-FLOWERS = SHARED / "data" / "tf_flowers" / "images_128" / "val"
 PER_CLASS = 2
 
 pytestmark = [
@@ -34,12 +31,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """2 real photos of each of the 5 flower classes (symlinks)."""
-    root = tmp_path_factory.mktemp("flowers")
-    for class_dir in sorted(FLOWERS.iterdir()):
-        (root / class_dir.name).mkdir()
-        for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
-            os.symlink(photo, root / class_dir.name / photo.name)
-    return root
+    return link_flower_photos(tmp_path_factory.mktemp("flowers"), PER_CLASS)
 
 
 @pytest.fixture(scope="module")

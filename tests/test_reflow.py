@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_assets import FLOWERS, REPO, TAEF2, encode_flower_cache, link_flower_photos
 
 from latentflow import cli
 from latentflow.data.cache import LatentArrays, LatentCache, make_latent_loader
@@ -28,10 +29,6 @@ from latentflow.reflow import ReflowConfig, coupling_key, coupling_label, coupli
 from latentflow.train.config import load_config, validate_config
 from latentflow.train.pairing import PairingTransform, check_coupling
 
-REPO = Path(__file__).parents[1]
-SHARED = REPO.parent / "shared"
-TAEF2 = SHARED / "weights" / "taef2"
-FLOWERS = SHARED / "data" / "tf_flowers" / "images_128" / "val"
 PER_CLASS = 2
 N = 7
 SEED = 3
@@ -45,17 +42,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def plain_cache(tmp_path_factory) -> Path:
     """2 real photos of each of the 5 flower classes encoded by TAEF2 at 64 px (32 x 8 x 8 latents)."""
-    from latentflow.data.encoder import EncodeConfig, encode_dataset
-
-    root = tmp_path_factory.mktemp("flowers")
-    for class_dir in sorted(FLOWERS.iterdir()):
-        (root / class_dir.name).mkdir()
-        for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
-            os.symlink(photo, root / class_dir.name / photo.name)
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(root), out=out, resolution=64, batch_size=10,
-                                shard_size=10, num_workers=0, progress=False, command=["test"]))
-    return out
+    photos = link_flower_photos(tmp_path_factory.mktemp("flowers"), PER_CLASS)
+    return encode_flower_cache(photos, tmp_path_factory.mktemp("cache") / "cache", batch_size=10, shard_size=10)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the module. Runs use a tiny DiT so each step takes milliseconds of compute.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_assets import FLOWERS, REPO, TAEF2, encode_flower_cache, link_flower_photos
 
 from latentflow import cli
 from latentflow.errors import LatentflowError
@@ -25,10 +25,6 @@ from latentflow.train.checkpoint import find_checkpoint, list_checkpoints
 from latentflow.train.config import load_config
 from latentflow.train.logs import CsvLog
 
-REPO = Path(__file__).parents[1]
-SHARED = REPO.parent / "shared"
-TAEF2 = SHARED / "weights" / "taef2"
-FLOWERS = SHARED / "data" / "tf_flowers" / "images_128" / "val"
 PER_CLASS = 8
 
 pytestmark = pytest.mark.skipif(
@@ -45,17 +41,9 @@ TINY = [
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """A real latent cache: 8 photos of each of the 5 classes encoded by TAEF2 at 64 px, 4 shards."""
-    from latentflow.data.encoder import EncodeConfig, encode_dataset
-
-    root = tmp_path_factory.mktemp("flowers")
-    for class_dir in sorted(FLOWERS.iterdir()):
-        (root / class_dir.name).mkdir()
-        for photo in sorted(class_dir.glob("*.jpg"))[:PER_CLASS]:
-            os.symlink(photo, root / class_dir.name / photo.name)
+    root = link_flower_photos(tmp_path_factory.mktemp("flowers"), PER_CLASS)
     out = root.with_name(root.name + "_cache")  # one per fixture instance (other modules import this fixture)
-    encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(root), out=out, resolution=64, batch_size=20, shard_size=10,
-                                num_workers=0, progress=False, command=["test"]))
-    return out
+    return encode_flower_cache(root, out, batch_size=20, shard_size=10)
 
 
 @pytest.fixture(autouse=True)
