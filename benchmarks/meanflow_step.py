@@ -31,30 +31,31 @@ def as_four_argument(model: torch.nn.Module):
     return lambda x, t, r, labels: model(x, t, labels) if r is None else model(x, t, labels, r=r)
 
 
-def step_seconds(objective, model, teacher, batch_size: int, repeats: int, device: str) -> float:
-    """Median seconds of one optimizer step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    call = as_four_argument(model)
-    models = TrainingModels(student=call, tangent=call, teacher=None if teacher is None else as_four_argument(teacher),
-                            null_class=5)
-    generator = torch.Generator().manual_seed(0)
-    x1 = torch.randn(batch_size, 32, 8, 8, generator=generator).to(device)
-    labels = torch.randint(0, 6, (batch_size,), generator=generator).to(device)
-    times = []
-    for index in range(repeats + 3):
-        if device == "cuda":
+class Stepper:
+    """One optimizer step of `objective` on a fixed batch, timed."""
+
+    def __init__(self, objective, model, teacher, batch_size: int, device: str):
+        self.objective, self.model, self.device = objective, model, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        call = as_four_argument(model)
+        self.models = TrainingModels(student=call, tangent=call, null_class=5,
+                                     teacher=None if teacher is None else as_four_argument(teacher))
+        generator = torch.Generator().manual_seed(0)
+        self.x1 = torch.randn(batch_size, 32, 8, 8, generator=generator).to(device)
+        self.labels = torch.randint(0, 6, (batch_size,), generator=generator).to(device)
+
+    def seconds(self, index: int) -> float:
+        if self.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        batch = objective.prepare(x1, labels, torch.Generator(device=device).manual_seed(index))
-        loss = objective.training_loss(models, batch).mean()
-        optimizer.zero_grad(set_to_none=True)
+        batch = self.objective.prepare(self.x1, self.labels, torch.Generator(device=self.device).manual_seed(index))
+        loss = self.objective.training_loss(self.models, batch).mean()
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if device == "cuda":
+        self.optimizer.step()
+        if self.device == "cuda":
             torch.cuda.synchronize()
-        if index >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -76,11 +77,19 @@ def main() -> None:
          make_objective("meanflow", flow_map_velocity="teacher", flow_map_guidance=4.0, flow_map_share=0.75), teacher),
     ]
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, demo DiT patch "
-          f"{args.patch_size}, median of {args.repeats} optimizer steps")
-    baseline = None
-    for name, objective, teacher_model in rows:
-        seconds = step_seconds(objective, model, teacher_model, args.batch, args.repeats, args.device)
-        baseline = baseline or seconds
+          f"{args.patch_size}, median of {args.repeats} optimizer steps (each round steps every variant once, so "
+          f"the machine's slow and fast spells hit them alike)")
+    steppers = [Stepper(objective, model, teacher_model, args.batch, args.device)
+                for _, objective, teacher_model in rows]
+    times: list[list[float]] = [[] for _ in rows]
+    for index in range(args.repeats + 3):
+        for stepper, measured in zip(steppers, times):
+            seconds = stepper.seconds(index)
+            if index >= 3:
+                measured.append(seconds)
+    baseline = statistics.median(times[0])
+    for (name, objective, _), measured in zip(rows, times):
+        seconds = statistics.median(measured)
         verdict = "" if objective.prediction != "average_velocity" else (
             f"  (goal <= {GOAL}x: {'met' if seconds / baseline <= GOAL else 'not met'})")
         print(f"{name:52s} {seconds * 1e3:8.1f} ms  {seconds / baseline:5.2f}x the FM step{verdict}")
