@@ -14,7 +14,7 @@ from typing import Sequence
 from latentflow.errors import LatentflowError
 
 COMMAND_MODULES = ("toy", "encode", "train", "plot_log", "export", "sample", "fid_stats", "evaluate", "plot_eval",
-                   "demo", "reflow")
+                   "demo", "reflow", "ot_fit")
 
 
 def build_parser() -> argparse.ArgumentParser:

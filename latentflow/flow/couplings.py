@@ -57,7 +57,7 @@ def _check_batches(x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | No
         raise LatentflowError(f"labels must have shape ({x1.shape[0]},), got {tuple(labels.shape)}")
 
 
-def _mean_squared_distance(x0: torch.Tensor, x1: torch.Tensor) -> float:
+def mean_squared_distance(x0: torch.Tensor, x1: torch.Tensor) -> float:
     """Mean over rows of ||x0_i - x1_i||^2 (0 for empty batches)."""
     if x0.shape[0] == 0:
         return 0.0
@@ -79,7 +79,7 @@ def _make_pairing(x0, x1, labels, x0_index: torch.Tensor, x1_index: torch.Tensor
         labels=None if labels is None else _take(labels, x1_index),
         x0_index=x0_index,
         x1_index=x1_index,
-        cost=_mean_squared_distance(x0_paired, x1_paired),
+        cost=mean_squared_distance(x0_paired, x1_paired),
     )
 
 
@@ -114,7 +114,7 @@ class IndependentCoupling(Coupling):
         # the batches are already paired row by row: no gathers on this hot path
         _check_batches(x0, x1, labels)
         index = torch.arange(x1.shape[0], device=x1.device)
-        return Pairing(x0=x0, x1=x1, labels=labels, x0_index=index, x1_index=index, cost=_mean_squared_distance(x0, x1))
+        return Pairing(x0=x0, x1=x1, labels=labels, x0_index=index, x1_index=index, cost=mean_squared_distance(x0, x1))
 
     def indices(self, x0, x1, labels, generator):
         index = torch.arange(x1.shape[0])

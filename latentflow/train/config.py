@@ -64,7 +64,11 @@ class ObjectiveConfig:
     """The objective (`latentflow.flow.objectives.make_objective`) and how noise is paired.
 
     `ot_scope`: 'local' pairs each process's batch in its loader workers; 'global' gathers
-    noise and latents from all processes and solves one plan for the global batch.
+    noise and latents from all processes and solves one plan for the global batch; 'dataset' pairs every noise
+    draw with its optimal latent of the whole cache, through the potential `ot_potential` that `latentflow
+    ot-fit` stored in CACHE/ot/ (any flow-matching objective: rf, cfm and otcfm take the path of their name,
+    meanflow its flow map), refusing one whose balance excess is above `ot_max_imbalance`
+    (`latentflow.data.potential.MAX_IMBALANCE`).
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
     `coupling`: 'sampled' draws fresh noise for each batch; 'stored' trains on the (noise, endpoint) pairs of a
     couplings cache from `latentflow reflow` as they are (reflow, e.g. with rf; no OT objective, no flips).
@@ -90,7 +94,9 @@ class ObjectiveConfig:
     flow_map_velocity: FlowMapVelocity = "data"
     flow_map_guidance: float = 1.0
     flow_map_weight_power: float = 1.0
-    ot_scope: Literal["local", "global"] = "local"
+    ot_scope: Literal["local", "global", "dataset"] = "local"
+    ot_potential: str = "potential"
+    ot_max_imbalance: float = 0.05
     label_dropout: float = 0.1
     coupling: Literal["sampled", "stored"] = "sampled"
 
@@ -304,8 +310,9 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
              f"objective.flow_map_share must be in [0, 1], got {objective.flow_map_share}")
     _require(objective.flow_map_guidance >= 0 and objective.flow_map_weight_power >= 0,
              "objective.flow_map_guidance and objective.flow_map_weight_power must be >= 0")
-    _require(objective.ot_scope == "local" or objective.name in OT_OBJECTIVES,
+    _require(objective.ot_scope != "global" or objective.name in OT_OBJECTIVES,
              f"objective.ot_scope 'global' needs an OT objective {list(OT_OBJECTIVES)}, not {objective.name!r}")
+    _check_dataset_scope(config)
     _require(config.checkpoint.every >= 0 and config.checkpoint.keep >= 1,
              "checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _require(config.sample.every >= 0 and config.sample.num_images >= 1 and config.sample.steps >= 1,
@@ -323,6 +330,22 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(not stored or not data.random_flip,
              "objective.coupling 'stored': a flipped endpoint is not its stored noise's endpoint; set "
              "data.random_flip: false")
+
+
+def _check_dataset_scope(config: Config) -> None:
+    """`objective.ot_scope: dataset` pairs fresh noise with cached means by a fitted potential: it needs a
+    flow-matching objective, sampled noise and the cached means themselves."""
+    objective = config.objective
+    if objective.ot_scope != "dataset":
+        return
+    _require(objective.name != "ddpm", "objective.ot_scope 'dataset' pairs noise with data for a flow; ddpm "
+             "draws its noise independently: use rf, cfm, otcfm or meanflow")
+    _require(objective.coupling == "sampled", "objective.ot_scope 'dataset' draws its own noise; set "
+             "objective.coupling: sampled")
+    _require(not config.data.sample_posterior, "objective.ot_scope 'dataset' pairs noise with the cached means "
+             "the potential was fitted on; set data.sample_posterior: false")
+    _require(objective.ot_max_imbalance > 0, f"objective.ot_max_imbalance must be > 0, got "
+             f"{objective.ot_max_imbalance}")
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

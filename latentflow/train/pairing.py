@@ -1,6 +1,7 @@
-"""Pairing noise with latents for a training step: in the loader workers (local OT, independent, or the stored
-couplings of a reflow cache) or across processes (global OT), with label dropout for classifier-free guidance;
-the per-batch seeds that make a resumed run draw exactly what an uninterrupted one would."""
+"""Pairing noise with latents for a training step: in the loader workers (local OT, independent, the stored
+couplings of a reflow cache, or dataset OT against the whole cache's fitted potential) or across processes
+(global OT), with label dropout for classifier-free guidance; the per-batch seeds that make a resumed run draw
+exactly what an uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.flow.couplings import Pairing
+from latentflow.flow.couplings import Pairing, mean_squared_distance
 from latentflow.flow.objectives import Objective, TrainingBatch
 
 if TYPE_CHECKING:
     from latentflow.data.cache import LatentCache
+    from latentflow.data.potential import DatasetCells
     from latentflow.train.config import Config
 
 
@@ -56,15 +58,18 @@ class PairingTransform:
     needs only x_t, t, target and labels, and two fewer tensors cross from the worker.
     With `stored_noise=True` (`objective.coupling: stored`) the batch's `noise` (B, ...),
     stored by `latentflow reflow` with each latent, is the x0 of its pair instead of a draw.
+    With `dataset_cells` (`objective.ot_scope: dataset`) every noise draw is paired with its optimal point of the
+    whole cache (`latentflow.data.potential.DatasetCells`): the batch gives only its size and, for a class-aware
+    potential, the class each noise row is drawn for.
     """
 
     def __init__(
         self, objective: Objective, seed: int, rank: int, num_classes: int, label_dropout: float, pair: bool,
-        keep_endpoints: bool = True, stored_noise: bool = False,
+        keep_endpoints: bool = True, stored_noise: bool = False, dataset_cells: "DatasetCells | None" = None,
     ) -> None:
         self.objective, self.seed, self.rank = objective, seed, rank
         self.num_classes, self.label_dropout, self.pair = num_classes, label_dropout, pair
-        self.keep_endpoints, self.stored_noise = keep_endpoints, stored_noise
+        self.keep_endpoints, self.stored_noise, self.dataset_cells = keep_endpoints, stored_noise, dataset_cells
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> TrainingBatch | dict[str,
                                                                                                                 Any]:
@@ -74,11 +79,26 @@ class PairingTransform:
         if not self.pair:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             return {"latents": batch["latents"], "labels": labels, "seed": seed}
-        prepared = self.objective.prepare(batch["latents"], labels, generator, noise=self._noise(batch))
+        if self.dataset_cells is not None:
+            prepared = self.objective.prepare_paired(self._dataset_pairing(batch, labels, generator), generator)
+        else:
+            prepared = self.objective.prepare(batch["latents"], labels, generator, noise=self._noise(batch))
         prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
         if not self.keep_endpoints:
             prepared.x0 = prepared.x1 = None
         return prepared
+
+    def _dataset_pairing(self, batch: dict[str, Any], labels: torch.Tensor | None,
+                         generator: torch.Generator) -> Pairing:
+        """Fresh noise (B, ...) and, for each row, its optimal point of the whole cache (within the row's class
+        for a class-aware potential)."""
+        cells = self.dataset_cells
+        x0 = torch.randn(batch["latents"].shape, generator=generator)  # (B, C, h, w)
+        index = cells.pair(x0, labels, generator)  # (B,)
+        x1 = cells.points[index]
+        point_labels = None if labels is None or cells.labels is None else cells.labels[index]
+        rows = torch.arange(x0.shape[0])
+        return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
 
     def _noise(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The stored x0 (B, ...) of the batch's pairs, or None to draw it."""
@@ -113,6 +133,30 @@ def check_coupling(config: "Config", cache: "LatentCache") -> None:
         raise LatentflowError(f"{where}: the teacher {'normalised' if normalized else 'did not normalise'} its "
                               f"latents, so its noise pairs with {'normalised' if normalized else 'raw'} endpoints; "
                               f"set data.normalize: {str(normalized).lower()}")
+
+
+def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells | None":
+    """The cache's fitted potential for `objective.ot_scope: dataset` (None for other scopes), checked before
+    any step: present, finished, of this cache, finite, balanced, fitted in the space training uses, and class-
+    aware exactly when `objective.class_aware` is.
+
+    Raises:
+        LatentflowError: naming the potential file and the fix.
+    """
+    from latentflow.data.potential import load_dataset_cells
+
+    objective = config.objective
+    if objective.ot_scope != "dataset":
+        return None
+    cells = load_dataset_cells(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
+                               objective.ot_max_imbalance)
+    if bool(cells.record["class_aware"]) != objective.class_aware:
+        fitted = "class-aware" if cells.record["class_aware"] else "class-blind"
+        raise LatentflowError(f"objective.ot_potential {objective.ot_potential!r} of {cache.path} is {fitted} but "
+                              f"objective.class_aware is {str(objective.class_aware).lower()}; refit "
+                              f"{'without' if cells.record['class_aware'] else 'with'} --class-aware, or set "
+                              f"objective.class_aware: {str(bool(cells.record['class_aware'])).lower()}")
+    return cells
 
 
 @dataclass

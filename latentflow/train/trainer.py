@@ -51,7 +51,14 @@ from latentflow.train.init import (
 )
 from latentflow.train.logs import CsvLog
 from latentflow.train.optim import learning_rate, make_adamw
-from latentflow.train.pairing import PairingTransform, check_coupling, drop_labels, global_ot_pairing, seed_for
+from latentflow.train.pairing import (
+    PairingTransform,
+    check_coupling,
+    dataset_cells_for,
+    drop_labels,
+    global_ot_pairing,
+    seed_for,
+)
 from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
 
 EMA_FILE = "ema.safetensors"
@@ -174,6 +181,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.cache = _open_cache(config.data.cache)
         check_coupling(config, self.cache)
+        self.dataset_cells = dataset_cells_for(config, self.cache)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
@@ -238,7 +246,7 @@ class Trainer:
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
             config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
-            stored_noise=config.objective.coupling == "stored",
+            stored_noise=config.objective.coupling == "stored", dataset_cells=self.dataset_cells,
         )
         loader = make_latent_loader(
             self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,

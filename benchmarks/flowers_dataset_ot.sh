@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Dataset-scale OT on the flowers (issue 14), one run, the demo's quality protocol: 736 samples against the 736 val
+# photos at 64 px, seed 0, floors from the train split at the same n, guidance 4, euler at 1, 2, 4 and 8 NFE.
+#   otcfm      = minibatch OT-CFM: the finished `latentflow demo` run (configs/flowers64_demo.yaml, 2,000 steps)
+#   rf         = the same config with objective rf (independent pairs)
+#   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
+#   dataset-blind = the same with a class-blind potential (labels follow the paired latent)
+# Straightness: each run's last preview (25 fixed-noise samples, euler 16, guidance 4; log.csv).
+# Usage: bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1 hour on 2 quiet cores)
+set -euo pipefail
+DEMO=${1:-runs/flowers64_demo}
+OUT=${2:-runs/dataset_ot}
+LF=.venv/bin/latentflow
+FLOWERS=../shared/data/tf_flowers/images_128
+mkdir -p "$OUT"
+seconds() { date +%s; }
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+stamp "reference statistics of the val photos at 64 px"
+[ -f "$OUT/ref/val64.npz" ] || $LF fid-stats "$FLOWERS/val" --resolution 64 --out "$OUT/ref/val64.npz"
+
+for kind in aware blind; do
+    stamp "ot-fit $kind"
+    start=$(seconds)
+    $LF ot-fit "$DEMO/cache" --name "$kind" $([ $kind = aware ] && echo --class-aware) --no-progress
+    echo "ot-fit $kind seconds: $(( $(seconds) - start ))"
+done
+
+# train NAME CONFIG [--set ...]: train on the demo's cache, export to NAME_pipe, print the training seconds
+train() {
+    local name=$1 config=$2 start
+    shift 2
+    stamp "$name: train $config $*"
+    start=$(seconds)
+    $LF train --config "$config" --set data.cache="$DEMO/cache" --set output_dir="$OUT/$name" \
+        --set log.progress_bar=false "$@"
+    echo "$name training seconds: $(( $(seconds) - start ))"
+    $LF export "$OUT/$name" --out "$OUT/${name}_pipe"
+}
+evaluate() {
+    stamp "evaluate $1"
+    $LF evaluate "$2" --ref "$OUT/ref/val64.npz" --n 736 --seed 0 --floors "$FLOWERS/train" --guidance-scale 4 \
+        --sweep euler:1,2,4,8 --out "$OUT/eval_$1"
+}
+
+train rf configs/flowers64_demo.yaml --set objective.name=rf
+train dataset configs/flowers64_dataset_ot.yaml --set objective.ot_potential=aware
+train dataset-blind configs/flowers64_dataset_ot.yaml --set objective.ot_potential=blind \
+    --set objective.class_aware=false
+
+evaluate otcfm "$DEMO/pipeline"
+for name in rf dataset dataset-blind; do evaluate $name "$OUT/${name}_pipe"; done
+
+stamp "summary"
+RUNS=(rf otcfm dataset dataset-blind)
+$LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
+for run in "${RUNS[@]}"; do
+    log="$OUT/$run/log.csv"; [ $run = otcfm ] && log="$DEMO/run/log.csv"
+    echo "-- $run (straightness of the last preview: $(.venv/bin/python -c "
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get('straightness')]
+print(rows[-1]['straightness'] if rows else 'n/a')" "$log"))"
+    cat "$OUT/eval_$run/evaluation.csv"
+done

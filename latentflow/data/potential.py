@@ -1,0 +1,313 @@
+"""A latent cache's semidiscrete OT potential: fitted once over the whole cache (`latentflow ot-fit`), stored
+beside it, and read by training with `objective.ot_scope: dataset` to pair every noise draw with its optimal
+cached latent (the maths: `latentflow.flow.semidiscrete`).
+
+Files, in `CACHE/ot/`:
+    NAME.safetensors      `potential` (P,) float32, one value per point (points: the cache's latents in load
+                          order, then their flip variants when fitted with flips), per class when class-aware
+    NAME.json             the cache's fingerprint (sha256 of its manifest), the point space (normalised,
+                          flips), the settings, whether the fit finished, the final dual and the balance
+    NAME.state.safetensors  the unfinished fit's optimiser state (removed when it finishes)
+Every file is written to a temporary name and renamed, so an interrupted fit resumes from its last state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save
+
+from latentflow.data.cache import LatentCache
+from latentflow.errors import LatentflowError
+from latentflow.flow.semidiscrete import Balance, FitSettings, LaguerreCells, PotentialFit, measure_balance
+from latentflow.io import read_json, write_bytes_atomic, write_json_atomic
+
+FORMAT = 1
+DEFAULT_NAME = "potential"
+MAX_IMBALANCE = 0.05
+"""The largest balance excess (total variation beyond sampling noise) training accepts: a potential within it
+gives a data marginal at most 5% (in total variation) away from the cache's uniform one, about the effect of
+leaving out or doubling one image in twenty; a fit that stops short of it is a fit that needs more steps."""
+
+
+def cache_fingerprint(cache: LatentCache) -> str:
+    """sha256 of the cache's manifest.json: any re-encode, extension or edit changes it."""
+    return hashlib.sha256((cache.path / "manifest.json").read_bytes()).hexdigest()
+
+
+@dataclass
+class CachePoints:
+    """The points a potential is fitted over, in the model's space.
+
+    Attributes:
+        points: (P, C, h, w) float32: cached means (normalised if `normalized`), then flip variants if `flips`.
+        labels: (P,) long, or None for an unlabelled cache.
+        groups: index tensors of the points of each class (class-aware), or one group of all points.
+    """
+
+    points: torch.Tensor
+    labels: torch.Tensor | None
+    groups: list[torch.Tensor]
+    normalized: bool
+    flips: bool
+
+
+def load_points(cache: LatentCache, normalized: bool, flips: bool, class_aware: bool) -> CachePoints:
+    """The cache's latents as OT points (see `CachePoints`); refuses flips or classes the cache lacks."""
+    if flips and not cache.has_flip:
+        raise LatentflowError(f"{cache.path}: the cache holds no flip variants; fit without --flips, or re-encode "
+                              "with --flip")
+    if class_aware and cache.num_classes == 0:
+        raise LatentflowError(f"{cache.path}: class-aware OT needs labels, and this cache is unlabelled; fit "
+                              "without --class-aware")
+    arrays = cache.load()
+    parts = [arrays.mean] + ([arrays.flip_mean] if flips else [])
+    points = torch.cat(parts).float()  # (P, C, h, w)
+    if normalized:
+        points = (points - cache.channel_mean.view(1, -1, 1, 1)) / cache.channel_std.view(1, -1, 1, 1)
+    labels = None if arrays.labels is None else arrays.labels.repeat(len(parts))
+    if class_aware:
+        groups = [torch.nonzero(labels == value).flatten() for value in range(cache.num_classes)]
+        groups = [group for group in groups if group.numel() > 0]
+    else:
+        groups = [torch.arange(points.shape[0])]
+    return CachePoints(points, labels, groups, normalized, flips)
+
+
+@dataclass
+class OTFitConfig:
+    """`latentflow ot-fit` settings."""
+
+    cache: str
+    name: str = DEFAULT_NAME
+    fit: FitSettings = field(default_factory=FitSettings)
+    class_aware: bool = False
+    flips: bool = False
+    normalized: bool = True
+    balance_draws: int = 100
+    device: str = "cpu"
+    save_every: int = 200
+    progress: bool = True
+
+
+def potential_paths(cache_path: str | Path, name: str) -> tuple[Path, Path, Path]:
+    """(NAME.safetensors, NAME.json, NAME.state.safetensors) in CACHE/ot/."""
+    folder = Path(cache_path) / "ot"
+    return folder / f"{name}.safetensors", folder / f"{name}.json", folder / f"{name}.state.safetensors"
+
+
+def _identity(config: OTFitConfig, cache: LatentCache) -> dict[str, Any]:
+    """What a fit is of: the cache, the point space and the settings (a finished fit with these is reused)."""
+    return {"format": FORMAT, "cache_fingerprint": cache_fingerprint(cache), "normalized": config.normalized,
+            "flips": config.flips, "class_aware": config.class_aware, "settings": asdict(config.fit)}
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors written atomically (temporary name, then rename)."""
+    write_bytes_atomic(path, save({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}))
+
+
+@dataclass
+class OTFitResult:
+    """What `fit_cache_potential` did."""
+
+    path: Path
+    already_complete: bool
+    points: int
+    steps_run: int
+    seconds: float
+    report: dict[str, Any]
+
+
+class _GroupFits:
+    """One `PotentialFit` per class group, stepped in turn; the state of all of them in one dict."""
+
+    def __init__(self, points: CachePoints, settings: FitSettings, device: str) -> None:
+        flat = points.points.reshape(points.points.shape[0], -1).to(device)
+        self.groups = points.groups
+        self.fits = [PotentialFit(flat[group.to(device)], settings) for group in points.groups]
+        self.total = points.points.shape[0]
+
+    @property
+    def step_count(self) -> int:
+        return min(fit.step_count for fit in self.fits)
+
+    def step(self) -> None:
+        for fit in self.fits:
+            fit.step()
+
+    def potential(self) -> torch.Tensor:
+        out = torch.zeros(self.total, dtype=torch.float32)
+        for group, fit in zip(self.groups, self.fits):
+            out[group] = fit.potential.cpu()
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{index}.{key}": value for index, fit in enumerate(self.fits)
+                for key, value in fit.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for index, fit in enumerate(self.fits):
+            fit.load_state_dict({key.split(".", 1)[1]: value for key, value in state.items()
+                                 if key.split(".", 1)[0] == str(index)})
+
+    def status(self) -> dict[str, float]:
+        """The mean dual value of the last step and the worst group's recent imbalance."""
+        return {"dual": sum(fit.last_dual for fit in self.fits) / len(self.fits),
+                "recent_imbalance": max(fit.recent_imbalance for fit in self.fits)}
+
+
+def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitConfig) -> dict[str, Any]:
+    """Balance of each group's cells; the worst group's figures, and every group's excess."""
+    flat = points.points.reshape(points.points.shape[0], -1).to(config.device)
+    balances: list[Balance] = []
+    for index, group in enumerate(points.groups):
+        cells = LaguerreCells(flat[group.to(config.device)], potential[group].to(config.device),
+                              config.fit.epsilon)
+        balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1)))
+    worst = max(balances, key=lambda balance: balance.excess)
+    return {**asdict(worst), "excess": worst.excess, "per_group_excess": [b.excess for b in balances]}
+
+
+def _check_existing(json_path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing fit's JSON when it is of the same identity; refuse one of another cache or settings."""
+    if not json_path.exists():
+        return None
+    existing = read_json(json_path, "OT potential record")
+    mine = {key: existing.get(key) for key in identity}
+    if mine != identity:
+        differing = sorted(key for key in identity if existing.get(key) != identity[key])
+        raise LatentflowError(f"{json_path}: a potential with other {', '.join(differing)} exists; pick another "
+                              "--name, or delete it to refit")
+    return existing
+
+
+def fit_cache_potential(config: OTFitConfig, on_step: Callable[[int, dict[str, float]], None] | None = None
+                        ) -> OTFitResult:
+    """Fit (or resume, or reuse) the potential of `config.cache`; see the module docstring for the files."""
+    start = time.perf_counter()
+    cache = LatentCache(config.cache)
+    identity = _identity(config, cache)
+    potential_path, json_path, state_path = potential_paths(cache.path, config.name)
+    existing = _check_existing(json_path, identity)
+    if existing is not None and existing.get("finished") and potential_path.exists():
+        return OTFitResult(potential_path, True, int(existing["points"]), 0, 0.0, existing)
+    points = load_points(cache, config.normalized, config.flips, config.class_aware)
+    fits = _GroupFits(points, config.fit, config.device)
+    if state_path.exists() and existing is not None:
+        fits.load_state_dict(load_file(str(state_path)))
+    first = fits.step_count
+    while fits.step_count < config.fit.steps:
+        fits.step()
+        if on_step is not None:
+            on_step(fits.step_count, fits.status())
+        if fits.step_count % config.save_every == 0 and fits.step_count < config.fit.steps:
+            _save_state(fits, identity, points, state_path, json_path)
+    potential = fits.potential()
+    report = {**identity, "points": points.points.shape[0], "dim": int(points.points[0].numel()),
+              "groups": [int(group.numel()) for group in points.groups], "finished": True,
+              "step": fits.step_count, **fits.status(), "balance": _balance_report(points, potential, config),
+              "fit_seconds": time.perf_counter() - start, "device": config.device}
+    _save_tensors(potential_path, {"potential": potential})
+    write_json_atomic(json_path, report)
+    state_path.unlink(missing_ok=True)
+    return OTFitResult(potential_path, False, points.points.shape[0], fits.step_count - first,
+                       time.perf_counter() - start, report)
+
+
+def _save_state(fits: _GroupFits, identity: dict[str, Any], points: CachePoints, state_path: Path,
+                json_path: Path) -> None:
+    """The unfinished fit's state, then its record (so a record never points at a missing state)."""
+    _save_tensors(state_path, fits.state_dict())
+    write_json_atomic(json_path, {**identity, "points": points.points.shape[0], "finished": False,
+                                  "step": fits.step_count, **fits.status()})
+
+
+@dataclass
+class DatasetCells:
+    """A fitted potential ready to pair: one `LaguerreCells` per group, and the point labels.
+
+    Attributes:
+        cells: per group (class-aware: per class id in `group_classes`), cells over its points.
+        group_index: per group, (P_g,) indices of its points among all points.
+        group_classes: the class id of each group (class-aware), else None.
+        points: (P, C, h, w) all points; labels (P,) or None; potential (P,) their potential.
+        record: the fit's JSON.
+    """
+
+    cells: list[LaguerreCells]
+    group_index: list[torch.Tensor]
+    group_classes: list[int] | None
+    points: torch.Tensor
+    labels: torch.Tensor | None
+    potential: torch.Tensor
+    record: dict[str, Any]
+
+    def pair(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        """(B,) indices into `points` of the data paired with noise x0 (B, C, h, w); class-aware: within each
+        row's class from `labels` (B,)."""
+        if self.group_classes is None:
+            return self.group_index[0][self.cells[0].assign(x0, generator)]
+        if labels is None:
+            raise LatentflowError("a class-aware OT potential needs the batch's labels; the cache gave none")
+        out = torch.empty(x0.shape[0], dtype=torch.long)
+        for cells, index, value in zip(self.cells, self.group_index, self.group_classes):
+            rows = torch.nonzero(labels.cpu() == value).flatten()
+            if rows.numel():
+                out[rows] = index[cells.assign(x0[rows], generator)]
+        return out
+
+
+def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """The finished fit's JSON and potential (P,), checked against `cache`; errors name the file and the fix."""
+    potential_path, json_path, _ = potential_paths(cache.path, name)
+    refit = f"run `latentflow ot-fit {cache.path}" + ("" if name == DEFAULT_NAME else f" --name {name}") + "`"
+    if not json_path.exists() or not potential_path.exists():
+        raise LatentflowError(f"{json_path.parent / name}: no OT potential for this cache; {refit}")
+    record = read_json(json_path, "OT potential record")
+    if not record.get("finished"):
+        raise LatentflowError(f"{json_path}: the fit is unfinished (step {record.get('step')}); {refit} to finish it")
+    if record.get("cache_fingerprint") != cache_fingerprint(cache):
+        raise LatentflowError(f"{json_path}: fitted on another cache (the manifest changed since); {refit} again")
+    potential = load_file(str(potential_path)).get("potential")
+    if potential is None or potential.shape != (int(record["points"]),):
+        raise LatentflowError(f"{potential_path}: no potential of {record['points']} values; {refit} again")
+    if not torch.isfinite(potential).all():
+        raise LatentflowError(f"{potential_path}: the potential holds NaN or infinite values; {refit} again")
+    return record, potential
+
+
+def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_flip: bool,
+                       max_imbalance: float = MAX_IMBALANCE) -> DatasetCells:
+    """The potential `name` of `cache`, checked for this training setup, as `DatasetCells`.
+
+    Raises:
+        LatentflowError: no potential, an unfinished one, one of another cache, NaN values, another point space
+            (normalisation, flips) than training uses, or a balance excess above `max_imbalance`.
+    """
+    record, potential = read_potential_record(cache, name)
+    where = f"{potential_paths(cache.path, name)[1]}"
+    if bool(record["normalized"]) != normalized:
+        raise LatentflowError(f"{where}: fitted on {'normalised' if record['normalized'] else 'raw'} latents but "
+                              f"data.normalize is {str(normalized).lower()}; refit, or set data.normalize: "
+                              f"{str(bool(record['normalized'])).lower()}")
+    if random_flip and cache.has_flip and not record["flips"]:
+        raise LatentflowError(f"{where}: fitted without the flip variants that data.random_flip draws; refit with "
+                              "--flips, or set data.random_flip: false")
+    excess = float(record["balance"]["excess"])
+    if not math.isfinite(excess) or excess > max_imbalance:
+        raise LatentflowError(f"{where}: balance excess {excess:.3f} is above {max_imbalance} (noise is not spread "
+                              "evenly over the cache); refit with more --steps or a larger --batch")
+    points = load_points(cache, bool(record["normalized"]), bool(record["flips"]), bool(record["class_aware"]))
+    flat = points.points.reshape(points.points.shape[0], -1)
+    epsilon = float(record["settings"]["epsilon"])
+    cells = [LaguerreCells(flat[group], potential[group], epsilon) for group in points.groups]
+    classes = [int(points.labels[group[0]]) for group in points.groups] if record["class_aware"] else None
+    return DatasetCells(cells, points.groups, classes, points.points, points.labels, potential, record)

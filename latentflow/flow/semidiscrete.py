@@ -1,0 +1,299 @@
+"""Semidiscrete optimal transport between Gaussian noise and a finite set of points (a whole latent cache).
+
+For the cost c(x, y) = ||x - y||^2, the optimal transport of a continuous source (here N(0, I)) onto N points
+y_j of equal mass 1/N sends x to the point of its Laguerre cell,
+
+    T(x) = argmin_j ||x - y_j||^2 - g_j,                                  (Peyré & Cuturi 2019, Eq. 5.8)
+
+for the dual potential g that gives every cell source mass 1/N. g maximises the concave semi-dual
+
+    F(g) = E_x[min_j (||x - y_j||^2 - g_j)] + (1/N) sum_j g_j,            (Peyré & Cuturi 2019, Eq. 5.10)
+
+whose gradient is dF/dg_j = 1/N - P(x lands in cell j); with an entropic blur eps > 0 the min becomes the
+soft-min -eps log (1/N) sum_j exp(-(c - g_j) / eps), the gradient 1/N - E[softmax_j((g - c(x, .)) / eps)], and
+the pairing a draw from that softmax (Genevay et al. 2016, Eq. 7 and Algorithm 2). We ascend F with Adam on
+fresh noise batches: the gradient scaled by N, so an unvisited cell pushes +1 and an over-full one pushes
+1 - N * share, with the step in cost units and a cosine decay, and the potential averaged over the last
+half of the steps (Polyak-Ruppert averaging, which removes most of the batch noise of the final iterate).
+
+Everything works on flattened points (N, D); ||x||^2 is the same for every j and is dropped from the argmin:
+score_j(x) = ||y_j||^2 - 2 <x, y_j> - g_j. Work is chunked over noise rows so a chunk's scores (rows, N) stay
+within `CHUNK_ELEMENTS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from latentflow.errors import LatentflowError
+
+CHUNK_ELEMENTS = 1 << 24
+"""Scores held at once (rows x points, float32: 64 MiB)."""
+
+
+def flatten_points(points: torch.Tensor) -> torch.Tensor:
+    """(N, ...) -> (N, D) float32, contiguous."""
+    return points.reshape(points.shape[0], -1).float().contiguous()
+
+
+@dataclass
+class LaguerreCells:
+    """Data points and a dual potential: the semidiscrete pairing of noise with them.
+
+    Attributes:
+        points: (N, D) float32.
+        potential: (N,) float32 dual potential g (cost units).
+        epsilon: entropic blur; 0 pairs by the hard argmin, > 0 draws from the softmax.
+    """
+
+    points: torch.Tensor
+    potential: torch.Tensor
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.points.dim() != 2 or self.potential.shape != (self.points.shape[0],):
+            raise LatentflowError(f"LaguerreCells needs points (N, D) and a potential (N,), got "
+                                  f"{tuple(self.points.shape)} and {tuple(self.potential.shape)}")
+        if self.epsilon < 0:
+            raise LatentflowError(f"semidiscrete OT epsilon must be >= 0, got {self.epsilon}")
+        self.offsets = self.points.square().sum(1) - self.potential  # (N,) ||y_j||^2 - g_j
+
+    def scores(self, x0: torch.Tensor) -> torch.Tensor:
+        """score (B, N) = ||x0 - y_j||^2 - g_j - ||x0||^2 for flat noise x0 (B, D)."""
+        return torch.addmm(self.offsets.unsqueeze(0), x0, self.points.T, alpha=-2.0)
+
+    def chunks(self, rows: int) -> list[slice]:
+        """Row slices whose score blocks stay within CHUNK_ELEMENTS."""
+        size = max(1, CHUNK_ELEMENTS // max(1, self.points.shape[0]))
+        return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+    def assign(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The point paired with each noise row x0 (B, ...): (B,) long indices into `points`.
+
+        Hard (epsilon 0): the Laguerre cell, argmin_j score_j. Entropic: a draw from softmax(-score / eps) by the
+        Gumbel-max trick (argmin of score - eps * Gumbel noise), with `generator` for the Gumbel noise.
+        """
+        flat = x0.reshape(x0.shape[0], -1).to(self.points)
+        if flat.shape[1] != self.points.shape[1]:
+            raise LatentflowError(f"noise of {flat.shape[1]} dimensions cannot be paired with points of "
+                                  f"{self.points.shape[1]}")
+        out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        for rows in self.chunks(flat.shape[0]):
+            scores = self.scores(flat[rows])  # (b, N)
+            if self.epsilon > 0:
+                uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
+                scores -= self.epsilon * -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel(0, 1)
+            out[rows] = scores.argmin(dim=1)
+        return out
+
+    def cell_shares(self, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(shares (N,), mean transport value) over noise rows x0 (B, D): the share of the rows each cell
+        receives (soft for epsilon > 0) and mean_x of min_j (c(x, y_j) - g_j), soft-min for epsilon > 0."""
+        shares = torch.zeros(self.points.shape[0], dtype=torch.float64, device=x0.device)
+        total = 0.0
+        for rows in self.chunks(x0.shape[0]):
+            scores = self.scores(x0[rows])  # (b, N)
+            norms = x0[rows].square().sum(1)  # (b,)
+            if self.epsilon > 0:
+                soft = torch.softmax(-scores / self.epsilon, dim=1)  # (b, N)
+                shares += soft.sum(0).double()
+                log_mean = torch.logsumexp(-scores / self.epsilon, dim=1) - math.log(self.points.shape[0])
+                total += float((norms - self.epsilon * log_mean).double().sum())
+            else:
+                best, index = scores.min(dim=1)
+                shares += torch.bincount(index, minlength=self.points.shape[0]).double()
+                total += float((norms + best).double().sum())
+        return shares / x0.shape[0], total / x0.shape[0]
+
+
+@dataclass
+class FitSettings:
+    """How `PotentialFit` ascends the semi-dual.
+
+    Attributes:
+        steps: ascent steps.
+        batch_size: fresh noise rows per step.
+        epsilon: entropic blur in cost units (0: hard assignment).
+        lr: Adam's first step in units of `cost_scale` (the typical spread of a noise draw's costs over the
+            centred points: the range the potential may have to cover).
+        seed: noise of step k comes from seed and k alone, so a resumed fit draws what an uninterrupted one would.
+    """
+
+    steps: int = 1000
+    batch_size: int = 1024
+    epsilon: float = 0.0
+    lr: float = 0.03
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise LatentflowError(f"ot fit steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.epsilon < 0 or self.lr <= 0:
+            raise LatentflowError(f"ot fit epsilon must be >= 0 and lr > 0, got {self.epsilon} and {self.lr}")
+
+
+def noise_for_step(seed: int, step: int, rows: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fit's noise batch (rows, dim) of `step`: N(0, I) from a generator seeded by (seed, step) only."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    return torch.randn(rows, dim, generator=generator, device=device)
+
+
+def translation_potential(points: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 g_j = 2 <mean, y_j - mean>: the exact potential's part due to the points' mean.
+
+    For y_j = z_j + mean, ||x - y_j||^2 = ||x - z_j||^2 + 2 <mean, z_j> + (terms of x alone), so the cells of
+    the centred points z under a potential h are the cells of y under h + 2 <mean, z>: starting the ascent
+    here leaves it only the centred problem to solve.
+    """
+    mean = points.double().mean(0)
+    return 2.0 * (points.double() - mean) @ mean
+
+
+def cost_scale(points: torch.Tensor, x0: torch.Tensor) -> float:
+    """Median over noise rows x0 (B, D) of the spread (std over points) of ||x - y_j||^2, centred points."""
+    if points.shape[0] < 2:
+        return 1.0
+    centred = points - points.mean(0)
+    cells = LaguerreCells(centred, torch.zeros(points.shape[0], device=points.device))
+    spreads = [cells.scores(x0[rows]).std(dim=1) for rows in cells.chunks(x0.shape[0])]
+    return max(float(torch.cat(spreads).median()), 1e-12)
+
+
+class PotentialFit:
+    """Stochastic ascent of the semi-dual for one set of points (one class, or the whole cache).
+
+    `step()` does one Adam step on a fresh noise batch; `state_dict()` / `load_state_dict()` carry everything a
+    resumed fit needs. `potential` is the averaged potential (the iterate before averaging starts).
+    """
+
+    BETAS = (0.9, 0.999)
+    RECENT_DRAWS = 20
+    """`recent_imbalance` averages the shares of about this many recent draws per point."""
+
+    def __init__(self, points: torch.Tensor, settings: FitSettings) -> None:
+        settings.validate()
+        self.points, self.settings = flatten_points(points), settings
+        count = self.points.shape[0]
+        self.iterate = translation_potential(self.points)
+        self.average = torch.zeros_like(self.iterate)
+        self.first_moment = torch.zeros_like(self.iterate)
+        self.second_moment = torch.zeros_like(self.iterate)
+        self.recent_shares = torch.full_like(self.iterate, 1.0 / count)
+        self.step_count, self.averaged, self.scale = 0, 0, None
+        self.last_dual = float("nan")
+
+    @property
+    def finished(self) -> bool:
+        return self.step_count >= self.settings.steps
+
+    @property
+    def potential(self) -> torch.Tensor:
+        """(N,) float32: the Polyak average once averaging started, else the current iterate."""
+        return (self.average if self.averaged else self.iterate).float()
+
+    @property
+    def recent_imbalance(self) -> float:
+        """Total variation from uniform of the shares of the last ~RECENT_DRAWS draws per point (a progress
+        figure: about 0.09 from sampling noise alone when balanced; `measure_balance` gives the real one)."""
+        return float(0.5 * (self.recent_shares - 1.0 / self.recent_shares.numel()).abs().sum())
+
+    def learning_rate(self) -> float:
+        """Adam's step at the current step: lr x cost scale, cosine-decayed to zero over the fit."""
+        progress = self.step_count / self.settings.steps
+        return self.settings.lr * self.scale * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def step(self) -> None:
+        """One ascent step: shares of a fresh noise batch, Adam on N * (1/N - share), then averaging."""
+        x0 = noise_for_step(self.settings.seed, self.step_count, self.settings.batch_size, self.points.shape[1],
+                            self.points.device)
+        if self.scale is None:
+            self.scale = cost_scale(self.points, x0)
+        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon)
+        shares, transport = cells.cell_shares(x0)
+        count = self.points.shape[0]
+        ascent = 1.0 - count * shares  # (N,) N x the semi-dual's gradient
+        self.last_dual = transport + float(self.iterate.mean())
+        decay = max(0.0, 1.0 - self.settings.batch_size / (self.RECENT_DRAWS * count))
+        self.recent_shares.mul_(decay).add_(shares, alpha=1 - decay)
+        self._adam(ascent)
+        self.step_count += 1
+        if self.step_count > self.settings.steps // 2:
+            self.averaged += 1
+            self.average += (self.iterate - self.average) / self.averaged
+
+    def _adam(self, ascent: torch.Tensor) -> None:
+        beta1, beta2 = self.BETAS
+        self.first_moment.mul_(beta1).add_(ascent, alpha=1 - beta1)
+        self.second_moment.mul_(beta2).addcmul_(ascent, ascent, value=1 - beta2)
+        step = self.step_count + 1
+        corrected1 = self.first_moment / (1 - beta1**step)
+        corrected2 = self.second_moment / (1 - beta2**step)
+        self.iterate += self.learning_rate() * corrected1 / (corrected2.sqrt() + 1e-8)
+        self.iterate -= self.iterate.mean()  # g is defined up to a constant: keep it centred
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        counters = [self.step_count, self.averaged, -1.0 if self.scale is None else self.scale]
+        return {"iterate": self.iterate, "average": self.average, "first_moment": self.first_moment,
+                "second_moment": self.second_moment, "recent_shares": self.recent_shares,
+                "counters": torch.tensor(counters, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("iterate", "average", "first_moment", "second_moment", "recent_shares"):
+            if state[name].shape != self.iterate.shape:
+                raise LatentflowError(f"ot fit state {name} has shape {tuple(state[name].shape)}, expected "
+                                      f"{tuple(self.iterate.shape)}: it belongs to another cache")
+            getattr(self, name).copy_(state[name])
+        step_count, averaged, scale = state["counters"].tolist()
+        self.step_count, self.averaged = int(step_count), int(averaged)
+        self.scale = None if scale < 0 else scale
+
+
+@dataclass
+class Balance:
+    """How evenly noise is spread over the points by a potential, from `draws_per_point` x N noise draws.
+
+    Attributes:
+        total_variation: 0.5 sum_j |share_j - 1/N|, the share of pairings that a perfectly balanced potential
+            would send elsewhere.
+        sampling_floor: the total variation a perfectly balanced potential shows from this many draws alone
+            (0.5 sqrt(2 / (pi m)) for m draws per point, the Poisson counts' mean absolute deviation).
+        chi_square_per_dof: Pearson's chi-square against uniform counts over N - 1 (about 1 when balanced).
+        max_over_mean, min_over_mean: the fullest and emptiest cell against the mean count.
+    """
+
+    draws_per_point: int
+    total_variation: float
+    sampling_floor: float
+    chi_square_per_dof: float
+    max_over_mean: float
+    min_over_mean: float
+
+    @property
+    def excess(self) -> float:
+        """Total variation beyond what the draws alone explain."""
+        return max(0.0, self.total_variation - self.sampling_floor)
+
+
+def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch_size: int = 4096) -> Balance:
+    """Pair draws_per_point x N fresh noise rows (seeded by `seed`) with `cells` and count each point's share."""
+    count = cells.points.shape[0]
+    counts = torch.zeros(count, dtype=torch.float64, device=cells.points.device)
+    total, batch = draws_per_point * count, 0
+    generator = torch.Generator(device=cells.points.device).manual_seed(seed)
+    while total > 0:
+        rows = min(batch_size, total)
+        x0 = noise_for_step(seed, 10**9 + batch, rows, cells.points.shape[1], cells.points.device)
+        counts += torch.bincount(cells.assign(x0, generator), minlength=count).double()
+        total, batch = total - rows, batch + 1
+    mean = counts.mean()
+    return Balance(
+        draws_per_point=draws_per_point,
+        total_variation=float(0.5 * (counts / counts.sum() - 1.0 / count).abs().sum()),
+        sampling_floor=0.5 * math.sqrt(2 / (math.pi * draws_per_point)),
+        chi_square_per_dof=float(((counts - mean) ** 2 / mean).sum() / max(1, count - 1)),
+        max_over_mean=float(counts.max() / mean),
+        min_over_mean=float(counts.min() / mean),
+    )

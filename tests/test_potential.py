@@ -1,0 +1,199 @@
+"""Dataset-scale OT on a real cache (TAEF2 latents of real flower photos): `latentflow ot-fit`, its files, resume
+and reuse, the refusals, pairing every noise draw with its optimal cached latent, and training with
+`objective.ot_scope: dataset`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from flower_assets import FLOWERS, TAEF2, encode_flower_cache, link_flower_photos
+from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
+
+from latentflow import cli
+from latentflow.data.cache import LatentCache, make_latent_loader
+from latentflow.data.potential import (
+    OTFitConfig,
+    fit_cache_potential,
+    load_dataset_cells,
+    load_points,
+    potential_paths,
+)
+from latentflow.errors import LatentflowError
+from latentflow.flow.objectives import make_objective
+from latentflow.flow.semidiscrete import FitSettings, noise_for_step
+from latentflow.train.config import load_config, validate_config
+from latentflow.train.pairing import PairingTransform, dataset_cells_for
+
+PER_CLASS = 4
+FAST = ["--steps", "300", "--batch", "512", "--balance-draws", "400", "--no-progress"]
+
+pytestmark = pytest.mark.skipif(
+    not (TAEF2.is_dir() and FLOWERS.is_dir()), reason=f"shared assets missing: need {TAEF2} and {FLOWERS}"
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """4 real photos of each of the 5 classes through TAEF2 at 64 px: 20 labelled latents (32 x 8 x 8)."""
+    photos = link_flower_photos(tmp_path_factory.mktemp("flowers"), PER_CLASS)
+    return encode_flower_cache(photos, tmp_path_factory.mktemp("cache") / "cache", batch_size=10, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def fitted(cache: Path) -> Path:
+    """The class-blind ('potential') and class-aware ('aware') potentials of `cache`, through the CLI."""
+    assert cli.main(["ot-fit", str(cache), *FAST]) == 0
+    assert cli.main(["ot-fit", str(cache), "--name", "aware", "--class-aware", *FAST]) == 0
+    return cache
+
+
+def ot_fit(cache: Path, *options: str) -> int:
+    return cli.main(["ot-fit", str(cache), *FAST, *options])
+
+
+def record(cache: Path, name: str = "potential") -> dict:
+    return json.loads(potential_paths(cache, name)[1].read_text())
+
+
+def test_the_fit_writes_a_balanced_potential_and_a_rerun_does_nothing(fitted: Path, capsys) -> None:
+    potential_path, json_path, state_path = potential_paths(fitted, "potential")
+    info = record(fitted)
+    assert info["finished"] and info["points"] == 20 and info["dim"] == 32 * 8 * 8 and not state_path.exists()
+    assert info["balance"]["excess"] < 0.02 and info["balance"]["min_over_mean"] > 0.7
+    assert record(fitted, "aware")["groups"] == [PER_CLASS] * 5 and record(fitted, "aware")["class_aware"]
+    modified = potential_path.stat().st_mtime_ns
+    capsys.readouterr()
+    assert ot_fit(fitted) == 0
+    assert "complete, nothing to do" in capsys.readouterr().out
+    assert potential_path.stat().st_mtime_ns == modified
+
+
+def test_pairs_agree_with_the_exact_ot_of_a_large_noise_sample(fitted: Path) -> None:
+    cells = load_dataset_cells(LatentCache(fitted), "potential", normalized=True, random_flip=False)
+    copies = 50
+    x0 = noise_for_step(3, 0, 20 * copies, 32 * 8 * 8).view(-1, 32, 8, 8)
+    flat = cells.points.reshape(20, -1).double()
+    cost = torch.cdist(x0.reshape(x0.shape[0], -1).double(), flat).square().repeat_interleave(copies, 1).numpy()
+    rows, columns = linear_sum_assignment(cost)
+    exact = torch.empty(x0.shape[0], dtype=torch.long)
+    exact[torch.from_numpy(rows)] = torch.from_numpy(columns // copies)
+    share = (cells.pair(x0, None) == exact).float().mean()
+    assert share > 0.9  # the exact plan of 1,000 draws is a noisy estimate of the cells itself
+
+
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_potential(cache: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("ot"))
+    settings = FitSettings(steps=40, batch_size=128)
+    straight = fit_cache_potential(OTFitConfig(str(copy), name="straight", fit=settings, balance_draws=10))
+
+    def stop_at_25(step: int, status: dict) -> None:
+        if step == 25:
+            raise KeyboardInterrupt
+
+    config = OTFitConfig(str(copy), name="resumed", fit=settings, balance_draws=10, save_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        fit_cache_potential(config, stop_at_25)
+    assert record(copy, "resumed")["step"] == 20 and not record(copy, "resumed")["finished"]
+    resumed = fit_cache_potential(config)
+    assert resumed.steps_run == 20
+    assert torch.equal(load_file(str(resumed.path))["potential"], load_file(str(straight.path))["potential"])
+
+
+def config_for(cache: Path, *overrides: str):
+    return load_config(None, [f"data.cache={cache}", "data.batch_size=8", "data.normalize=true",
+                              "data.sample_posterior=false", "objective.ot_scope=dataset", *overrides])
+
+
+def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path) -> None:
+    lf = LatentCache(fitted)
+    with pytest.raises(LatentflowError, match="no OT potential for this cache; run `latentflow ot-fit .* --name x"):
+        dataset_cells_for(config_for(fitted, "objective.ot_potential=x"), lf)
+    with pytest.raises(LatentflowError, match="is class-aware but objective.class_aware is false"):
+        dataset_cells_for(config_for(fitted, "objective.ot_potential=aware"), lf)
+    with pytest.raises(LatentflowError, match="fitted on normalised latents but data.normalize is false"):
+        dataset_cells_for(config_for(fitted, "data.normalize=false"), lf)
+    with pytest.raises(LatentflowError, match="ddpm"):
+        validate_config(config_for(fitted, "objective.name=ddpm"))
+    with pytest.raises(LatentflowError, match="data.sample_posterior: false"):
+        validate_config(config_for(fitted, "data.sample_posterior=true"))
+    changed = tmp_path / "changed"  # the same cache re-encoded (its manifest differs)
+    shutil.copytree(fitted, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    (changed / "manifest.json").write_text(json.dumps({**manifest, "command": ["re-encoded"]}))
+    with pytest.raises(LatentflowError, match="fitted on another cache .* run `latentflow ot-fit"):
+        dataset_cells_for(config_for(changed), LatentCache(changed))
+    with pytest.raises(LatentflowError, match="a potential with other cache_fingerprint exists; pick another --name"):
+        fit_cache_potential(OTFitConfig(str(changed), fit=FitSettings(steps=300, batch_size=512), balance_draws=400))
+    nan = tmp_path / "nan"
+    shutil.copytree(fitted, nan)
+    path = potential_paths(nan, "potential")[0]
+    values = load_file(str(path))["potential"]
+    values[3] = float("nan")
+    save_file({"potential": values}, str(path))
+    with pytest.raises(LatentflowError, match="holds NaN or infinite values"):
+        dataset_cells_for(config_for(nan), LatentCache(nan))
+
+
+def test_an_unbalanced_potential_and_a_class_aware_fit_of_an_unlabelled_cache_are_refused(
+        cache: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    shutil.copytree(cache, short, ignore=shutil.ignore_patterns("ot"))
+    assert cli.main(["ot-fit", str(short), "--steps", "1", "--balance-draws", "200", "--no-progress"]) == 0
+    with pytest.raises(LatentflowError, match="balance excess .* is above 0.05 .* refit with more --steps"):
+        dataset_cells_for(config_for(short), LatentCache(short))
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for photo in sorted((FLOWERS / "daisy").glob("*.jpg"))[:3]:
+        os.symlink(photo, flat / photo.name)
+    unlabelled = encode_flower_cache(flat, tmp_path / "unlabelled", batch_size=3, shard_size=3)
+    assert cli.main(["ot-fit", str(unlabelled), "--class-aware", *FAST]) == 2
+    with pytest.raises(LatentflowError, match="class-aware OT needs labels, and this cache is unlabelled"):
+        load_points(LatentCache(unlabelled), normalized=True, flips=False, class_aware=True)
+    assert not (unlabelled / "ot").exists()
+
+
+@pytest.mark.parametrize("name", ["potential", "aware"])
+def test_the_pairing_transform_pairs_each_draw_with_its_laguerre_cell(fitted: Path, name: str) -> None:
+    class_aware = name == "aware"
+    config = config_for(fitted, f"objective.ot_potential={name}", f"objective.class_aware={class_aware}")
+    cells = dataset_cells_for(config, LatentCache(fitted))
+    transform = PairingTransform(make_objective("rf"), seed=0, rank=0, num_classes=5, label_dropout=0.0,
+                                 pair=True, dataset_cells=cells)
+    batch = next(make_latent_loader(LatentCache(fitted), batch_size=8, seed=0, random_flip=False, normalize=True))
+    prepared = transform(batch, torch.Generator().manual_seed(0))
+    flat_points = cells.points.reshape(20, -1)
+    for x0, x1, label, drawn_for in zip(prepared.x0, prepared.x1, prepared.labels, batch["labels"]):
+        group = torch.nonzero(cells.labels == drawn_for).flatten() if class_aware else torch.arange(20)
+        scores = (flat_points[group] - x0.flatten()).square().sum(1) - cells.potential[group]
+        best = group[scores.argmin()]
+        torch.testing.assert_close(x1, cells.points[best], atol=0, rtol=0)
+        assert label == cells.labels[best] and (not class_aware or label == drawn_for)
+    torch.testing.assert_close(prepared.target, prepared.x1 - prepared.x0, atol=0, rtol=0)
+    dropped = PairingTransform(make_objective("rf"), 0, 0, 5, label_dropout=0.999, pair=True, dataset_cells=cells)
+    assert (dropped(batch, torch.Generator().manual_seed(0)).labels == 5).all()  # CFG's null class after pairing
+
+
+@pytest.mark.parametrize("objective", ["otcfm", "meanflow"])
+def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objective: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    from latentflow.train.trainer import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path / "run"
+    train(config_for(
+        fitted, "model.name=dit", "model.settings={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2}",
+        "data.shuffle_buffer=10", "log.trackers=[csv]", "log.progress_bar=false", "log.every=1", "sample.every=0",
+        "train.max_steps=3", "checkpoint.every=0", f"objective.name={objective}", "objective.class_aware=true",
+        "objective.ot_potential=aware", "data.num_workers=0", f"output_dir={out}",
+    ))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    rows = (out / "log.csv").read_text().splitlines()
+    assert len(rows) == 4 and "nan" not in rows[-1]

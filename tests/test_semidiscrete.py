@@ -1,0 +1,142 @@
+"""Semidiscrete OT (`latentflow.flow.semidiscrete`): closed-form potentials and cells, the exact OT of a large
+noise sample, balance, entropic draws, and an exactly resumable fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import norm
+
+from latentflow.errors import LatentflowError
+from latentflow.flow.semidiscrete import (
+    FitSettings,
+    LaguerreCells,
+    PotentialFit,
+    measure_balance,
+    noise_for_step,
+    translation_potential,
+)
+
+
+def fit(points: torch.Tensor, **settings) -> PotentialFit:
+    fitted = PotentialFit(points, FitSettings(**settings))
+    while not fitted.finished:
+        fitted.step()
+    return fitted
+
+
+def quantile_potential(points: torch.Tensor) -> torch.Tensor:
+    """The exact potential (k,) of N(0, 1) onto sorted 1D points of mass 1/k, centred: the cell boundary between
+    y_i and y_i+1 is the i/k quantile b_i, where (b - y_i)^2 - g_i = (b - y_i+1)^2 - g_i+1."""
+    y = points.double().flatten()
+    bounds = torch.tensor(norm.ppf(np.arange(1, len(y)) / len(y)), dtype=torch.float64)
+    steps = (bounds - y[1:]) ** 2 - (bounds - y[:-1]) ** 2
+    exact = torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)])
+    return exact - exact.mean()
+
+
+def test_one_dimensional_potential_and_cells_match_the_gaussian_quantiles() -> None:
+    y = torch.sort(torch.randn(10, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.3).values
+    fitted = fit(y[:, None], steps=1500, batch_size=1024)
+    exact = quantile_potential(y)
+    assert (fitted.potential.double() - exact).abs().max() < 0.01
+    x0 = torch.linspace(-3, 3, 601)[:, None]
+    cells = LaguerreCells(fitted.points, fitted.potential).assign(x0)
+    bins = torch.bucketize(x0.flatten().double(), torch.tensor(norm.ppf(np.arange(1, 10) / 10)))
+    assert (cells == bins).float().mean() > 0.98  # only points within the potential's error of a boundary differ
+
+
+def regular_polygon(count: int, radius: float, centre: tuple[float, float]) -> torch.Tensor:
+    angles = torch.arange(count, dtype=torch.float64) * 2 * math.pi / count
+    return (radius * torch.stack([angles.cos(), angles.sin()], 1) + torch.tensor(centre)).float()
+
+
+def test_a_symmetric_set_has_a_constant_potential_and_nearest_point_cells() -> None:
+    points = regular_polygon(6, radius=2.0, centre=(0.0, 0.0))
+    fitted = fit(points, steps=800, batch_size=2048)
+    assert fitted.potential.abs().max() < 0.05  # every cell is a 60 degree sector already at g = 0
+    x0 = noise_for_step(5, 0, 4000, 2)
+    nearest = torch.cdist(x0, points).argmin(1)
+    assert (LaguerreCells(points, fitted.potential).assign(x0) == nearest).float().mean() > 0.99
+
+
+def test_the_translation_potential_is_exact_for_a_shifted_symmetric_set() -> None:
+    centred = regular_polygon(5, radius=1.0, centre=(0.0, 0.0))
+    shifted = centred + torch.tensor([4.0, -3.0])
+    x0 = noise_for_step(1, 0, 5000, 2)
+    cells = LaguerreCells(shifted, translation_potential(shifted).float())
+    assert torch.equal(cells.assign(x0), torch.cdist(x0, centred).argmin(1))
+
+
+def exact_assignment(x0: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Exact OT of len(x0) = m * len(points) noise rows onto the points, each taken m times (scipy)."""
+    copies = x0.shape[0] // points.shape[0]
+    cost = torch.cdist(x0.double(), points.double()).square().repeat_interleave(copies, dim=1).numpy()
+    rows, columns = linear_sum_assignment(cost)
+    out = torch.empty(x0.shape[0], dtype=torch.long)
+    out[torch.from_numpy(rows)] = torch.from_numpy(columns // copies)
+    return out
+
+
+def test_hard_cells_agree_with_the_exact_ot_of_a_large_noise_sample() -> None:
+    generator = torch.Generator().manual_seed(2)
+    points = torch.randn(40, 2, generator=generator) * torch.tensor([1.5, 0.5]) + torch.tensor([2.0, 1.0])
+    fitted = fit(points, steps=3000, batch_size=1024, lr=0.003)
+    x0 = noise_for_step(9, 0, 40 * 50, 2)
+    agree = (LaguerreCells(points, fitted.potential).assign(x0) == exact_assignment(x0, points)).float().mean()
+    # the exact plan of 2,000 draws is itself a noisy estimate of the cells; measured: 0.93
+    assert agree > 0.88
+
+
+def test_balance_is_at_the_sampling_floor_when_fitted_and_far_above_it_at_zero() -> None:
+    y = torch.tensor([[-2.0], [0.1], [0.2], [3.0]])
+    fitted = fit(y, steps=1500, batch_size=1024)
+    balanced = measure_balance(LaguerreCells(y, fitted.potential), draws_per_point=2000, seed=4)
+    unfitted = measure_balance(LaguerreCells(y, torch.zeros(4)), draws_per_point=2000, seed=4)
+    assert balanced.excess < 0.01 and balanced.chi_square_per_dof < 4  # chi-square with 3 dof: < 4 at p = 0.99
+    assert balanced.sampling_floor == pytest.approx(0.5 * math.sqrt(2 / (math.pi * 2000)))
+    assert unfitted.excess > 0.2 and unfitted.min_over_mean < 0.3
+
+
+def test_entropic_draws_follow_the_softmax_of_the_scores() -> None:
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    potential = torch.tensor([0.3, -0.2, 0.1])
+    cells = LaguerreCells(points, potential, epsilon=0.7)
+    x0 = torch.tensor([[0.4, 0.5]]).repeat(40000, 1)
+    draws = torch.bincount(cells.assign(x0, torch.Generator().manual_seed(0)), minlength=3).double() / 40000
+    cost = ((x0[0] - points) ** 2).sum(1) - potential
+    expected = torch.softmax(-cost.double() / 0.7, 0)
+    torch.testing.assert_close(draws, expected, atol=0.01, rtol=0)
+    shares, _ = cells.cell_shares(x0[:10])
+    torch.testing.assert_close(shares, expected, atol=1e-5, rtol=0)
+
+
+def test_a_resumed_fit_equals_an_uninterrupted_one() -> None:
+    points = torch.randn(30, 3, generator=torch.Generator().manual_seed(1))
+    straight = fit(points, steps=60, batch_size=256)
+    first = PotentialFit(points, FitSettings(steps=60, batch_size=256))
+    for _ in range(35):
+        first.step()
+    resumed = PotentialFit(points, FitSettings(steps=60, batch_size=256))
+    resumed.load_state_dict({name: value.clone() for name, value in first.state_dict().items()})
+    while not resumed.finished:
+        resumed.step()
+    assert torch.equal(resumed.potential, straight.potential)
+
+
+def test_bad_shapes_and_settings_are_refused() -> None:
+    with pytest.raises(LatentflowError, match="points \\(N, D\\) and a potential \\(N,\\)"):
+        LaguerreCells(torch.zeros(3, 2), torch.zeros(4))
+    with pytest.raises(LatentflowError, match="epsilon must be >= 0"):
+        LaguerreCells(torch.zeros(3, 2), torch.zeros(3), epsilon=-1.0)
+    with pytest.raises(LatentflowError, match="cannot be paired with points of 2"):
+        LaguerreCells(torch.zeros(3, 2), torch.zeros(3)).assign(torch.zeros(4, 3))
+    with pytest.raises(LatentflowError, match="steps and batch size must be >= 1"):
+        PotentialFit(torch.zeros(3, 2), FitSettings(steps=0))
+    fitted = PotentialFit(torch.zeros(3, 2), FitSettings(steps=5))
+    with pytest.raises(LatentflowError, match="belongs to another cache"):
+        fitted.load_state_dict(PotentialFit(torch.zeros(4, 2), FitSettings(steps=5)).state_dict())
