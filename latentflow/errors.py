@@ -7,3 +7,7 @@ bug and keeps its traceback.
 
 class LatentflowError(ValueError):
     """A user-facing error whose message names the thing at fault and the fix."""
+
+
+class DiskFullError(LatentflowError):
+    """A write failed because its disk (or quota) was full; the message names the folder and the size."""

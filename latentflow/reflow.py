@@ -46,7 +46,7 @@ from latentflow.export import (
     pipeline_from_run,
 )
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
-from latentflow.io import read_json, write_json_atomic
+from latentflow.io import LOCK_NAME, read_json, write_json_atomic
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
 
 REFLOW_KIND = "reflow"
@@ -259,6 +259,8 @@ def _holds_something(out: Path) -> bool:
     if not out.is_dir():
         return True
     for entry in out.iterdir():
+        if entry.name == LOCK_NAME:
+            continue  # the lock of this run, or of a writer that `folder_lock` names
         inside = list(entry.iterdir()) if entry.name == INDEX_DIR and entry.is_dir() else None
         if inside is None or any(not item.name.startswith(".") for item in inside):
             return True
@@ -404,6 +406,12 @@ def make_couplings(config: ReflowConfig) -> ReflowResult:
     dist = Distributed(config.device)
     out = Path(config.out)
     existing_couplings(out)  # a folder holding something else is refused before the teacher loads
+    with dist.lock(out, "latentflow reflow"):
+        return _make_couplings_locked(config, dist, out)
+
+
+def _make_couplings_locked(config: ReflowConfig, dist: Distributed, out: Path) -> ReflowResult:
+    """`make_couplings` once the lock of `out` is held."""
     teacher = load_teacher(config.teacher, dist.device)
     _check_teacher_settings(teacher.pipe, config)
     settings = couplings_settings(teacher, config)

@@ -203,16 +203,16 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _initial_noise(self, batch_size, class_labels, generator, latents, device, dtype) -> torch.Tensor:
         """(B, C, h, w) noise x0 at t=0: the given latents, else drawn with `generator`."""
         if latents is not None:
-            expected = self._latent_shape(1)[1:]
-            if tuple(latents.shape[1:]) != expected:
-                raise LatentflowError(f"latents have shape {tuple(latents.shape)}; expected (B, *{expected})")
+            _check_latents(latents, self._latent_shape(1)[1:])
+            _check_generators(generator, latents.shape[0])
             return latents.to(device=device, dtype=dtype)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise LatentflowError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(class_labels, (list, tuple, torch.Tensor)) and batch_size == 1:
+            if len(class_labels) == 0:
+                raise LatentflowError("class_labels is empty; give one label, or one per image")
             batch_size = len(class_labels)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise LatentflowError(f"got {len(generator)} generators for a batch of {batch_size}")
+        _check_generators(generator, batch_size)
         return randn_tensor(self._latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
 
     def _class_labels(self, class_labels, batch_size: int, generator, device) -> torch.Tensor | None:
@@ -344,6 +344,23 @@ def _counting(field: Field, bar) -> Field:
 def _rescaled_field(field: Field, start: torch.Tensor, width: torch.Tensor) -> Field:
     """g(x, s) = width * field(x, start + s * width): integrating g over s in [0, 1] covers [start, start + width]."""
     return lambda x, s: width * field(x, start + s * width)
+
+
+def _check_latents(latents: Any, expected: tuple[int, ...]) -> None:
+    """Refuse initial noise that is not a (B, *expected) tensor with B >= 1."""
+    if not isinstance(latents, torch.Tensor):
+        raise LatentflowError(f"latents must be a torch.Tensor of shape (B, *{expected}), got {type(latents).__name__}")
+    if latents.ndim != len(expected) + 1 or tuple(latents.shape[1:]) != expected or latents.shape[0] < 1:
+        raise LatentflowError(f"latents have shape {tuple(latents.shape)}; expected (B, *{expected}) with B >= 1")
+
+
+def _check_generators(generator: Any, batch_size: int) -> None:
+    """Refuse a generator list whose length is not the batch size (one generator per image)."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise LatentflowError(f"got {len(generator)} generators for a batch of {batch_size}; pass one "
+                              f"torch.Generator, or a list of {batch_size}")
+    if isinstance(generator, list) and not all(isinstance(item, torch.Generator) for item in generator):
+        raise LatentflowError("generator list holds something other than torch.Generator objects")
 
 
 def _check_callback(solver: str, tensor_inputs: Sequence[str]) -> None:

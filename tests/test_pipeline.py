@@ -165,6 +165,35 @@ def test_class_names_and_errors(pipe):
         pipe(batch_size=3, generator=[seeded(0), seeded(1)])
 
 
+@pytest.mark.parametrize("arguments, message", [
+    ({"guidance_scale": -0.5}, r"guidance_scale must be >= 0 and finite \(1 means no guidance\), got -0.5"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be >= 0 and finite .*got nan"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be >= 0 and finite .*got inf"),
+    ({"guidance_scale": "2"}, "guidance_scale must be >= 0 and finite .*got '2'"),
+    ({"latents": torch.zeros(4, 8, 8)}, r"latents have shape \(4, 8, 8\); expected \(B, \*\(4, 8, 8\)\) with B >= 1"),
+    ({"latents": torch.zeros(0, 4, 8, 8)}, r"latents have shape \(0, 4, 8, 8\).*with B >= 1"),
+    ({"latents": torch.zeros(1, 4, 8, 4)}, r"latents have shape \(1, 4, 8, 4\)"),
+    ({"latents": np.zeros((1, 4, 8, 8))}, "latents must be a torch.Tensor of shape .*got ndarray"),
+    ({"latents": torch.zeros(2, 4, 8, 8), "generator": [torch.Generator()] * 3},
+     "got 3 generators for a batch of 2; pass one torch.Generator, or a list of 2"),
+    ({"class_labels": [0, 1, 2], "generator": [torch.Generator()] * 2}, "got 2 generators for a batch of 3"),
+    ({"batch_size": 2, "generator": []}, "got 0 generators for a batch of 2"),
+    ({"batch_size": 2, "generator": [torch.Generator(), 7]}, "generator list holds something other than"),
+    ({"class_labels": []}, "class_labels is empty; give one label, or one per image"),
+])
+def test_bad_inputs_name_the_argument_and_what_is_valid(pipe, arguments, message):
+    with CallCounter(pipe.transformer) as counter, pytest.raises(LatentflowError, match=message) as raised:
+        pipe(output_type="latent", **arguments)
+    assert "\n" not in str(raised.value) and counter.calls == 0  # one line, refused before any evaluation
+
+
+def test_good_generator_lists_and_numpy_guidance_scales_pass(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(9))
+    listed = pipe(latents=latents, class_labels=[0, 1], generator=[seeded(1), seeded(2)], output_type="latent")
+    scalar = pipe(latents=latents, class_labels=[0, 1], guidance_scale=np.float32(1.0), output_type="latent")
+    assert torch.equal(listed.images, scalar.images)  # latents given: generators only draw what is missing
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # NFE and the solvers
 

@@ -2,7 +2,8 @@
 
 DataLoader workers read and preprocess batches (uint8) while the main process runs the VAE and writes shards.
 Under ``accelerate launch`` every process takes every world_size-th pending input, writes its own shards, and
-rank 0 writes the single manifest at the end.
+rank 0 writes the single manifest at the end. Rank 0 holds the cache's lock (`latentflow.io.folder_lock`) for the
+whole run, so a second encode into the same folder is refused at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from latentflow.data.preprocess import PreprocessConfig, check_resolution, prepr
 from latentflow.data.sources import Record, Source, open_source
 from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
 from latentflow.errors import LatentflowError
-from latentflow.io import write_json_atomic
+from latentflow.io import folder_lock, write_json_atomic
 from latentflow.vae import FrozenVAE, load_vae
 
 
@@ -89,6 +90,18 @@ class Distributed:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank (a broadcast under several processes)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def lock(self, out: Path, owner: str):
+        """Context holding the lock of the output folder `out` on rank 0; every rank stops if it is refused."""
+        return folder_lock(out, owner, "another --out", main=self.rank == 0, share=self.share)
 
 
 class _BatchReader(Dataset):
@@ -228,6 +241,12 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
     """
     dist = Distributed(config.device)
     out = Path(config.out)
+    with dist.lock(out, "latentflow encode"):
+        return _encode_locked(config, dist, out)
+
+
+def _encode_locked(config: EncodeConfig, dist: Distributed, out: Path) -> EncodeResult:
+    """`encode_dataset` once the lock of `out` is held."""
     vae = load_vae(config.vae, dtype=config.dtype, device=dist.device)
     check_resolution(config.resolution, vae.downsampling_factor)
     preprocess = PreprocessConfig(resolution=config.resolution, min_size=config.min_size)

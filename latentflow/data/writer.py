@@ -3,7 +3,9 @@
 A shard is written as ``.NAME.tmp-rRANK`` and renamed to ``NAME`` once complete. Just before the rename its
 index ``index/NAME.json`` (keys, skipped inputs, per-channel sums) is written atomically, so a finished shard
 always has its index; an index without its shard is a leftover of a killed run and is ignored. Resuming reads
-the indexes: every key in a finished shard (or skipped by one) is done, everything else is encoded again.
+the indexes: every key in a finished shard (or skipped by one) is done, everything else is encoded again. A write
+that fails (a full disk: `DiskFullError`) removes the unfinished shard at once, so the finished ones are all
+that stays.
 
 Sample layout (webdataset: key, then extensions): ``KEY.mean.npy`` (C,h,w) float16, ``KEY.std.npy`` when the VAE
 is stochastic, ``KEY.flip.mean.npy`` / ``KEY.flip.std.npy`` with flips, ``KEY.noise.npy`` (C,h,w) float32 in a
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.io import write_json_atomic
+from latentflow.io import write_json_atomic, writing
 
 INDEX_DIR = "index"
 _SHARD_RE = re.compile(r"shard-(\d{6})(?:-r(\d+))?\.tar")
@@ -150,12 +152,31 @@ class ShardWriter:
     def _temporary(self) -> Path:
         return self.out / f".{self._name}.tmp-r{self.rank}"
 
+    def _writing(self):
+        """Context of a write to the current shard: on failure the unfinished shard is dropped (see `io.writing`)."""
+        return writing(self.out, f"shard {self._name}", self._bytes_written, self.discard, partial=True)
+
+    def _bytes_written(self) -> int:
+        return self._temporary.stat().st_size if self._temporary.exists() else 0
+
+    def discard(self) -> None:
+        """Drop the unfinished shard (its file and what it has collected); finished shards stay."""
+        if self._archive is not None:
+            try:
+                self._archive.close()
+            except OSError:
+                pass  # its last block could not be written either: the file goes anyway
+            self._archive = None
+        self._temporary.unlink(missing_ok=True)
+        self._reset()
+
     def _add_member(self, name: str, payload: bytes) -> None:
-        if self._archive is None:
-            self._archive = tarfile.open(self._temporary, "w", format=tarfile.USTAR_FORMAT)
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(payload), 0o644, 0
-        self._archive.addfile(info, io.BytesIO(payload))
+        with self._writing():
+            if self._archive is None:
+                self._archive = tarfile.open(self._temporary, "w", format=tarfile.USTAR_FORMAT)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(payload), 0o644, 0
+            self._archive.addfile(info, io.BytesIO(payload))
 
     def add(self, sample: LatentSample) -> None:
         """Append one sample (its latents are stored as float16, its noise as float32)."""
@@ -195,6 +216,12 @@ class ShardWriter:
         """Close the current shard (even an empty one that only records skips), index it, rename it into place."""
         if not self.keys and not self.skipped:
             return
+        with self._writing():
+            self._close_and_index()
+        self.number += 1
+        self._reset()
+
+    def _close_and_index(self) -> None:
         if self._archive is None:
             self._archive = tarfile.open(self._temporary, "w", format=tarfile.USTAR_FORMAT)
         self._archive.close()
@@ -210,5 +237,3 @@ class ShardWriter:
             positions=self._positions, max_label=self._max_label, info_sums=self._info_sums)
         write_json_atomic(self.out / INDEX_DIR / f"{self._name}.json", index.__dict__, indent=1)
         os.replace(self._temporary, self.out / self._name)
-        self.number += 1
-        self._reset()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -29,8 +31,8 @@ def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_clas
         field(x (B, ...), t (B,), *extra) -> (B, ...) (a flow map's average velocity is guided the same way,
         with its end time r as `extra`).
     """
-    if scale < 0:
-        raise LatentflowError(f"guidance_scale must be >= 0, got {scale}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+        raise LatentflowError(f"guidance_scale must be >= 0 and finite (1 means no guidance), got {scale!r}")
     if scale == 1.0:
         return lambda x, t, *extra: model(x, t, labels, *extra)
     if labels is None:

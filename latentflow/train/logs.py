@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from latentflow.errors import LatentflowError
-from latentflow.io import write_bytes_atomic, write_text_atomic
+from latentflow.io import append_text, write_bytes_atomic, write_text_atomic
 
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "images_per_s", "ot_cost", "skipped_steps", "straightness")
 
@@ -28,9 +28,10 @@ class CsvLog:
         write_text_atomic(path, buffer.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write one row (missing columns empty) and flush."""
-        with open(self.path, "a", newline="") as stream:
-            csv.DictWriter(stream, LOG_COLUMNS).writerow({k: _format(row.get(k)) for k in LOG_COLUMNS})
+        """Write one row (missing columns empty) and flush; a row the disk has no room for is not half-written."""
+        buffer = io.StringIO(newline="")
+        csv.DictWriter(buffer, LOG_COLUMNS).writerow({k: _format(row.get(k)) for k in LOG_COLUMNS})
+        append_text(self.path, buffer.getvalue())
 
     @staticmethod
     def read(path: Path) -> list[dict[str, str]]:

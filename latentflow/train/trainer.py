@@ -4,7 +4,10 @@
 mixed precision with a guard that skips non-finite steps, gradient accumulation and
 clipping, AdamW with warmup and optional cosine decay, EMA weights, atomic checkpoints
 with exact resume, fixed-noise sample grids, metrics to trackers and OUT/log.csv, and
-the EMA model exported in diffusers format at the end.
+the EMA model exported in diffusers format at the end. The main process holds the lock of
+the output folder while `fit` runs (a second trainer into it is refused; a killed one's lock
+is taken over, so `--resume` works), and a checkpoint the disk has no room for is removed
+whole, naming the folder and its size.
 
 The pieces are public so tests and benchmarks can drive them: `batches()` yields the
 prepared micro-batches of one optimizer step and `train_step(...)` performs that step.
@@ -37,7 +40,7 @@ from latentflow.flow.objectives import (
     default_time_sampler,
     make_objective,
 )
-from latentflow.io import write_folder_atomic, write_json_atomic, write_text_atomic
+from latentflow.io import folder_lock, tree_size, write_folder_atomic, write_json_atomic, write_text_atomic, writing
 from latentflow.models import make_model
 from latentflow.train import checkpoint as ckpt
 from latentflow.train.config import Config, ObjectiveConfig, flat_config, save_config, validate_config
@@ -333,22 +336,37 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint at the current step atomically; returns its folder on the main process."""
+        """Write a checkpoint at the current step atomically; returns its folder on the main process.
+
+        Raises:
+            DiskFullError: the disk filled up; the unfinished checkpoint is removed, older ones stay.
+        """
         accelerator, step = self.accelerator, self.state.step
         temporary = ckpt.temporary_dir(self.output_dir, step)
         if accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
-        final = None
-        if accelerator.is_main_process:
-            save_file(self.ema.state_dict(), temporary / EMA_FILE)
-            write_text_atomic(temporary / STATE_FILE, json.dumps(self.state.__dict__))
-            write_text_atomic(temporary / MODEL_CONFIG_FILE, json.dumps(dict(self.unwrapped.config), default=list))
-            final = ckpt.publish(temporary, step, self.config.checkpoint.keep)
+        with writing(temporary.parent, f"checkpoint {ckpt.checkpoint_name(step)}", lambda: tree_size(temporary),
+                     lambda: self._drop_unfinished(temporary), partial=True):
+            final = self._write_checkpoint(temporary, step)
         accelerator.wait_for_everyone()
         return final
+
+    def _drop_unfinished(self, temporary: Path) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _write_checkpoint(self, temporary: Path, step: int) -> Path | None:
+        """accelerate's state (every process), then the EMA, counters and model config (main), then publish."""
+        accelerator = self.accelerator
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        save_file(self.ema.state_dict(), temporary / EMA_FILE)
+        write_text_atomic(temporary / STATE_FILE, json.dumps(self.state.__dict__))
+        write_text_atomic(temporary / MODEL_CONFIG_FILE, json.dumps(dict(self.unwrapped.config), default=list))
+        return ckpt.publish(temporary, step, self.config.checkpoint.keep)
 
     def load_checkpoint(self, which: str) -> ckpt.CheckpointInfo:
         """Restore model, optimizer, RNG, EMA and counters from 'latest' or a checkpoint folder."""
@@ -380,7 +398,24 @@ class Trainer:
 
     # ------------------------------------------------------------------- fit
     def fit(self, resume: str | None = None) -> FitResult:
-        """Train to `train.max_steps`, resuming from 'latest' or a checkpoint folder if given."""
+        """Train to `train.max_steps`, resuming from 'latest' or a checkpoint folder if given.
+
+        Raises:
+            LatentflowError: another live trainer writes to `output_dir` (before any work).
+        """
+        with folder_lock(self.output_dir, "latentflow train", "another output_dir",
+                         main=self.accelerator.is_main_process, share=self._from_main):
+            return self._fit(resume)
+
+    def _from_main(self, value: Any) -> Any:
+        """The main process's `value`, on every process."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def _fit(self, resume: str | None) -> FitResult:
         accelerator, config = self.accelerator, self.config
         if resume:
             info = self.load_checkpoint(resume)
