@@ -18,9 +18,8 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -49,10 +48,13 @@ from latentflow.train.init import (
     load_initial_weights,
     merged_settings,
 )
-from latentflow.train.logs import CsvLog
+from latentflow.train.logs import CsvLog, KeyRecord
 from latentflow.train.optim import learning_rate, make_adamw
 from latentflow.train.pairing import PairingTransform, check_coupling, drop_labels, global_ot_pairing, seed_for
 from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
+
+if TYPE_CHECKING:
+    from latentflow.data.elastic import StepBatch, StepLayout
 
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -66,6 +68,7 @@ class TrainState:
     step: int = 0
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
+    data_streams: int = 1  # K, the streams the global batches are drawn from (latentflow.data.elastic)
 
 
 @dataclass
@@ -177,7 +180,8 @@ class Trainer:
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
-        self.state = TrainState()
+        self.state = TrainState(data_streams=config.data.streams or self.accelerator.num_processes)
+        self.layout()  # refuse a batch the streams cannot split before any work
         self._build_model()
 
     # ----------------------------------------------------------------- setup
@@ -227,30 +231,38 @@ class Trainer:
         """The bare model (no DDP / compile wrappers)."""
         return self.accelerator.unwrap_model(self.model)
 
-    def batches(self) -> Iterator[list[TrainingBatch | dict[str, Any]]]:
-        """Endless iterator over optimizer steps, each a list of `grad_accumulation` micro-batches.
+    def layout(self) -> StepLayout:
+        """This process's rows of each global batch, from the run's data streams (`state.data_streams`)."""
+        from latentflow.data.elastic import StepLayout
 
-        Starts at the data position of `self.state.step`, so resumed runs continue exactly.
+        return StepLayout(self.config.data.batch_size, self.state.data_streams, self.accelerator.process_index,
+                          self.accelerator.num_processes, self.config.optim.grad_accumulation)
+
+    def steps(self) -> Iterator[StepBatch]:
+        """Endless iterator over this process's data of each optimizer step (`latentflow.data.elastic`).
+
+        Starts at the data position of `self.state.step`, which is global: a run resumed on another number of
+        processes trains on the samples an uninterrupted run would have.
         """
-        from latentflow.data.cache import make_latent_loader
+        from latentflow.data.elastic import make_step_loader
 
-        config, accumulation = self.config, self.config.optim.grad_accumulation
+        config = self.config
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
             config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
             stored_noise=config.objective.coupling == "stored",
         )
-        loader = make_latent_loader(
-            self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes, shuffle_buffer=config.data.shuffle_buffer,
-            sample_posterior=config.data.sample_posterior, random_flip=config.data.random_flip,
-            normalize=config.data.normalize, in_memory=config.data.in_memory, num_workers=config.data.num_workers,
-            batch_transform=transform, start_batch=self.state.step * accumulation,
+        return make_step_loader(
+            self.cache, self.layout(), seed=config.train.seed, start_step=self.state.step,
+            shuffle_buffer=config.data.shuffle_buffer, sample_posterior=config.data.sample_posterior,
+            random_flip=config.data.random_flip, normalize=config.data.normalize, in_memory=config.data.in_memory,
+            num_workers=config.data.num_workers, batch_transform=transform,
             pin_memory=self.accelerator.device.type == "cuda",
         )
-        iterator = iter(loader)
-        while True:
-            yield list(islice(iterator, accumulation))
+
+    def batches(self) -> Iterator[list[TrainingBatch | dict[str, Any]]]:
+        """Endless iterator over optimizer steps, each a list of `grad_accumulation` micro-batches (see `steps`)."""
+        return (step.micro_batches for step in self.steps())
 
     # ------------------------------------------------------------------ step
     def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch,
@@ -352,8 +364,20 @@ class Trainer:
                                   self.config.data.cache, f"checkpoint {info.path}")
         self.accelerator.load_state(str(info.path))
         self.ema.load_state_dict(load_file(info.path / EMA_FILE, device=str(self.accelerator.device)))
-        self.state = TrainState(**json.loads((info.path / STATE_FILE).read_text()))
+        self.state = self._saved_state(info.path)
+        self.layout()  # the checkpoint's streams must split the batch over this run's processes
         return info
+
+    def _saved_state(self, folder: Path) -> TrainState:
+        """The checkpoint's counters and data streams (before data_streams was saved: its process count)."""
+        saved = json.loads((folder / STATE_FILE).read_text())
+        saved.setdefault("data_streams", len(list(folder.glob("random_states_*.pkl"))) or 1)
+        wanted = self.config.data.streams
+        if wanted and wanted != saved["data_streams"]:
+            raise LatentflowError(
+                f"data.streams {wanted} differs from checkpoint {folder}'s {saved['data_streams']}: the data "
+                f"position would not carry over; set data.streams: {saved['data_streams']} or leave it unset")
+        return TrainState(**saved)
 
     # --------------------------------------------------------------- samples
     def sample_latents(self) -> tuple[torch.Tensor, float | None]:
@@ -395,12 +419,15 @@ class Trainer:
         result = FitResult(step=self.state.step)
         progress = tqdm(total=config.train.max_steps, initial=self.state.step, desc="train",
                         disable=not (accelerator.is_main_process and config.log.progress_bar))
-        batches = self.batches()
+        steps, record = self.steps(), self._key_record()
         busy, steps_since = 0.0, 0  # seconds spent fetching and stepping since the last log row
         while self.state.step < config.train.max_steps:
             tick = time.perf_counter()
-            step_result = self.train_step(next(batches))
+            step_batch = next(steps)
+            step_result = self.train_step(step_batch.micro_batches)
             busy += time.perf_counter() - tick
+            if record is not None:
+                record.append(step_batch.step, step_batch.keys)
             result.losses.append(step_result.loss)
             steps_since += 1
             progress.update(1)
@@ -421,6 +448,16 @@ class Trainer:
         progress.close()
         result.step = self.state.step
         return result
+
+    def _key_record(self) -> KeyRecord | None:
+        """OUT/keys/ when log.record_keys is on, cut back to the current step by the main process first."""
+        if not self.config.log.record_keys:
+            return None
+        folder = self.output_dir / "keys"
+        if self.accelerator.is_main_process:
+            KeyRecord.cut(folder, self.state.step)
+        self.accelerator.wait_for_everyone()
+        return KeyRecord(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def _log(self, row: dict[str, Any], csv_log: CsvLog | None) -> None:
         if csv_log is not None:
