@@ -363,7 +363,8 @@ class Trainer:
         check_model_matches_cache(model_config, tuple(self.cache.latent_shape), self.num_classes,
                                   self.config.data.cache, f"checkpoint {info.path}")
         self.accelerator.load_state(str(info.path))
-        self.ema.load_state_dict(load_file(info.path / EMA_FILE, device=str(self.accelerator.device)))
+        # read on the CPU and copied into the EMA's tensors: safetensors refuses the 'cpu:0' of a gloo process
+        self.ema.load_state_dict(load_file(info.path / EMA_FILE))
         self.state = self._saved_state(info.path)
         self.layout()  # the checkpoint's streams must split the batch over this run's processes
         return info
