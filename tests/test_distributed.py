@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_assets import FLOWERS, TAEF2, link_flower_photos
+from flower_assets import FLOWERS, REPO, TAEF2, link_flower_photos
 from test_training import TINY, cache, free_port, fresh_accelerator_state, losses  # noqa: F401  (fixtures)
 
 from latentflow.data.cache import LatentCache, make_latent_loader
@@ -116,19 +116,51 @@ def test_two_machines_train_with_global_ot_checkpoint_and_resume(cache: Path, tm
     assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+FAKE_SRUN = """#!/bin/bash
+# srun on one machine: the task once per node, as SLURM_NODEID 0 .. SLURM_NNODES-1
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def fake_slurm(folder: Path, nodes: int) -> dict[str, str]:
+    """The environment of a SLURM job of `nodes` nodes on localhost: srun and scontrol stand-ins on PATH."""
+    folder.mkdir()
+    (folder / "srun").write_text(FAKE_SRUN)
+    (folder / "scontrol").write_text("#!/bin/bash\n" + "echo localhost\n" * nodes)
+    for tool in ("srun", "scontrol"):
+        (folder / tool).chmod(0o755)
+    path = f"{folder}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
+            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
-def test_two_machines_encode_each_key_exactly_once(tmp_path: Path) -> None:
-    photos = link_flower_photos(tmp_path / "photos", 3)
-    out = tmp_path / "cache"
-    script = Path(__file__).parents[1] / "scripts" / "encode_latents.py"
-    launch(script, ["--vae", str(TAEF2), "--data", str(photos), "--out", str(out), "--resolution", "32",
-                    "--shard-size", "4", "--num-workers", "0", "--no-progress"], machines=2)
-    encoded = LatentCache(out)
+def test_slurm_script_encodes_then_trains_on_two_nodes(tmp_path: Path) -> None:
+    """scripts/slurm_train.sh with configs/accelerate/multinode.yaml: two nodes of one process (localhost, gloo)."""
+    photos, cache_dir, out = link_flower_photos(tmp_path / "photos", 3), tmp_path / "cache", tmp_path / "run"
+    env = fake_slurm(tmp_path / "bin", nodes=2)
+    env["ENCODE_ARGS"] = (f"--vae {TAEF2} --data {photos} --out {cache_dir} --resolution 32 --shard-size 4 "
+                          "--num-workers 0")
+    arguments = ["--config", str(REPO / "configs" / "flowers64_dit_s2_otcfm.yaml")]
+    for override in [*TINY, f"data.cache={cache_dir}", f"output_dir={out}", "train.max_steps=2"]:
+        arguments += ["--set", override]
+    done = subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sh"), *arguments], env=env, text=True,
+                          capture_output=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 node(s) x 1 process(es), rendezvous localhost:" in done.stdout
+    assert done.stdout.count("trained to step 2") == 2  # one process on each node
+    encoded = LatentCache(cache_dir)
     keys = [raw["__key__"] for shard in encoded.shards for raw in encoded.read_shard(shard)]
     assert sorted(keys) == sorted(record.key for record in open_source(str(photos)).records) and len(keys) == 15
     names = {shard.path.name for shard in encoded.shards}
     assert any(n.endswith("-r0.tar") for n in names) and any(n.endswith("-r1.tar") for n in names)
-    assert encoded.manifest["num_samples"] == 15
+    assert len(losses(out)) == 2 and (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def assert_same_run(run: Path, reference: Path, steps: int, streams: int, cache_dir: Path) -> None:
