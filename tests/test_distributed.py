@@ -204,3 +204,73 @@ def test_resume_with_other_data_streams_is_refused(cache: Path, tmp_path: Path) 
     trainer = Trainer(load_config(None, run_overrides(cache, run, "train.max_steps=2", "data.streams=4")))
     with pytest.raises(LatentflowError, match=r"data.streams 4 differs from checkpoint .*step-00000001's 2"):
         trainer.fit(resume="latest")
+
+
+FSDP_SCRIPT = textwrap.dedent('''
+    """Train under accelerate's FSDP2 plugin on the CPU; save what each rank holds to REPORT.rankR.pt.
+
+    accelerate 1.16 builds the plugin from `accelerate launch --config_file fsdp_8gpu.yaml` but keeps a CPU job
+    MULTI_CPU (DDP): state.py switches to FSDP only for GPU-like devices. This test switches it on, as a GPU job
+    would be; torch's fully_shard itself runs on gloo.
+    """
+    import sys
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import Trainer, make_accelerator
+
+    report, resume, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    config = load_config(None, overrides)
+    accelerator = make_accelerator(config)
+    assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    trainer = Trainer(config, accelerator)
+    trainer.fit(resume=None if resume == "-" else resume)
+    parameters = list(trainer.unwrapped.parameters())
+    moments = [trainer.optimizer.optimizer.state[p]["exp_avg"] for p in parameters]
+    torch.save({"types": sorted({type(p).__name__ for p in parameters}),
+                "blocks": [type(block).__name__ for block in trainer.unwrapped.blocks],
+                "shapes": [tuple(p.shape) for p in parameters],
+                "local": [tuple(p.to_local().shape) for p in parameters],
+                "moments": [tuple(m.to_local().shape) for m in moments],
+                "ema": [tuple(s.shape) for s in trainer.ema.shards], "ema_full": trainer.ema.model is not None},
+               f"{report}.rank{trainer.accelerator.process_index}.pt")
+''')
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_resumes_exactly_and_exports_the_whole_ema(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    """FSDP2 on 2 gloo processes (accumulation 2) against one process with accumulation 4: same micro-batches."""
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    fsdp_launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
+                   "--mixed_precision", "no", "--main_process_port"]
+    for report, steps, resume in (("first", 2, "-"), ("second", 4, "latest")):
+        overrides = run_overrides(cache, run, f"train.max_steps={steps}", "optim.grad_accumulation=2")
+        done = subprocess.run([*fsdp_launch, str(free_port()), str(script), str(tmp_path / report), resume,
+                               *overrides], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"second.rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["types"] == ["DTensor"] and ranks[0]["blocks"] == ["FSDPDiTBlock", "FSDPDiTBlock"]
+    for index, shape in enumerate(ranks[0]["shapes"]):
+        rows = [r["local"][index][0] for r in ranks]
+        assert sum(rows) == shape[0] and max(rows) < shape[0] or shape[0] == 1  # each rank holds its rows only
+        assert [r["moments"][index] for r in ranks] == [r["local"][index] for r in ranks]  # AdamW state sharded
+        assert [r["ema"][index] for r in ranks] == [r["local"][index] for r in ranks]  # the EMA too
+    assert [r["ema_full"] for r in ranks] == [True, False]  # the whole EMA lives on the main process only
+    checkpoint = run / "checkpoints" / "step-00000004"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoint / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    train_here(run_overrides(cache, reference, "train.max_steps=4", "optim.grad_accumulation=4", "data.streams=2"))
+    assert_same_run(run, reference, steps=4, streams=2, cache_dir=cache)
+    from latentflow.models import load_model
+
+    exported, wanted = load_model(run / "model"), load_model(reference / "model")
+    for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -156,6 +156,30 @@ def share_cpu_threads(accelerator: Accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
+def make_accelerator(config: Config) -> Accelerator:
+    """The run's Accelerator: CPU (gloo) without a GPU, precision from the config, FSDP when launched with it."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        log_with=[t for t in config.log.trackers if t != "csv"] or None,
+        project_dir=config.output_dir,
+    )
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the model is sharded with FSDP2 (accelerate's FSDP plugin, fsdp_version 2).
+
+    Raises:
+        LatentflowError: FSDP version 1, which the EMA and checkpoints here do not handle.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not accelerator.is_fsdp2:
+        raise LatentflowError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                              "(configs/accelerate/fsdp_8gpu.yaml)")
+    return True
+
+
 class Trainer:
     """Everything for one training job; see the module docstring.
 
@@ -166,12 +190,7 @@ class Trainer:
 
     def __init__(self, config: Config, accelerator: Accelerator | None = None) -> None:
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=config.train.mixed_precision,
-            log_with=[t for t in config.log.trackers if t != "csv"] or None,
-            project_dir=config.output_dir,
-        )
+        self.accelerator = accelerator or make_accelerator(config)
         validate_config(config, self.accelerator.num_processes)
         share_cpu_threads(self.accelerator)
         self.output_dir = Path(config.output_dir)
@@ -209,7 +228,10 @@ class Trainer:
         self.ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
         optimizer = make_adamw(model, config.optim, fused_on_cpu=self.accelerator.device.type == "cpu")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.ema.model.to(self.accelerator.device)
+        if is_sharded(self.accelerator):  # FSDP2: each process averages its own shards
+            self.ema.shard(self.unwrapped, keep_full=self.accelerator.is_main_process)
+        if self.ema.model is not None:
+            self.ema.model.to(self.accelerator.device)
         self.forward = torch.compile(self.model) if config.model.compile else self.model
         self.models = TrainingModels(student=_with_end_time(self.forward), tangent=_with_end_time(self.unwrapped),
                                      teacher=None if self.teacher is None else _with_end_time(self.teacher),
@@ -344,10 +366,11 @@ class Trainer:
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))
+        ema_state = self.ema.state_dict()  # sharded: gathered by every process
         accelerator.wait_for_everyone()
         final = None
         if accelerator.is_main_process:
-            save_file(self.ema.state_dict(), temporary / EMA_FILE)
+            save_file(ema_state, temporary / EMA_FILE)
             write_text_atomic(temporary / STATE_FILE, json.dumps(self.state.__dict__))
             write_text_atomic(temporary / MODEL_CONFIG_FILE, json.dumps(dict(self.unwrapped.config), default=list))
             final = ckpt.publish(temporary, step, self.config.checkpoint.keep)
@@ -435,8 +458,9 @@ class Trainer:
             progress.set_postfix(loss=f"{step_result.loss:.4f}")
             step = self.state.step
             straightness = None
-            if vae is not None and (step % config.sample.every == 0 or step == config.train.max_steps):
-                straightness = self.write_samples(vae)
+            if config.sample.every and (step % config.sample.every == 0 or step == config.train.max_steps):
+                self.ema.gather()  # sharded: every process takes part; the main one samples
+                straightness = self.write_samples(vae) if vae is not None else None
             if step % config.log.every == 0 or step == config.train.max_steps:
                 row = {**step_result.__dict__, "step": step, "skipped_steps": self.state.skipped_steps,
                        "images_per_s": steps_since * config.data.batch_size / max(busy, 1e-9),
@@ -470,6 +494,7 @@ class Trainer:
         """Write the EMA model to OUT/model (diffusers format, replaced atomically) and the cache manifest beside it."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        self.ema.gather()  # sharded: the full EMA weights, assembled on the main process
         if not accelerator.is_main_process:
             return None
         target = write_folder_atomic(self.output_dir / "model", lambda folder: self.ema.model.save_pretrained(folder))
