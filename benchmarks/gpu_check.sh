@@ -56,5 +56,20 @@ if [ -n "${FLOWERS:-}" ] && [ -n "${TAEF2:-}" ]; then
     part 25 "sample on the GPU" "${CLI[@]}" sample "$WORK/pipe" --n 64 --steps 8 --device cuda \
         --grid "$OUT/gpu_samples.png"
     cp "$WORK/run/log.csv" "$OUT/gpu_train_log.csv" 2>/dev/null || true
+    # FSDP2 through accelerate's own GPU path (the CPU test has to switch it on): needs 2+ GPUs, since one
+    # process is not sharded and NCCL refuses two ranks on one GPU. Train 20 steps, resume to 40, export.
+    NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+    if [ "$NGPU" -ge 2 ]; then
+        FSDP=("$PYTHON" -m accelerate.commands.launch --config_file configs/accelerate/fsdp_8gpu.yaml
+              --num_processes "$NGPU" scripts/train.py --config configs/flowers64_dit_s2_otcfm.yaml
+              --set data.cache="$WORK/c64" --set output_dir="$WORK/fsdp" --set train.mixed_precision=bf16
+              --set data.batch_size=$((64 * NGPU)) --set checkpoint.every=20 --set sample.every=0
+              --set log.progress_bar=false)
+        part 60 "FSDP2 on $NGPU GPUs: train 20 steps" "${FSDP[@]}" --set train.max_steps=20
+        part 60 "FSDP2: resume to 40 steps and export" "${FSDP[@]}" --set train.max_steps=40 --resume latest
+        ls "$WORK/fsdp/checkpoints/step-00000040/pytorch_model_fsdp_0" "$WORK/fsdp/model" || status=1
+    else
+        echo "== FSDP2: skipped ($NGPU GPU; needs 2 or more)"
+    fi
 fi
 exit $status

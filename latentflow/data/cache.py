@@ -313,9 +313,15 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
 
 
-def _batch_generator(seed: int, rank: int, batch_index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, rank, batch_index, 0x6C66]).generate_state(1, dtype=np.uint64)[0]
+def seeded_generator(*words: int) -> torch.Generator:
+    """A torch generator seeded by mixing `words` (non-negative integers) through numpy's SeedSequence."""
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def batch_generator(seed: int, rank: int, batch_index: int) -> torch.Generator:
+    """The generator of batch `batch_index` of `rank`: flips, posterior draws, then the batch_transform's draws."""
+    return seeded_generator(seed, rank, batch_index, 0x6C66)
 
 
 def _transform_takes_generator(transform: Callable) -> bool:
@@ -327,8 +333,9 @@ def _transform_takes_generator(transform: Callable) -> bool:
     return len(positional) >= 2 or any(p.name == "generator" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
-class _LatentStream(IterableDataset):
-    """Yields finished batches; see the module docstring for the order."""
+class LatentStream(IterableDataset):
+    """Yields finished batches; see the module docstring for the order. `options.rank` and `world_size` pick the
+    stream (the trainer's `latentflow.data.elastic` reads streams k of K whatever its own process count)."""
 
     def __init__(self, cache: LatentCache, options: LoaderOptions, memory: LatentArrays | None,
                  batch_transform: Callable | None):
@@ -397,13 +404,17 @@ class _LatentStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for batch_index, items in self.item_batches():
+            if (batch_index - self.options.start_batch) % workers == worker:
+                yield self._make_batch(items, batch_index)
+
+    def item_batches(self) -> Iterator[tuple[int, list[tuple[LatentArrays, int]]]]:
+        """(batch index, its B stream items) from `start_batch` on, endlessly; nothing decoded beyond the shards."""
         options = self.options
         stream = self._stream_from(options.start_batch * options.batch_size)
         batch_index = options.start_batch
         while True:
-            items = [next(stream) for _ in range(options.batch_size)]
-            if (batch_index - options.start_batch) % workers == worker:
-                yield self._make_batch(items, batch_index)
+            yield batch_index, [next(stream) for _ in range(options.batch_size)]
             batch_index += 1
 
     @staticmethod
@@ -421,7 +432,18 @@ class _LatentStream(IterableDataset):
         return LatentArrays.concatenate(parts).take(torch.argsort(order))
 
     def _make_batch(self, items: list[Any], batch_index: int) -> Any:
-        options, generator = self.options, _batch_generator(self.options.seed, self.options.rank, batch_index)
+        generator = batch_generator(self.options.seed, self.options.rank, batch_index)
+        batch = self.build_batch(items, batch_index, generator)
+        if self.batch_transform is None:
+            return batch
+        if self._transform_generator:
+            return self.batch_transform(batch, generator)
+        return self.batch_transform(batch)
+
+    def build_batch(self, items: list[tuple[LatentArrays, int]], batch_index: int,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """The batch dict of `items` (see make_latent_loader), flips and posterior draws taken from `generator`."""
+        options = self.options
         arrays = self._gather(items)
         count = len(items)
         use_flip = options.random_flip and arrays.flip_mean is not None
@@ -438,14 +460,10 @@ class _LatentStream(IterableDataset):
                  "batch_index": batch_index}
         if arrays.noise is not None:
             batch["noise"] = arrays.noise.float()  # (B, C, h, w) the couplings' x0, in the model's space as stored
-        if self.batch_transform is None:
-            return batch
-        if self._transform_generator:
-            return self.batch_transform(batch, generator)
-        return self.batch_transform(batch)
+        return batch
 
 
-def _as_built(batch: Any) -> Any:
+def as_built(batch: Any) -> Any:
     """The DataLoader's collate step: batches leave the workers as they were made (the default would walk
     every key string)."""
     return batch
@@ -458,9 +476,9 @@ class LatentLoader:
         next_batch: index of the batch the next ``next()`` returns; save it and pass it as ``start_batch``.
     """
 
-    def __init__(self, dataset: _LatentStream, num_workers: int, pin_memory: bool):
+    def __init__(self, dataset: LatentStream, num_workers: int, pin_memory: bool):
         self.dataset, self.next_batch = dataset, dataset.options.start_batch
-        self._loader = DataLoader(dataset, batch_size=None, collate_fn=_as_built, num_workers=num_workers,
+        self._loader = DataLoader(dataset, batch_size=None, collate_fn=as_built, num_workers=num_workers,
                                   pin_memory=pin_memory,
                                   prefetch_factor=4 if num_workers else None, persistent_workers=False)
         self._iterator: Iterator[Any] | None = None
@@ -516,4 +534,4 @@ def make_latent_loader(cache: LatentCache | str | Path, batch_size: int, seed: i
     options = LoaderOptions(batch_size, seed, rank, world_size, shuffle_buffer, sample_posterior, random_flip,
                             normalize, start_batch)
     memory = cache.load() if in_memory else None
-    return LatentLoader(_LatentStream(cache, options, memory, batch_transform), num_workers, pin_memory)
+    return LatentLoader(LatentStream(cache, options, memory, batch_transform), num_workers, pin_memory)

@@ -37,6 +37,10 @@ class DataConfig:
     """Where the latents come from and how they are batched.
 
     `batch_size` is the global batch: per-process micro-batch x processes x grad accumulation.
+    `streams`: the data streams K each global batch is drawn from, batch_size/K samples each
+    (`latentflow.data.elastic`); None takes the process count of the run's first start. Checkpoints keep K, so
+    a run resumes on any process count with the same sample order; each process reads the streams its rows
+    come from (its own when processes == K).
     """
 
     cache: str = ""
@@ -47,6 +51,7 @@ class DataConfig:
     random_flip: bool = True
     normalize: bool = False
     in_memory: bool = False
+    streams: int | None = None
 
 
 @dataclass
@@ -161,12 +166,17 @@ class SampleConfig:
 
 @dataclass
 class LogConfig:
-    """Metrics every `every` steps to OUT/log.csv and the accelerate trackers."""
+    """Metrics every `every` steps to OUT/log.csv and the accelerate trackers.
+
+    `record_keys`: each process appends the keys of the samples it trains on to OUT/keys/rank-R.jsonl, one
+    line per step (a debugging record: tests check with it that every sample is drawn once across a resume).
+    """
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     project: str = "latentflow"
     progress_bar: bool = True
+    record_keys: bool = False
 
 
 @dataclass
@@ -293,6 +303,8 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
         f"data.batch_size {data.batch_size} must be a positive multiple of processes ({num_processes}) x "
         f"optim.grad_accumulation ({optim.grad_accumulation}) = {split}",
     )
+    _require(data.streams is None or (data.streams >= 1 and data.batch_size % data.streams == 0),
+             f"data.streams must be >= 1 and divide data.batch_size {data.batch_size}, got {data.streams}")
     _require(config.train.max_steps >= 1, f"train.max_steps must be >= 1, got {config.train.max_steps}")
     _require(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,53 @@ class CsvLog:
         """The rows of a log.csv as dicts of strings."""
         with open(path, newline="") as stream:
             return list(csv.DictReader(stream))
+
+
+class KeyRecord:
+    """OUT/keys/rank-R.jsonl (`log.record_keys`): the keys of the samples each process trained on, per step.
+
+    A line is {"batch": s, "rank": r, "world_size": M, "keys": [...]}, s the global batch (0-based optimizer
+    step). Files of every process count the run had are kept; `cut` drops lines past a resumed step.
+    """
+
+    def __init__(self, folder: Path, rank: int, world_size: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.rank, self.world_size = folder / f"rank-{rank}.jsonl", rank, world_size
+
+    def append(self, batch: int, keys: list[str]) -> None:
+        """Write one step's line and flush."""
+        line = {"batch": batch, "rank": self.rank, "world_size": self.world_size, "keys": list(keys)}
+        with open(self.path, "a") as stream:
+            stream.write(json.dumps(line) + "\n")
+
+    @staticmethod
+    def lines(folder: Path) -> list[dict[str, Any]]:
+        """Every line of every rank's file under `folder`."""
+        return [json.loads(line) for path in sorted(folder.glob("rank-*.jsonl"))
+                for line in path.read_text().splitlines() if line]
+
+    @staticmethod
+    def cut(folder: Path, step: int) -> None:
+        """Keep only the lines of batches before `step` (a resume from the checkpoint at `step`)."""
+        for path in sorted(folder.glob("rank-*.jsonl")):
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["batch"] < step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    @staticmethod
+    def read(folder: Path) -> dict[int, list[str]]:
+        """Batch s -> the keys of its global batch in row order (ranks in order).
+
+        Raises:
+            LatentflowError: a batch recorded twice by one rank, or by ranks of different process counts.
+        """
+        by_batch: dict[int, dict[int, dict[str, Any]]] = {}
+        for line in KeyRecord.lines(folder):
+            ranks = by_batch.setdefault(line["batch"], {})
+            if line["rank"] in ranks or any(other["world_size"] != line["world_size"] for other in ranks.values()):
+                raise LatentflowError(f"{folder}: batch {line['batch']} recorded twice (rank {line['rank']})")
+            ranks[line["rank"]] = line
+        return {batch: [key for rank in sorted(ranks) for key in ranks[rank]["keys"]]
+                for batch, ranks in sorted(by_batch.items())}
 
 
 def _format(value: Any) -> str:

@@ -21,13 +21,12 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -52,7 +51,7 @@ from latentflow.train.init import (
     load_initial_weights,
     merged_settings,
 )
-from latentflow.train.logs import CsvLog
+from latentflow.train.logs import CsvLog, KeyRecord
 from latentflow.train.optim import learning_rate, make_adamw
 from latentflow.train.pairing import (
     PairingTransform,
@@ -63,6 +62,9 @@ from latentflow.train.pairing import (
     seed_for,
 )
 from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
+
+if TYPE_CHECKING:
+    from latentflow.data.elastic import StepBatch, StepLayout
 
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -76,6 +78,7 @@ class TrainState:
     step: int = 0
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
+    data_streams: int = 1  # K, the streams the global batches are drawn from (latentflow.data.elastic)
 
 
 @dataclass
@@ -163,6 +166,30 @@ def share_cpu_threads(accelerator: Accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
+def make_accelerator(config: Config) -> Accelerator:
+    """The run's Accelerator: CPU (gloo) without a GPU, precision from the config, FSDP when launched with it."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        log_with=[t for t in config.log.trackers if t != "csv"] or None,
+        project_dir=config.output_dir,
+    )
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the model is sharded with FSDP2 (accelerate's FSDP plugin, fsdp_version 2).
+
+    Raises:
+        LatentflowError: FSDP version 1, which the EMA and checkpoints here do not handle.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not accelerator.is_fsdp2:
+        raise LatentflowError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                              "(configs/accelerate/fsdp_8gpu.yaml)")
+    return True
+
+
 class Trainer:
     """Everything for one training job; see the module docstring.
 
@@ -173,12 +200,7 @@ class Trainer:
 
     def __init__(self, config: Config, accelerator: Accelerator | None = None) -> None:
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=config.train.mixed_precision,
-            log_with=[t for t in config.log.trackers if t != "csv"] or None,
-            project_dir=config.output_dir,
-        )
+        self.accelerator = accelerator or make_accelerator(config)
         validate_config(config, self.accelerator.num_processes)
         share_cpu_threads(self.accelerator)
         self.output_dir = Path(config.output_dir)
@@ -188,7 +210,8 @@ class Trainer:
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
-        self.state = TrainState()
+        self.state = TrainState(data_streams=config.data.streams or self.accelerator.num_processes)
+        self.layout()  # refuse a batch the streams cannot split before any work
         self._build_model()
 
     # ----------------------------------------------------------------- setup
@@ -216,7 +239,10 @@ class Trainer:
         self.ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
         optimizer = make_adamw(model, config.optim, fused_on_cpu=self.accelerator.device.type == "cpu")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.ema.model.to(self.accelerator.device)
+        if is_sharded(self.accelerator):  # FSDP2: each process averages its own shards
+            self.ema.shard(self.unwrapped, keep_full=self.accelerator.is_main_process)
+        if self.ema.model is not None:
+            self.ema.model.to(self.accelerator.device)
         self.forward = torch.compile(self.model) if config.model.compile else self.model
         self.models = TrainingModels(student=_with_end_time(self.forward), tangent=_with_end_time(self.unwrapped),
                                      teacher=None if self.teacher is None else _with_end_time(self.teacher),
@@ -238,30 +264,38 @@ class Trainer:
         """The bare model (no DDP / compile wrappers)."""
         return self.accelerator.unwrap_model(self.model)
 
-    def batches(self) -> Iterator[list[TrainingBatch | dict[str, Any]]]:
-        """Endless iterator over optimizer steps, each a list of `grad_accumulation` micro-batches.
+    def layout(self) -> StepLayout:
+        """This process's rows of each global batch, from the run's data streams (`state.data_streams`)."""
+        from latentflow.data.elastic import StepLayout
 
-        Starts at the data position of `self.state.step`, so resumed runs continue exactly.
+        return StepLayout(self.config.data.batch_size, self.state.data_streams, self.accelerator.process_index,
+                          self.accelerator.num_processes, self.config.optim.grad_accumulation)
+
+    def steps(self) -> Iterator[StepBatch]:
+        """Endless iterator over this process's data of each optimizer step (`latentflow.data.elastic`).
+
+        Starts at the data position of `self.state.step`, which is global: a run resumed on another number of
+        processes trains on the samples an uninterrupted run would have.
         """
-        from latentflow.data.cache import make_latent_loader
+        from latentflow.data.elastic import make_step_loader
 
-        config, accumulation = self.config, self.config.optim.grad_accumulation
+        config = self.config
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
             config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
             stored_noise=config.objective.coupling == "stored", dataset_cells=self.dataset_cells,
         )
-        loader = make_latent_loader(
-            self.cache, self.micro_batch, seed=config.train.seed, rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes, shuffle_buffer=config.data.shuffle_buffer,
-            sample_posterior=config.data.sample_posterior, random_flip=config.data.random_flip,
-            normalize=config.data.normalize, in_memory=config.data.in_memory, num_workers=config.data.num_workers,
-            batch_transform=transform, start_batch=self.state.step * accumulation,
+        return make_step_loader(
+            self.cache, self.layout(), seed=config.train.seed, start_step=self.state.step,
+            shuffle_buffer=config.data.shuffle_buffer, sample_posterior=config.data.sample_posterior,
+            random_flip=config.data.random_flip, normalize=config.data.normalize, in_memory=config.data.in_memory,
+            num_workers=config.data.num_workers, batch_transform=transform,
             pin_memory=self.accelerator.device.type == "cuda",
         )
-        iterator = iter(loader)
-        while True:
-            yield list(islice(iterator, accumulation))
+
+    def batches(self) -> Iterator[list[TrainingBatch | dict[str, Any]]]:
+        """Endless iterator over optimizer steps, each a list of `grad_accumulation` micro-batches (see `steps`)."""
+        return (step.micro_batches for step in self.steps())
 
     # ------------------------------------------------------------------ step
     def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch,
@@ -360,10 +394,11 @@ class Trainer:
         """accelerate's state (every process), then the EMA, counters and model config (main), then publish."""
         accelerator = self.accelerator
         accelerator.save_state(str(temporary))
+        ema_state = self.ema.state_dict()  # sharded (FSDP): gathered by every process
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
-        save_file(self.ema.state_dict(), temporary / EMA_FILE)
+        save_file(ema_state, temporary / EMA_FILE)
         write_text_atomic(temporary / STATE_FILE, json.dumps(self.state.__dict__))
         write_text_atomic(temporary / MODEL_CONFIG_FILE, json.dumps(dict(self.unwrapped.config), default=list))
         return ckpt.publish(temporary, step, self.config.checkpoint.keep)
@@ -377,9 +412,22 @@ class Trainer:
         check_model_matches_cache(model_config, tuple(self.cache.latent_shape), self.num_classes,
                                   self.config.data.cache, f"checkpoint {info.path}")
         self.accelerator.load_state(str(info.path))
-        self.ema.load_state_dict(load_file(info.path / EMA_FILE, device=str(self.accelerator.device)))
-        self.state = TrainState(**json.loads((info.path / STATE_FILE).read_text()))
+        # read on the CPU and copied into the EMA's tensors: safetensors refuses the 'cpu:0' of a gloo process
+        self.ema.load_state_dict(load_file(info.path / EMA_FILE))
+        self.state = self._saved_state(info.path)
+        self.layout()  # the checkpoint's streams must split the batch over this run's processes
         return info
+
+    def _saved_state(self, folder: Path) -> TrainState:
+        """The checkpoint's counters and data streams (before data_streams was saved: its process count)."""
+        saved = json.loads((folder / STATE_FILE).read_text())
+        saved.setdefault("data_streams", len(list(folder.glob("random_states_*.pkl"))) or 1)
+        wanted = self.config.data.streams
+        if wanted and wanted != saved["data_streams"]:
+            raise LatentflowError(
+                f"data.streams {wanted} differs from checkpoint {folder}'s {saved['data_streams']}: the data "
+                f"position would not carry over; set data.streams: {saved['data_streams']} or leave it unset")
+        return TrainState(**saved)
 
     # --------------------------------------------------------------- samples
     def sample_latents(self) -> tuple[torch.Tensor, float | None]:
@@ -438,20 +486,24 @@ class Trainer:
         result = FitResult(step=self.state.step)
         progress = tqdm(total=config.train.max_steps, initial=self.state.step, desc="train",
                         disable=not (accelerator.is_main_process and config.log.progress_bar))
-        batches = self.batches()
+        steps, record = self.steps(), self._key_record()
         busy, steps_since = 0.0, 0  # seconds spent fetching and stepping since the last log row
         while self.state.step < config.train.max_steps:
             tick = time.perf_counter()
-            step_result = self.train_step(next(batches))
+            step_batch = next(steps)
+            step_result = self.train_step(step_batch.micro_batches)
             busy += time.perf_counter() - tick
+            if record is not None:
+                record.append(step_batch.step, step_batch.keys)
             result.losses.append(step_result.loss)
             steps_since += 1
             progress.update(1)
             progress.set_postfix(loss=f"{step_result.loss:.4f}")
             step = self.state.step
             straightness = None
-            if vae is not None and (step % config.sample.every == 0 or step == config.train.max_steps):
-                straightness = self.write_samples(vae)
+            if config.sample.every and (step % config.sample.every == 0 or step == config.train.max_steps):
+                self.ema.gather()  # sharded: every process takes part; the main one samples
+                straightness = self.write_samples(vae) if vae is not None else None
             if step % config.log.every == 0 or step == config.train.max_steps:
                 row = {**step_result.__dict__, "step": step, "skipped_steps": self.state.skipped_steps,
                        "images_per_s": steps_since * config.data.batch_size / max(busy, 1e-9),
@@ -465,6 +517,16 @@ class Trainer:
         result.step = self.state.step
         return result
 
+    def _key_record(self) -> KeyRecord | None:
+        """OUT/keys/ when log.record_keys is on, cut back to the current step by the main process first."""
+        if not self.config.log.record_keys:
+            return None
+        folder = self.output_dir / "keys"
+        if self.accelerator.is_main_process:
+            KeyRecord.cut(folder, self.state.step)
+        self.accelerator.wait_for_everyone()
+        return KeyRecord(folder, self.accelerator.process_index, self.accelerator.num_processes)
+
     def _log(self, row: dict[str, Any], csv_log: CsvLog | None) -> None:
         if csv_log is not None:
             csv_log.append(row)
@@ -475,6 +537,7 @@ class Trainer:
         """Write the EMA model to OUT/model (diffusers format, replaced atomically) and the cache manifest beside it."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        self.ema.gather()  # sharded: the full EMA weights, assembled on the main process
         if not accelerator.is_main_process:
             return None
         target = write_folder_atomic(self.output_dir / "model", lambda folder: self.ema.model.save_pretrained(folder))
