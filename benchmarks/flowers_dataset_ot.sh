@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Dataset-scale OT on the flowers (issue 14), one run, the demo's quality protocol: 736 samples against the 736 val
 # photos at 64 px, seed 0, floors from the train split at the same n, guidance 4, euler at 1, 2, 4 and 8 NFE.
-#   otcfm      = minibatch OT-CFM: the finished `latentflow demo` run (configs/flowers64_demo.yaml, 2,000 steps)
+#   otcfm      = minibatch OT-CFM: configs/flowers64_demo.yaml (the demo's recipe, 2,000 steps) on the demo's cache
 #   rf         = the same config with objective rf (independent pairs)
 #   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
 #   dataset-blind = the same with a class-blind potential (labels follow the paired latent)
 # Straightness: each run's last preview (25 fixed-noise samples, euler 16, guidance 4; log.csv).
-# Usage: bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1 hour on 2 quiet cores)
+# Usage: bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2 quiet cores; DEMO_DIR is a
+# finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
 OUT=${2:-runs/dataset_ot}
@@ -43,19 +44,19 @@ evaluate() {
         --sweep euler:1,2,4,8 --out "$OUT/eval_$1"
 }
 
+train otcfm configs/flowers64_demo.yaml
 train rf configs/flowers64_demo.yaml --set objective.name=rf
 train dataset configs/flowers64_dataset_ot.yaml --set objective.ot_potential=aware
 train dataset-blind configs/flowers64_dataset_ot.yaml --set objective.ot_potential=blind \
     --set objective.class_aware=false
 
-evaluate otcfm "$DEMO/pipeline"
-for name in rf dataset dataset-blind; do evaluate $name "$OUT/${name}_pipe"; done
+for name in otcfm rf dataset dataset-blind; do evaluate $name "$OUT/${name}_pipe"; done
 
 stamp "summary"
 RUNS=(rf otcfm dataset dataset-blind)
 $LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
 for run in "${RUNS[@]}"; do
-    log="$OUT/$run/log.csv"; [ $run = otcfm ] && log="$DEMO/run/log.csv"
+    log="$OUT/$run/log.csv"
     echo "-- $run (straightness of the last preview: $(.venv/bin/python -c "
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get('straightness')]

@@ -44,6 +44,13 @@ def register(subparsers) -> None:
     parser.add_argument("--reflow-pairs", type=int, default=defaults.reflow_pairs,
                         help="reflow: (noise, endpoint) pairs integrated from the first rf model")
     parser.add_argument("--reflow-solver", default=defaults.reflow_solver, help="reflow: the pairs' ODE solver")
+    parser.add_argument("--dataset-size", type=int, default=defaults.dataset_size,
+                        help="otcfm-dataset: fixed training points drawn from the target")
+    parser.add_argument("--ot-steps", type=int, default=defaults.ot_steps,
+                        help="otcfm-dataset: potential fit steps")
+    parser.add_argument("--ot-batch", type=int, default=defaults.ot_batch,
+                        help="otcfm-dataset: noise draws per fit step")
+    parser.add_argument("--ot-lr", type=float, default=defaults.ot_lr, help="otcfm-dataset: potential fit step size")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, nfe=int_list(args.nfe), solver=args.solver, seed=args.seed,
         learning_rate=args.lr, lr_schedule=args.lr_schedule, eval_samples=args.eval_samples, sigma=args.sigma,
         reg=args.reg, workers=args.workers,
-        reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver,
+        reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver, dataset_size=args.dataset_size,
+        ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr,
     )
     for name in objectives:  # refuse bad settings before any training starts
         LabSettings(**{**settings.__dict__, "objective": name,

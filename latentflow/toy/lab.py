@@ -4,7 +4,9 @@ Reproduces the lecture's teaching results: CFM's curved paths against OT-CFM's
 straight ones, deterministic against stochastic diffusion sampling, and sample
 quality (exact W2) against the number of solver steps; and the few-step methods: a
 flow map learnt with MeanFlow (`meanflow`, sampled in K jumps) and 2-rectified flow
-(`reflow`: train rf, integrate it into (noise, endpoint) pairs, retrain on them).
+(`reflow`: train rf, integrate it into (noise, endpoint) pairs, retrain on them); and dataset-scale OT
+(`otcfm-dataset`: a fixed training set of target points, the semidiscrete OT potential fitted over it, and
+every Gaussian draw paired with its Laguerre cell's point).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.assignment import solve_assignment
 from latentflow.flow.couplings import IndependentCoupling
 from latentflow.flow.metrics import path_straightness, wasserstein2
 from latentflow.flow.objectives import (
@@ -33,6 +36,7 @@ from latentflow.flow.objectives import (
     TrainingModels,
     make_objective,
 )
+from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFit, measure_balance, noise_for_step
 from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate, sample_flow_map
 from latentflow.io import save_npy, write_json_atomic
 from latentflow.toy.distributions import Sampler, get_distribution
@@ -61,6 +65,10 @@ class LabSettings:
     workers: int | None = None
     reflow_pairs: int = 20000
     reflow_solver: str = "dopri5"
+    dataset_size: int = 2000
+    ot_steps: int = 6000
+    ot_batch: int = 2048
+    ot_lr: float = 0.001
 
     def validate(self) -> None:
         """Raise LatentflowError naming the first impossible value."""
@@ -83,15 +91,24 @@ class LabSettings:
             raise LatentflowError(f"workers must be >= 0 (or None: automatic), got {self.workers}")
         if self.eval_samples <= 1:
             raise LatentflowError(f"--eval-samples must be at least 2, got {self.eval_samples}")
-        if self.objective == "ddpm" and self.source != "gaussian":
-            raise LatentflowError(f"ddpm starts from Gaussian noise: use --source gaussian (got {self.source!r})")
+        if self.objective in ("ddpm", "otcfm-dataset") and self.source != "gaussian":
+            raise LatentflowError(f"{self.objective} starts from Gaussian noise: use --source gaussian (got "
+                                  f"{self.source!r})")
+        if self.dataset_size < 2 or min(self.ot_steps, self.ot_batch) < 1 or self.ot_lr <= 0:
+            raise LatentflowError(f"--dataset-size must be >= 2, --ot-steps and --ot-batch >= 1, --ot-lr > 0; got "
+                                  f"{self.dataset_size}, {self.ot_steps}, {self.ot_batch}, {self.ot_lr}")
 
 
 LR_SCHEDULES = ("constant", "cosine")
 """Learning rate over the lab's steps: constant, or cosine decay to zero (the final weights are less noisy)."""
 
-LAB_OBJECTIVES = (*OBJECTIVES, "reflow")
-"""The training objectives, and `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs)."""
+LAB_OBJECTIVES = (*OBJECTIVES, "reflow", "otcfm-dataset")
+"""The training objectives, `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs) and
+`otcfm-dataset` (OT-CFM's path on the semidiscrete OT pairs of Gaussian noise and a fixed training set)."""
+
+TRAINED_AS = {"reflow": "rf", "otcfm-dataset": "cfm"}
+"""Lab objectives trained as another objective on their own pairs (cfm keeps given pairs row by row, on
+OT-CFM's path)."""
 
 
 class ToyMLP(nn.Module):
@@ -126,6 +143,7 @@ class LabResult:
     training_seconds: float
     final_loss: float
     w2_stochastic: dict[str, float] = field(default_factory=dict)
+    coupling: dict = field(default_factory=dict)
 
 
 def _unchanged(batch):
@@ -287,11 +305,17 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     source, target = get_distribution(settings.source), get_distribution(settings.target)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    trained_name = "rf" if settings.objective == "reflow" else settings.objective
+    trained_name = TRAINED_AS.get(settings.objective, settings.objective)
     objective = make_objective(trained_name, sigma=settings.sigma, reg=settings.reg)
     model = ToyMLP(width=settings.width, flow_map=objective.prediction == "average_velocity")
     settings = replace(settings, workers=batch_workers(settings, objective))  # recorded as resolved
-    seconds, final_loss = train_field(settings, objective, model, source, target)
+    coupling: dict = {}
+    if settings.objective == "otcfm-dataset":
+        pairs, coupling = dataset_ot_pairs(settings, target)
+        seconds, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
+        seconds += pairs.seconds
+    else:
+        seconds, final_loss = train_field(settings, objective, model, source, target)
     if settings.objective == "reflow":
         pairs = reflow_pairs(settings, model, source)
         more, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
@@ -300,22 +324,22 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     result = LabResult(
         settings=asdict(settings), w2=evaluation["w2"], nfe_used=evaluation["nfe_used"],
         straightness=evaluation.get("straightness"), training_seconds=seconds, final_loss=final_loss,
-        w2_stochastic=evaluation["w2_stochastic"],
+        w2_stochastic=evaluation["w2_stochastic"], coupling=coupling,
     )
     write_json(out_dir / "metrics.json", asdict(result))
     return result, model, objective
 
 
 @dataclass
-class ReflowPairs:
-    """A teacher's coupling as two samplers that draw the same rows: `noise(n, g)` then `endpoint(n, g)`."""
+class CoupledSamplers:
+    """A coupling as two samplers that draw the same pairs: `noise(n, g)` then `endpoint(n, g)`."""
 
     noise: Sampler
     endpoint: Sampler
     seconds: float
 
 
-def reflow_pairs(settings: LabSettings, teacher: nn.Module, source: Sampler) -> ReflowPairs:
+def reflow_pairs(settings: LabSettings, teacher: nn.Module, source: Sampler) -> CoupledSamplers:
     """Integrate the teacher from `settings.reflow_pairs` seeded noise points (Liu et al. 2022, Alg. 1) and
     return samplers of the (noise, endpoint) pairs; each batch's two calls pick the same random rows."""
     start = time.perf_counter()
@@ -333,7 +357,48 @@ def reflow_pairs(settings: LabSettings, teacher: nn.Module, source: Sampler) -> 
     def endpoint(count: int, generator: torch.Generator) -> torch.Tensor:
         return x1[chosen.pop(id(generator))]
 
-    return ReflowPairs(noise, endpoint, time.perf_counter() - start)
+    return CoupledSamplers(noise, endpoint, time.perf_counter() - start)
+
+
+def dataset_ot_pairs(settings: LabSettings, target: Sampler) -> tuple[CoupledSamplers, dict]:
+    """The semidiscrete OT coupling of N(0, I) with `settings.dataset_size` fixed target points: the potential
+    fitted (`latentflow.flow.semidiscrete`), then samplers of fresh noise and its Laguerre cell's point; and the
+    coupling's report (fit seconds, balance, agreement with the exact OT of a large noise sample)."""
+    start = time.perf_counter()
+    points = target(settings.dataset_size, torch.Generator().manual_seed(settings.seed + 4_000_000)).float()
+    fit = PotentialFit(points, FitSettings(steps=settings.ot_steps, batch_size=settings.ot_batch, lr=settings.ot_lr,
+                                           seed=settings.seed))
+    while not fit.finished:
+        fit.step()
+    cells = LaguerreCells(points, fit.potential)
+    seconds = time.perf_counter() - start
+    chosen: dict[int, torch.Tensor] = {}
+
+    def noise(count: int, generator: torch.Generator) -> torch.Tensor:
+        x0 = torch.randn(count, points.shape[1], generator=generator)
+        chosen[id(generator)] = cells.assign(x0)
+        return x0
+
+    def endpoint(count: int, generator: torch.Generator) -> torch.Tensor:
+        return points[chosen.pop(id(generator))]
+
+    balance = measure_balance(cells, draws_per_point=200, seed=settings.seed + 5)
+    report = {"dataset_size": settings.dataset_size, "fit_seconds": seconds, "balance_excess": balance.excess,
+              "balance_total_variation": balance.total_variation, **exact_ot_comparison(cells, settings.seed)}
+    return CoupledSamplers(noise, endpoint, seconds), report
+
+
+def exact_ot_comparison(cells: LaguerreCells, seed: int, copies: int = 2) -> dict[str, float]:
+    """The semidiscrete pairs of copies x N fresh noise draws against their exact discrete OT onto the points
+    (each taken `copies` times): the share of draws paired alike, and both mean squared pair distances."""
+    count = cells.points.shape[0]
+    x0 = noise_for_step(seed + 6, 0, copies * count, cells.points.shape[1])
+    cost = torch.cdist(x0.double(), cells.points.double()).square()  # (copies * N, N)
+    exact = torch.from_numpy(solve_assignment(cost.repeat_interleave(copies, 1).numpy())) // copies
+    ours = cells.assign(x0)
+    rows = torch.arange(x0.shape[0])
+    return {"exact_ot_agreement": float((ours == exact).float().mean()),
+            "semidiscrete_cost": float(cost[rows, ours].mean()), "exact_ot_cost": float(cost[rows, exact].mean())}
 
 
 def write_json(path: Path, payload: dict) -> None:

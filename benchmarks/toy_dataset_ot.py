@@ -1,0 +1,63 @@
+"""2D lab, dataset-scale OT in one run: W2 at NFE 1 of `otcfm-dataset` (semidiscrete OT pairs of Gaussian noise
+and a fixed training set of 2,000 target points) against minibatch `otcfm` (batch 256) and `cfm`.
+
+For gaussian -> moons and gaussian -> checkerboard and each seed, the lab trains the same MLP (width, Adam 1e-3
+with cosine decay, `--steps` steps) with each objective; W2 is measured against 2,000 held-out target points as
+for every lab run. otcfm-dataset also reports its potential's fit time and balance, and how its pairs compare
+with the exact discrete OT of 4,000 fresh draws onto the training set (agreement, mean squared pair distance).
+Goal (issue 14): otcfm-dataset's NFE-1 W2 <= 0.8x minibatch otcfm's.
+
+    .venv/bin/python benchmarks/toy_dataset_ot.py [--seeds 0,1,2] [--steps 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from latentflow.toy.lab import LabSettings, run_lab
+
+TARGETS = ("moons", "checkerboard")
+OBJECTIVES = ("cfm", "otcfm", "otcfm-dataset")
+
+
+def describe(name: str, result) -> str:
+    """'NAME W2 a@1, b@2, c@100 (straightness s, T s)'."""
+    w2 = ", ".join(f"{result.w2[k]:.3f}@{k}" for k in ("1", "2", "100"))
+    return f"{name} W2 {w2} (straightness {result.straightness:.4f}, {result.training_seconds:.0f} s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--width", type=int, default=128)
+    args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    ratios: dict[str, list[float]] = {target: [] for target in TARGETS}
+    with tempfile.TemporaryDirectory() as scratch:
+        for target in TARGETS:
+            for seed in seeds:
+                base = LabSettings(source="gaussian", target=target, steps=args.steps, seed=seed, nfe=(1, 2, 4, 100),
+                                   width=args.width, lr_schedule="cosine", workers=0)
+                results = {name: run_lab(LabSettings(**{**base.__dict__, "objective": name}), Path(scratch) / name)[0]
+                           for name in OBJECTIVES}
+                ratios[target].append(results["otcfm-dataset"].w2["1"] / results["otcfm"].w2["1"])
+                row = " | ".join(describe(name, results[name]) for name in OBJECTIVES)
+                coupling = results["otcfm-dataset"].coupling
+                print(f"gaussian -> {target}, seed {seed}: {row}", flush=True)
+                print(f"    potential: fit {coupling['fit_seconds']:.0f} s, balance excess "
+                      f"{coupling['balance_excess']:.4f}; pairs vs exact OT of 4,000 draws: agreement "
+                      f"{coupling['exact_ot_agreement']:.3f}, mean cost {coupling['semidiscrete_cost']:.4f} vs "
+                      f"{coupling['exact_ot_cost']:.4f}", flush=True)
+    print(f"\nwidth {args.width}, {args.steps} steps, seeds {seeds}")
+    for target in TARGETS:
+        ratio = statistics.mean(ratios[target])
+        print(f"gaussian -> {target}: otcfm-dataset W2@1 / otcfm W2@1 = {ratio:.2f} (goal <= 0.8: "
+              f"{'met' if ratio <= 0.8 else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
