@@ -109,8 +109,7 @@ def test_lab_dataset_ot_pairs_noise_with_a_fixed_training_set(tmp_path):
     coupling = runs["otcfm-dataset"]["coupling"]
     assert coupling["dataset_size"] == 300 and coupling["balance_excess"] < 0.03
     # the semidiscrete pairs are (nearly) optimal: their cost is within 6% of the exact OT of 600 fresh draws,
-    # which, fitted to its own sample, sits below the population optimum (measured: 1.038x); independent pairs
-    # cost about twice as much
+    # which, fitted to its own sample, sits below the population optimum (measured: 1.038x)
     assert coupling["semidiscrete_cost"] < 1.06 * coupling["exact_ot_cost"]
     assert runs["otcfm-dataset"]["straightness"] < 0.2 * runs["cfm"]["straightness"]
     assert runs["otcfm-dataset"]["w2"]["1"] < runs["cfm"]["w2"]["1"]
