@@ -4,7 +4,9 @@ and reuse, the refusals, pairing every noise draw with its optimal cached latent
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -180,8 +182,8 @@ def test_the_pairing_transform_pairs_each_draw_with_its_laguerre_cell(fitted: Pa
     assert (dropped(batch, torch.Generator().manual_seed(0)).labels == 5).all()  # CFG's null class after pairing
 
 
-@pytest.mark.parametrize("objective", ["otcfm", "meanflow"])
-def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objective: str) -> None:
+@pytest.mark.parametrize("objective, where", [("otcfm", "loader"), ("meanflow", "loader"), ("rf", "device")])
+def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objective: str, where: str) -> None:
     from accelerate.state import AcceleratorState
 
     from latentflow.train.trainer import train
@@ -192,8 +194,9 @@ def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objectiv
         fitted, "model.name=dit", "model.settings={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2}",
         "data.shuffle_buffer=10", "log.trackers=[csv]", "log.progress_bar=false", "log.every=1", "sample.every=0",
         "train.max_steps=3", "checkpoint.every=0", f"objective.name={objective}", "objective.class_aware=true",
-        "objective.ot_potential=aware", "data.num_workers=0", f"output_dir={out}",
+        "objective.ot_potential=aware", "data.num_workers=0", f"output_dir={out}", f"objective.ot_dataset_on={where}",
     ))
     AcceleratorState._reset_state(reset_partial_state=True)
-    rows = (out / "log.csv").read_text().splitlines()
-    assert len(rows) == 4 and "nan" not in rows[-1]
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert len(rows) == 3 and all(math.isfinite(float(row["loss"])) for row in rows)
+    assert all(math.isfinite(float(row["ot_cost"])) for row in rows)  # the dataset pairs' cost is logged

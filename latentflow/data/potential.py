@@ -257,12 +257,20 @@ class DatasetCells:
             return self.group_index[0][self.cells[0].assign(x0, generator)]
         if labels is None:
             raise LatentflowError("a class-aware OT potential needs the batch's labels; the cache gave none")
-        out = torch.empty(x0.shape[0], dtype=torch.long)
+        out = torch.empty(x0.shape[0], dtype=torch.long, device=x0.device)
+        labels = labels.to(x0.device)
         for cells, index, value in zip(self.cells, self.group_index, self.group_classes):
-            rows = torch.nonzero(labels.cpu() == value).flatten()
+            rows = torch.nonzero(labels == value).flatten()
             if rows.numel():
                 out[rows] = index[cells.assign(x0[rows], generator)]
         return out
+
+    def to(self, device: torch.device | str) -> "DatasetCells":
+        """The same cells with every tensor on `device` (pairing on the training device)."""
+        cells = [LaguerreCells(c.points.to(device), c.potential.to(device), c.epsilon) for c in self.cells]
+        labels = None if self.labels is None else self.labels.to(device)
+        return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
+                            self.points.to(device), labels, self.potential.to(device), self.record)
 
 
 def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:

@@ -84,7 +84,8 @@ class LaguerreCells:
         for rows in self.chunks(flat.shape[0]):
             scores = self.scores(flat[rows])  # (b, N)
             if self.epsilon > 0:
-                uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
+                where = scores.device if generator is None else generator.device
+                uniform = torch.rand(scores.shape, generator=generator, device=where).to(scores.device)
                 scores -= self.epsilon * -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel(0, 1)
             out[rows] = scores.argmin(dim=1)
         return out

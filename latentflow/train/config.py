@@ -73,7 +73,9 @@ class ObjectiveConfig:
     draw with its optimal latent of the whole cache, through the potential `ot_potential` that `latentflow
     ot-fit` stored in CACHE/ot/ (any flow-matching objective: rf, cfm and otcfm take the path of their name,
     meanflow its flow map), refusing one whose balance excess is above `ot_max_imbalance`
-    (`latentflow.data.potential.MAX_IMBALANCE`).
+    (`latentflow.data.potential.MAX_IMBALANCE`); `ot_dataset_on` 'loader' pairs in the loader workers (small
+    caches, CPU), 'device' in the step on the training device (large caches on GPUs: one chunked matrix product
+    against every cached latent per batch).
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
     `coupling`: 'sampled' draws fresh noise for each batch; 'stored' trains on the (noise, endpoint) pairs of a
     couplings cache from `latentflow reflow` as they are (reflow, e.g. with rf; no OT objective, no flips).
@@ -102,6 +104,7 @@ class ObjectiveConfig:
     ot_scope: Literal["local", "global", "dataset"] = "local"
     ot_potential: str = "potential"
     ot_max_imbalance: float = 0.05
+    ot_dataset_on: Literal["loader", "device"] = "loader"
     label_dropout: float = 0.1
     coupling: Literal["sampled", "stored"] = "sampled"
 

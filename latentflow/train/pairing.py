@@ -80,25 +80,16 @@ class PairingTransform:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             return {"latents": batch["latents"], "labels": labels, "seed": seed}
         if self.dataset_cells is not None:
-            prepared = self.objective.prepare_paired(self._dataset_pairing(batch, labels, generator), generator)
+            x0 = torch.randn(batch["latents"].shape, generator=generator)  # (B, C, h, w)
+            pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
+            prepared = self.objective.prepare_paired(pairing, generator)
+            prepared.ot_cost = pairing.cost
         else:
             prepared = self.objective.prepare(batch["latents"], labels, generator, noise=self._noise(batch))
         prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
         if not self.keep_endpoints:
             prepared.x0 = prepared.x1 = None
         return prepared
-
-    def _dataset_pairing(self, batch: dict[str, Any], labels: torch.Tensor | None,
-                         generator: torch.Generator) -> Pairing:
-        """Fresh noise (B, ...) and, for each row, its optimal point of the whole cache (within the row's class
-        for a class-aware potential)."""
-        cells = self.dataset_cells
-        x0 = torch.randn(batch["latents"].shape, generator=generator)  # (B, C, h, w)
-        index = cells.pair(x0, labels, generator)  # (B,)
-        x1 = cells.points[index]
-        point_labels = None if labels is None or cells.labels is None else cells.labels[index]
-        rows = torch.arange(x0.shape[0])
-        return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
 
     def _noise(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The stored x0 (B, ...) of the batch's pairs, or None to draw it."""
@@ -133,6 +124,18 @@ def check_coupling(config: "Config", cache: "LatentCache") -> None:
         raise LatentflowError(f"{where}: the teacher {'normalised' if normalized else 'did not normalise'} its "
                               f"latents, so its noise pairs with {'normalised' if normalized else 'raw'} endpoints; "
                               f"set data.normalize: {str(normalized).lower()}")
+
+
+def dataset_pairing(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tensor | None,
+                    generator: torch.Generator | None = None) -> Pairing:
+    """Noise x0 (B, ...) paired row by row with its optimal point of the whole cache (`objective.ot_scope:
+    dataset`; within the row's class from `labels` (B,) for a class-aware potential); the pairs' labels are the
+    points' own."""
+    index = cells.pair(x0, labels, generator)  # (B,)
+    x1 = cells.points[index]
+    point_labels = None if labels is None or cells.labels is None else cells.labels[index]
+    rows = torch.arange(x0.shape[0], device=x0.device)
+    return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
 
 
 def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells | None":

@@ -57,6 +57,7 @@ from latentflow.train.pairing import (
     PairingTransform,
     check_coupling,
     dataset_cells_for,
+    dataset_pairing,
     drop_labels,
     global_ot_pairing,
     seed_for,
@@ -207,6 +208,8 @@ class Trainer:
         self.cache = _open_cache(config.data.cache)
         check_coupling(config, self.cache)
         self.dataset_cells = dataset_cells_for(config, self.cache)
+        if self.dataset_cells is not None and config.objective.ot_dataset_on == "device":
+            self.dataset_cells = self.dataset_cells.to(self.accelerator.device)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
@@ -282,7 +285,7 @@ class Trainer:
         config = self.config
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
-            config.objective.label_dropout, pair=config.objective.ot_scope == "local", keep_endpoints=False,
+            config.objective.label_dropout, pair=self._pairs_in_loader(), keep_endpoints=False,
             stored_noise=config.objective.coupling == "stored", dataset_cells=self.dataset_cells,
         )
         return make_step_loader(
@@ -298,9 +301,17 @@ class Trainer:
         return (step.micro_batches for step in self.steps())
 
     # ------------------------------------------------------------------ step
+    def _pairs_in_loader(self) -> bool:
+        """Whether the loader workers pair noise with data (else the step does: global OT, or dataset OT on the
+        training device)."""
+        objective = self.config.objective
+        return objective.ot_scope == "local" or (objective.ot_scope == "dataset" and objective.ot_dataset_on ==
+                                                 "loader")
+
     def _to_training_batch(self, micro: TrainingBatch | dict[str, Any], position: int) -> tuple[TrainingBatch,
                                                                                                 float | None]:
-        """Move a micro-batch to the device; in global OT mode pair it across processes first.
+        """Move a micro-batch to the device; in global OT mode pair it across processes first, in dataset OT
+        mode on the device against the whole cache.
 
         `position` (the micro-batch's index in the run) seeds the plan identically on every process.
         """
@@ -308,6 +319,8 @@ class Trainer:
         if isinstance(micro, TrainingBatch):
             return micro.to(device, non_blocking=True), micro.ot_cost
         labels = micro["labels"].to(device) if micro.get("labels") is not None else None
+        if self.dataset_cells is not None:
+            return self._pair_with_dataset(micro, labels)
         shared = torch.Generator().manual_seed(seed_for(self.config.train.seed, position, 2))
         result = global_ot_pairing(
             micro["latents"].to(device), labels, self.objective.coupling, self.accelerator.gather,
@@ -318,6 +331,18 @@ class Trainer:
         batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
         batch.x0 = batch.x1 = None  # the step needs only x_t, t, target and labels
         return batch.to(device), result.global_cost
+
+    def _pair_with_dataset(self, micro: dict[str, Any], labels: torch.Tensor | None) -> tuple[TrainingBatch, float]:
+        """Dataset OT on the training device: fresh noise from the micro-batch's seed, each row paired with its
+        optimal cached latent by one chunked matrix product against the whole cache."""
+        generator = torch.Generator().manual_seed(micro["seed"])
+        x0 = torch.randn(micro["latents"].shape, generator=generator).to(self.accelerator.device)
+        pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
+        batch = self.objective.prepare_paired(pairing, generator)
+        batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
+        batch.x0 = batch.x1 = None  # the step needs only x_t, t, target and labels
+        batch.ot_cost = pairing.cost
+        return batch, pairing.cost
 
     def train_step(self, micro_batches: list[TrainingBatch | dict[str, Any]]) -> StepResult:
         """One optimizer step over `grad_accumulation` micro-batches, with the non-finite guard."""
