@@ -108,6 +108,17 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_potential(cache: Path, 
     assert torch.equal(load_file(str(resumed.path))["potential"], load_file(str(straight.path))["potential"])
 
 
+def test_a_second_fit_into_the_same_cache_is_refused_while_the_first_runs(cache: Path, tmp_path: Path) -> None:
+    from latentflow.io import folder_lock
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("ot"))
+    with folder_lock(copy / "ot", "latentflow ot-fit", "wait for it to finish"):
+        with pytest.raises(LatentflowError, match=f"pid {os.getpid()}"):
+            fit_cache_potential(OTFitConfig(str(copy), fit=FitSettings(steps=5, batch_size=64), balance_draws=5))
+    assert fit_cache_potential(OTFitConfig(str(copy), fit=FitSettings(steps=5, batch_size=64), balance_draws=5))
+
+
 def config_for(cache: Path, *overrides: str):
     return load_config(None, [f"data.cache={cache}", "data.batch_size=8", "data.normalize=true",
                               "data.sample_posterior=false", "objective.ot_scope=dataset", *overrides])

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from latentflow.data.cache import LatentCache
 from latentflow.errors import LatentflowError
 from latentflow.flow.semidiscrete import Balance, FitSettings, LaguerreCells, PotentialFit, measure_balance
-from latentflow.io import read_json, write_bytes_atomic, write_json_atomic
+from latentflow.io import folder_lock, read_json, write_bytes_atomic, write_json_atomic
 
 FORMAT = 1
 DEFAULT_NAME = "potential"
@@ -190,9 +190,16 @@ def _check_existing(json_path: Path, identity: dict[str, Any]) -> dict[str, Any]
 
 def fit_cache_potential(config: OTFitConfig, on_step: Callable[[int, dict[str, float]], None] | None = None
                         ) -> OTFitResult:
-    """Fit (or resume, or reuse) the potential of `config.cache`; see the module docstring for the files."""
-    start = time.perf_counter()
+    """Fit (or resume, or reuse) the potential of `config.cache`; see the module docstring for the files. One
+    fit at a time writes CACHE/ot/ (a second is refused, naming the first)."""
     cache = LatentCache(config.cache)
+    with folder_lock(cache.path / "ot", "latentflow ot-fit", "wait for it to finish"):
+        return _fit(config, cache, on_step)
+
+
+def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[str, float]], None] | None
+         ) -> OTFitResult:
+    start = time.perf_counter()
     identity = _identity(config, cache)
     potential_path, json_path, state_path = potential_paths(cache.path, config.name)
     existing = _check_existing(json_path, identity)
