@@ -5,11 +5,16 @@
 2. otcfm vs rf images/s through the reader (goal >= 0.95: pairing must not slow training);
 3. OT pairing time for B = 256 and 1024 latents of 4 x 32 x 32, our exact coupling beside
    torchcfm's `OTPlanSampler` when torchcfm is importable;
-4. (`--synthetic MODEL,...`) raw training images/s and peak memory of presets on 4 x 32 x 32
+4. (`--dataset-ot NAME`) dataset-scale OT (`objective.ot_scope: dataset` with the cache's potential NAME)
+   vs rf images/s through the reader (goal >= 0.97), and the potential's fit time against a 2,000-step run;
+5. (`--ot-scale`) the cost of dataset OT's assignment at ImageNet-256 scale (1.28M SD-VAE latents of
+   4 x 32 x 32) against a DiT-XL/2 training step: FLOPs counted, the assignment's speed measured here;
+6. (`--synthetic MODEL,...`) raw training images/s and peak memory of presets on 4 x 32 x 32
    latents, e.g. DiT-B/2 and DiT-XL/2 in bf16 with and without torch.compile (benchmarks/gpu_check.sh).
 
 Usage:
     python benchmarks/train_throughput.py --cache caches/flowers64_taef2
+    python benchmarks/train_throughput.py --cache CACHE --workers 0 --in-memory --dataset-ot aware --ot-scale
     python benchmarks/train_throughput.py --skip-reader --synthetic DiT-B/2,DiT-XL/2 --precision bf16 --compile both
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -64,7 +70,7 @@ def time_steps(trainer, batches, steps: int) -> float:
 
 
 def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: int, repeats: int,
-                     in_memory: bool = False, overrides: tuple[str, ...] = ()) -> None:
+                     in_memory: bool = False, overrides: tuple[str, ...] = (), dataset_ot: str | None = None) -> None:
     """Print images/s through the reader vs from memory, and otcfm vs rf through the reader.
 
     The three feeds take one step each in turn, `steps * repeats` times, so the slow and fast spells
@@ -77,6 +83,11 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
     with tempfile.TemporaryDirectory() as out:
         trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory, overrides))
                     for name in ("otcfm", "rf")}
+        if dataset_ot:
+            trainers["dataset"] = Trainer(reader_config(cache, out, "otcfm", workers, batch, in_memory, (
+                *overrides, "objective.ot_scope=dataset", f"objective.ot_potential={dataset_ot}",
+                f"objective.class_aware={str(dataset_class_aware(cache, dataset_ot)).lower()}",
+                "data.sample_posterior=false")))
         print(f"reader vs memory: {trainers['rf'].config.model.name} on "
               f"{device_name(trainers['rf'].accelerator.device)}, "
               f"precision {trainers['rf'].config.train.mixed_precision}, latents "
@@ -87,6 +98,8 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
         feeds = {"reader otcfm": (trainers["otcfm"], trainers["otcfm"].batches()),
                  "reader rf": (trainers["rf"], trainers["rf"].batches()),
                  "memory otcfm": (trainers["otcfm"], itertools.cycle(prepared))}
+        if dataset_ot:
+            feeds["reader dataset"] = (trainers["dataset"], trainers["dataset"].batches())
         for trainer, batches in feeds.values():
             time_steps(trainer, batches, warmup)
         seconds = dict.fromkeys(feeds, 0.0)
@@ -102,6 +115,50 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
               f"worker(s), {'in-memory' if in_memory else 'streaming'} reader)")
     print(f"ratio reader / memory = {rate['reader otcfm'] / rate['memory otcfm']:.3f} (goal >= 0.95)")
     print(f"ratio otcfm / rf      = {rate['reader otcfm'] / rate['reader rf']:.3f} (goal >= 0.95)")
+    if dataset_ot:
+        print(f"ratio dataset OT / rf = {rate['reader dataset'] / rate['reader rf']:.3f} (goal >= 0.97)")
+        fit = trainers["dataset"].dataset_cells.record["fit_seconds"]
+        run = 2000 * batch / rate["reader rf"]
+        print(f"potential '{dataset_ot}' fit: {fit:.0f} s = {fit / run:.2f} of a 2,000-step run at the rf rate "
+              f"({run:.0f} s)")
+
+
+def dataset_class_aware(cache: str, name: str) -> bool:
+    from latentflow.data.potential import potential_paths
+
+    return bool(json.loads(potential_paths(cache, name)[1].read_text())["class_aware"])
+
+
+def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: int = 256, share: float = 0.05) -> None:
+    """Dataset OT's assignment at ImageNet-256 scale against a DiT-XL/2 training step.
+
+    The assignment of one noise draw is one row of a (B, D) x (D, N) matrix product: 2 N D FLOPs. The step's
+    FLOPs are counted by torch for DiT-XL/2 on 4 x 32 x 32 latents. Both are large matrix products, so on a GPU
+    their times scale with their FLOPs at similar shares of the matmul peak; the assignment's share of the
+    peak is measured here on this machine (chunked, float32) to show it is a plain, efficient matrix product.
+    """
+    from latentflow.flow.semidiscrete import LaguerreCells
+
+    model = make_model("DiT-XL/2", in_channels=4, sample_size=32, num_classes=1000)
+    x = torch.randn(1, 4, 32, 32)
+    step_flops = training_flops_per_image(model, x, torch.zeros(1, dtype=torch.long))
+    del model
+    assign_flops = 2 * points * dim
+    sample_points = 20_000
+    cells = LaguerreCells(torch.randn(sample_points, dim), torch.zeros(sample_points))
+    noise = torch.randn(batch, dim)
+    ms = best_ms(lambda: cells.assign(noise), 3)
+    achieved = 2 * sample_points * dim * batch / (ms / 1000) / 1e9
+    peak = matmul_peak_tflops(torch.device("cpu"), torch.float32, size=2048, repeats=3) * 1000
+    largest = share * step_flops / (2 * dim)
+    print(f"dataset OT at scale: DiT-XL/2 trains at {step_flops / 1e9:.0f} GFLOP per image (forward + backward, "
+          f"counted); the assignment of one noise draw against N latents of {dim} costs 2 N D = "
+          f"{assign_flops / 1e9:.1f} GFLOP for ImageNet's N = {points:,}: {assign_flops / step_flops:.3f} of the "
+          f"step; under {share:.0%} up to N = {largest:,.0f} latents")
+    print(f"  measured here: the chunked assignment (B = {batch}, N = {sample_points:,}, D = {dim}) "
+          f"{ms:.0f} ms = {achieved:.0f} GFLOP/s, {achieved / peak:.2f} of this CPU's float32 matmul peak "
+          f"({peak:.0f} GFLOP/s); the points take {points * dim * 2 / 2**30:.1f} GiB in bf16 "
+          f"({points * dim * 4 / 2**30:.1f} GiB float32) on each device")
 
 
 def best_ms(function, repeats: int) -> float:
@@ -248,6 +305,9 @@ def main() -> None:
                         help="config override for the reader comparison, e.g. --set model.name=DiT-XL/2")
     parser.add_argument("--ot-sizes", default="256,1024", help="comma-separated batch sizes; empty to skip")
     parser.add_argument("--ot-repeats", type=int, default=5)
+    parser.add_argument("--dataset-ot", default=None, metavar="NAME",
+                        help="also time ot_scope: dataset with the cache's potential NAME (latentflow ot-fit)")
+    parser.add_argument("--ot-scale", action="store_true", help="dataset OT's cost at ImageNet scale (counted)")
     parser.add_argument("--synthetic", default="", help="comma-separated model presets, e.g. DiT-B/2,DiT-XL/2")
     parser.add_argument("--synthetic-batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
@@ -256,7 +316,9 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     if not args.skip_reader:
         reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch, args.repeats,
-                         args.in_memory, tuple(args.overrides))
+                         args.in_memory, tuple(args.overrides), args.dataset_ot)
+    if args.ot_scale:
+        ot_scale_estimate()
     if args.ot_sizes:
         pairing_times([int(s) for s in args.ot_sizes.split(",")], args.ot_repeats)
     if args.synthetic:
