@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import ot
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
 from latentflow.errors import LatentflowError
@@ -73,23 +73,22 @@ def test_the_translation_potential_is_exact_for_a_shifted_symmetric_set() -> Non
 
 
 def exact_assignment(x0: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Exact OT of len(x0) = m * len(points) noise rows onto the points, each taken m times (scipy)."""
-    copies = x0.shape[0] // points.shape[0]
-    cost = torch.cdist(x0.double(), points.double()).square().repeat_interleave(copies, dim=1).numpy()
-    rows, columns = linear_sum_assignment(cost)
-    out = torch.empty(x0.shape[0], dtype=torch.long)
-    out[torch.from_numpy(rows)] = torch.from_numpy(columns // copies)
-    return out
+    """Exact discrete OT (POT's network simplex) of uniform noise rows x0 onto uniform points: each row's point
+    (m = len(x0) / len(points) rows per point, so the plan is an assignment)."""
+    cost = torch.cdist(x0.double(), points.double()).square().numpy()
+    plan = ot.emd(np.full(len(x0), 1 / len(x0)), np.full(len(points), 1 / len(points)), cost, numItermax=10**7)
+    return torch.from_numpy(plan.argmax(axis=1))
 
 
 def test_hard_cells_agree_with_the_exact_ot_of_a_large_noise_sample() -> None:
     generator = torch.Generator().manual_seed(2)
     points = torch.randn(40, 2, generator=generator) * torch.tensor([1.5, 0.5]) + torch.tensor([2.0, 1.0])
     fitted = fit(points, steps=3000, batch_size=1024, lr=0.003)
-    x0 = noise_for_step(9, 0, 40 * 50, 2)
+    x0 = noise_for_step(9, 0, 40 * 200, 2)
     agree = (LaguerreCells(points, fitted.potential).assign(x0) == exact_assignment(x0, points)).float().mean()
-    # the exact plan of 2,000 draws is itself a noisy estimate of the cells; measured: 0.93
-    assert agree > 0.88
+    # the exact plan of 8,000 draws is itself a noisy estimate of the cells: measured 0.94 and 0.95 for two
+    # noise seeds (0.88 to 0.89 with 2,000 draws)
+    assert agree > 0.9
 
 
 def test_balance_is_at_the_sampling_floor_when_fitted_and_far_above_it_at_zero() -> None:
