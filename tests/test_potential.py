@@ -119,6 +119,28 @@ def test_a_second_fit_into_the_same_cache_is_refused_while_the_first_runs(cache:
     assert fit_cache_potential(OTFitConfig(str(copy), fit=FitSettings(steps=5, batch_size=64), balance_draws=5))
 
 
+def test_flip_variants_are_points_of_their_own(tmp_path: Path) -> None:
+    from latentflow.data.encoder import EncodeConfig, encode_dataset
+
+    photos = link_flower_photos(tmp_path / "photos", 1)
+    out = tmp_path / "flipped"
+    encode_dataset(EncodeConfig(vae=str(TAEF2), data=str(photos), out=out, resolution=64, batch_size=5,
+                                shard_size=5, num_workers=0, progress=False, flip=True, command=["test"]))
+    assert cli.main(["ot-fit", str(out), "--flips", *FAST]) == 0
+    assert cli.main(["ot-fit", str(out), "--name", "plain", *FAST]) == 0
+    cache = LatentCache(out)
+    cells = load_dataset_cells(cache, "potential", normalized=True, random_flip=True)
+    arrays = cache.load()
+    assert record(out)["points"] == 10 and cells.points.shape[0] == 10
+    raw = torch.cat([arrays.mean, arrays.flip_mean]).float()  # the means, then their flip variants
+    expected = (raw - cache.channel_mean.view(1, -1, 1, 1)) / cache.channel_std.view(1, -1, 1, 1)
+    torch.testing.assert_close(cells.points, expected)
+    assert torch.equal(cells.labels, arrays.labels.repeat(2))
+    with pytest.raises(LatentflowError, match="fitted without the flip variants .* refit with --flips"):
+        load_dataset_cells(cache, "plain", normalized=True, random_flip=True)
+    assert load_dataset_cells(cache, "plain", normalized=True, random_flip=False).points.shape[0] == 5
+
+
 def config_for(cache: Path, *overrides: str):
     return load_config(None, [f"data.cache={cache}", "data.batch_size=8", "data.normalize=true",
                               "data.sample_posterior=false", "objective.ot_scope=dataset", *overrides])
