@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Dataset-scale OT on the flowers (issue 14), one run, the demo's quality protocol: 736 samples against the 736 val
-# photos at 64 px, seed 0, floors from the train split at the same n, guidance 4, euler at 1, 2, 4 and 8 NFE.
+# photos at 64 px, seed 0, floors from the train split at the same n, guidance 4, euler at 1, 2, 4 and 8 NFE and
+# midpoint 4 (8 NFE; benchmarks/results/cpu2_flowers_dataset_ot.txt ran the midpoint setting by hand after the rest).
 #   otcfm      = minibatch OT-CFM: configs/flowers64_demo.yaml (the demo's recipe, 2,000 steps) on the demo's cache
 #   rf         = the same config with objective rf (independent pairs)
 #   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
@@ -41,7 +42,7 @@ train() {
 evaluate() {
     stamp "evaluate $1"
     $LF evaluate "$2" --ref "$OUT/ref/val64.npz" --n 736 --seed 0 --floors "$FLOWERS/train" --guidance-scale 4 \
-        --sweep euler:1,2,4,8 --out "$OUT/eval_$1"
+        --sweep euler:1,2,4,8 midpoint:4 --out "$OUT/eval_$1"
 }
 
 train otcfm configs/flowers64_demo.yaml
