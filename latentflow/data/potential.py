@@ -244,7 +244,8 @@ class DatasetCells:
         cells: per group (class-aware: per class id in `group_classes`), cells over its points.
         group_index: per group, (P_g,) indices of its points among all points.
         group_classes: the class id of each group (class-aware), else None.
-        points: (P, C, h, w) all points; labels (P,) or None; potential (P,) their potential.
+        points: (P, C, h, w) all points, ordered group by group (each group's cells view its slice); labels (P,)
+            or None and potential (P,) in the same order.
         record: the fit's JSON.
     """
 
@@ -274,10 +275,13 @@ class DatasetCells:
 
     def to(self, device: torch.device | str) -> "DatasetCells":
         """The same cells with every tensor on `device` (pairing on the training device)."""
-        cells = [LaguerreCells(c.points.to(device), c.potential.to(device), c.epsilon) for c in self.cells]
+        points, potential = self.points.to(device), self.potential.to(device)
+        flat = points.reshape(points.shape[0], -1)  # one copy on the device; each group's cells view a slice
+        spans = [slice(int(index[0]), int(index[-1]) + 1) for index in self.group_index]
+        cells = [LaguerreCells(flat[span], potential[span], old.epsilon) for span, old in zip(spans, self.cells)]
         labels = None if self.labels is None else self.labels.to(device)
         return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
-                            self.points.to(device), labels, self.potential.to(device), self.record)
+                            points, labels, potential, self.record)
 
 
 def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:
@@ -321,8 +325,16 @@ def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_f
         raise LatentflowError(f"{where}: balance excess {excess:.3f} is above {max_imbalance} (noise is not spread "
                               "evenly over the cache); refit with more --steps or a larger --batch")
     points = load_points(cache, bool(record["normalized"]), bool(record["flips"]), bool(record["class_aware"]))
-    flat = points.points.reshape(points.points.shape[0], -1)
-    epsilon = float(record["settings"]["epsilon"])
-    cells = [LaguerreCells(flat[group], potential[group], epsilon) for group in points.groups]
     classes = [int(points.labels[group[0]]) for group in points.groups] if record["class_aware"] else None
-    return DatasetCells(cells, points.groups, classes, points.points, points.labels, potential, record)
+    # one copy of the points, ordered group by group, so that each group's cells hold a view of it
+    order = torch.cat(points.groups)
+    ordered = points.points if len(points.groups) == 1 else points.points[order]  # (P, C, h, w)
+    labels = None if points.labels is None else points.labels[order]
+    potential = potential[order]
+    flat = ordered.reshape(ordered.shape[0], -1)
+    epsilon = float(record["settings"]["epsilon"])
+    bounds = torch.tensor([0, *[group.numel() for group in points.groups]]).cumsum(0).tolist()
+    spans = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+    cells = [LaguerreCells(flat[span], potential[span], epsilon) for span in spans]
+    group_index = [torch.arange(span.start, span.stop) for span in spans]
+    return DatasetCells(cells, group_index, classes, ordered, labels, potential, record)
