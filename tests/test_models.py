@@ -182,3 +182,25 @@ def test_unknown_block_options_list_the_choices() -> None:
         small_dit(norm="batchnorm")
     with pytest.raises(LatentflowError, match="gelu or swiglu"):
         small_dit(mlp="relu")
+
+
+@pytest.mark.parametrize("option", [{}, LIGHTNING])
+def test_fused_modulation_computes_the_same_dit(option: dict) -> None:
+    """The addcmul form of adaLN modulate and gate: same weights, same outputs and gradients (fp32; bf16 autocast
+    within bf16 rounding, the fused gate's product being kept in fp32)."""
+    plain = randomize(small_dit(**option))
+    fused = small_dit(**option, fused_modulation=True)
+    fused.load_state_dict(plain.state_dict())
+    x, t, labels = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
+    outputs = [model(x, t, labels) for model in (plain, fused)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [model(x, t, labels).float() for model in (plain, fused)]
+    torch.testing.assert_close(low[1], low[0], rtol=0.02, atol=0.02)
+    bf16_error = [(output - outputs[0]).abs().max() for output in low]  # against the fp32 output
+    assert bf16_error[1] <= 2 * bf16_error[0]  # the fused form is no less accurate than bf16 itself
+    assert not plain.config.fused_modulation and fused.config.fused_modulation

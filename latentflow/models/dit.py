@@ -66,9 +66,25 @@ def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: x (B, N, D), shift/scale (B, D) -> (B, N, D)."""
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """adaLN modulation x (1 + scale) + shift: x (B, N, D), shift/scale (B, D) -> (B, N, D).
+
+    `fused`: one `torch.addcmul` (one pass over the tokens in eager mode instead of a multiply and an add).
+    """
+    if fused:
+        return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """adaLN-zero's gated residual x + gate * update: x and update (B, N, D), gate (B, D) -> (B, N, D).
+
+    `fused`: one `torch.addcmul`, computed in the wider dtype of its inputs (under bf16 autocast the product is
+    not rounded to bf16 before the fp32 residual add, as the unfused form's is).
+    """
+    if fused:
+        return torch.addcmul(x, gate[:, None], update)
+    return x + gate[:, None] * update
 
 
 class TimestepEmbedder(nn.Module):
@@ -174,8 +190,9 @@ class DiTBlock(nn.Module):
     """A transformer block with adaLN-zero conditioning."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm: str = "layernorm",
-                 qk_norm: bool = False, mlp: str = "gelu") -> None:
+                 qk_norm: bool = False, mlp: str = "gelu", fused_modulation: bool = False) -> None:
         super().__init__()
+        self.fused_modulation = fused_modulation
         self.norm1 = make_norm(norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = make_norm(norm, hidden_size)
@@ -186,23 +203,26 @@ class DiTBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # x (B, N, D), condition (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(condition).chunk(6, -1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)  # (B, N, D)
-        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
-        return x
+        fused = self.fused_modulation
+        attended = self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused), rope)  # (B, N, D)
+        x = gated_residual(x, gate_msa, attended, fused)  # (B, N, D)
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused)), fused)
+        return x  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and a linear map from tokens to patch pixels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, fused_modulation: bool = False) -> None:
         super().__init__()
+        self.fused_modulation = fused_modulation
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(condition).chunk(2, dim=-1)  # (B, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+        return self.linear(modulate(self.norm(x), shift, scale, self.fused_modulation))  # (B, N, p*p*C)
 
 
 class DiT(ModelMixin, ConfigMixin):
@@ -227,6 +247,9 @@ class DiT(ModelMixin, ConfigMixin):
         flow_map: take a second time r >= t (a flow map's end time, `latentflow.flow.flow_maps`): an embedding of
             r - t is added to the time embedding. Its last layer starts at zero, so a flow map made from a plain
             model's weights starts as that model's velocity field for every r.
+        fused_modulation: write each adaLN modulation and gated residual as one `torch.addcmul` (fewer passes over
+            the tokens in eager mode; torch.compile fuses either form). Same weights, same function up to
+            rounding; off by default (`benchmarks/dit_profile.py` compares both).
     """
 
     _supports_gradient_checkpointing = True
@@ -248,6 +271,7 @@ class DiT(ModelMixin, ConfigMixin):
         mlp: str = "gelu",
         rope: bool = False,
         flow_map: bool = False,
+        fused_modulation: bool = False,
     ) -> None:
         super().__init__()
         if sample_size % patch_size:
@@ -264,9 +288,9 @@ class DiT(ModelMixin, ConfigMixin):
             cos, sin = rope_2d_tables(self.grid_size, hidden_size // num_heads)
             self.register_buffer("rope_cos", cos, persistent=False)  # (N, D/H)
             self.register_buffer("rope_sin", sin, persistent=False)  # (N, D/H)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, norm, qk_norm, mlp)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, norm, qk_norm, mlp, fused_modulation)
                                     for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, fused_modulation)
         self.gradient_checkpointing = False
         self.initialize_weights()
 
