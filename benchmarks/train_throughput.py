@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -197,20 +198,36 @@ def pairing_times(sizes: list[int], repeats: int) -> None:
         print(line)
 
 
-def synthetic_throughput(name: str, batch: int, precision: str, compile_model: bool, steps: int, warmup: int,
-                         device: torch.device) -> Throughput:
-    """Train `name` on random 4x32x32 latents (rf objective, AdamW, grad clip, EMA update) and time it.
+@dataclass
+class SyntheticStep:
+    """`step()` takes one training step of `model` on the fixed random latents `x1` (B, C, h, w) and `labels`."""
+
+    step: Callable[[], None]
+    model: torch.nn.Module
+    x1: torch.Tensor
+    labels: torch.Tensor
+
+
+def synthetic_step(name: str, batch: int, precision: str, compile_mode: str | None, device: torch.device,
+                   latent_shape: tuple[int, int, int] = (4, 32, 32), **settings) -> SyntheticStep:
+    """The training step on random latents: rf objective, autocast, AdamW, grad clip, EMA update.
 
     The step is the one `Trainer` takes (and fast-DiT's), minus data loading and the non-finite guard.
+    `compile_mode`: None for eager, else a `torch.compile` mode ("default", "max-autotune-no-cudagraphs", ...)
+    for the model's forward. `settings` go to `make_model` (e.g. fused_modulation=True).
     """
     torch.manual_seed(0)
-    model = make_model(name, in_channels=4, sample_size=32, num_classes=1000).to(device)
+    channels, size, _ = latent_shape
+    model = make_model(name, in_channels=channels, sample_size=size, num_classes=1000, **settings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     ema = EMA(model, decay=0.9999)
-    forward = torch.compile(model) if compile_model else model
+    if compile_mode is None:
+        forward = model
+    else:
+        forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     objective = make_objective("rf")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
-    x1 = torch.randn(batch, 4, 32, 32, device=device)
+    x1 = torch.randn(batch, *latent_shape, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
@@ -223,18 +240,25 @@ def synthetic_throughput(name: str, batch: int, precision: str, compile_model: b
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
 
+    return SyntheticStep(step, model, x1, labels)
+
+
+def synthetic_throughput(name: str, batch: int, precision: str, compile_model: bool, steps: int, warmup: int,
+                         device: torch.device) -> Throughput:
+    """Train `name` on random 4x32x32 latents (`synthetic_step`) and time it."""
+    run = synthetic_step(name, batch, precision, "default" if compile_model else None, device)
     for _ in range(warmup):
-        step()
+        run.step()
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        run.step()
     synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Throughput(steps * batch / elapsed, peak, training_flops_per_image(model, x1[:2], labels[:2]))
+    return Throughput(steps * batch / elapsed, peak, training_flops_per_image(run.model, run.x1[:2], run.labels[:2]))
 
 
 def training_flops_per_image(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
