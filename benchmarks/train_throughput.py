@@ -209,18 +209,23 @@ class SyntheticStep:
 
 
 def synthetic_step(name: str, batch: int, precision: str, compile_mode: str | None, device: torch.device,
-                   latent_shape: tuple[int, int, int] = (4, 32, 32), **settings) -> SyntheticStep:
+                   latent_shape: tuple[int, int, int] = (4, 32, 32), shard: bool = False,
+                   **settings) -> SyntheticStep:
     """The training step on random latents: rf objective, autocast, AdamW, grad clip, EMA update.
 
     The step is the one `Trainer` takes (and fast-DiT's), minus data loading and the non-finite guard.
     `compile_mode`: None for eager, else a `torch.compile` mode ("default", "max-autotune-no-cudagraphs", ...)
-    for the model's forward. `settings` go to `make_model` (e.g. fused_modulation=True).
+    for the model's forward. `shard`: FSDP2 over the initialised process group (`fsdp_shard`), the EMA kept
+    shard by shard as `Trainer` keeps it. `settings` go to `make_model` (e.g. fused_modulation=True).
     """
     torch.manual_seed(0)
     channels, size, _ = latent_shape
     model = make_model(name, in_channels=channels, sample_size=size, num_classes=1000, **settings).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     ema = EMA(model, decay=0.9999)
+    if shard:
+        fsdp_shard(model)
+        ema.shard(model, keep_full=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     if compile_mode is None:
         forward = model
     else:
@@ -241,6 +246,20 @@ def synthetic_step(name: str, batch: int, precision: str, compile_mode: str | No
         ema.update(model)
 
     return SyntheticStep(step, model, x1, labels)
+
+
+def fsdp_shard(model: torch.nn.Module) -> None:
+    """FSDP2 (`fully_shard`) over all processes of the process group: each transformer block one unit, the root
+    the rest, as configs/accelerate/fsdp_8gpu.yaml wraps it; fp32 parameters (autocast computes in bf16)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def synthetic_throughput(name: str, batch: int, precision: str, compile_model: bool, steps: int, warmup: int,
