@@ -42,6 +42,7 @@ DEFAULT_VARIANTS = ("128/none,128/default,256/default,128/default/fused,128/none
                     "256/max-autotune-no-cudagraphs,256/none")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TINY = {"hidden_size": 64, "depth": 2, "num_heads": 2, "patch_size": 2}  # --preset tiny: a smoke check on a CPU
+RUNNING: list[subprocess.Popen] = []  # the variant processes started by this one (at most one at a time)
 BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 GROUPS = (  # (group, substrings of a lower-cased kernel or op name); the first group that matches wins
     ("optimizer/EMA", ("multi_tensor_apply", "foreach", "adam")),
@@ -245,17 +246,28 @@ def run_isolated(args: argparse.Namespace, extra: list[str], limit: float,
     command = [*(launcher or [sys.executable]), os.path.abspath(__file__), *child_arguments(args), *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
+    RUNNING.append(process)
     try:
         out, err = process.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the variant and its compile workers
         process.communicate()
         return [], f"stopped at its time cap ({limit:.0f} s)"
+    finally:
+        RUNNING.remove(process)
     results = [Result(**json.loads(line[len("RESULT "):])) for line in out.splitlines() if line.startswith("RESULT ")]
     if process.returncode or not results:
         lines = [line for line in (err + out).splitlines() if line.strip() and not line.startswith("RESULT ")]
         return results, f"exit {process.returncode}: " + (lines[-1].strip()[:200] if lines else "no output")
     return results, None
+
+
+def stop_children(signal_number: int, _frame) -> None:
+    """On SIGTERM (gpu_check.sh's `timeout`) or Ctrl-C, end the running variant's process group too."""
+    for process in RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    sys.exit(128 + signal_number)
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:
@@ -407,6 +419,8 @@ def main() -> None:
         child_main(args)
         return
     deadline = time.monotonic() + args.budget
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
     device = torch.device(args.device)
     variants = [Variant.parse(spec) for spec in args.variants.split(",")]
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "

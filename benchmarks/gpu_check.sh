@@ -2,6 +2,7 @@
 # One command for a lent GPU (at most about 9.5 minutes; usually less).
 #   bash benchmarks/gpu_check.sh                       # model throughput only
 #   FLOWERS=DIR TAEF2=DIR bash benchmarks/gpu_check.sh # also the real Trainer, reader and CLI on the GPU
+#   PROFILE=1 bash benchmarks/gpu_check.sh             # only the DiT-XL/2 profile, all its variants (~9 minutes)
 #
 # 1. DiT-B/2 and DiT-XL/2 training images/s and peak memory on 4x32x32 latents in bf16, batch 128, with and
 #    without torch.compile (the step of `Trainer`: AdamW, grad clip, EMA), plus exact OT pairing times.
@@ -10,6 +11,11 @@
 #    64 and 256 px; the real `Trainer` fed by the cache reader vs from memory, for the shipped flowers
 #    config (DiT-S/2) and for DiT-XL/2 in bf16 on the 256 px cache; then `latentflow train`, `export`
 #    and `sample` on the GPU, the sample grid written to OUT (default gpu_check_out/).
+# 3. benchmarks/dit_profile.py: DiT-XL/2 step variants (batch, compile mode, fused adaLN modulation) with counted
+#    TFLOP/s against the matmul limit, peak memory, the SDPA backends and the top CUDA kernels by group, and with
+#    2+ GPUs the memory per GPU under FSDP2. Its budget is PROFILE_BUDGET seconds: 520 with PROFILE=1 (then
+#    nothing else runs), 180 after the model parts without FLOWERS (the first variants only); not run with
+#    FLOWERS unless PROFILE=1, since those parts fill the 10 minutes.
 # Each part has its own time limit, so one failing part does not hide the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +38,24 @@ part() {  # part SECONDS TITLE COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+profile() {  # profile BUDGET: benchmarks/dit_profile.py within BUDGET seconds (its part capped 30 s later)
+    part $(($1 + 30)) "DiT-XL/2 profile (budget $1 s)" "$PYTHON" benchmarks/dit_profile.py --budget "$1"
+}
+if [ "${PROFILE:-0}" = 1 ]; then
+    profile "${PROFILE_BUDGET:-520}"
+    exit $status
+fi
 part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
     --ot-repeats 3 --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both \
     --steps 15 --warmup 4
 part 40 "meanflow step against an FM step (demo DiT, batch 256)" "$PYTHON" benchmarks/meanflow_step.py \
     --device cuda --batch 256 --repeats 20
+if [ -z "${FLOWERS:-}" ]; then
+    profile "${PROFILE_BUDGET:-180}"
+else
+    echo "== DiT-XL/2 profile: not run with FLOWERS (PROFILE=1 bash benchmarks/gpu_check.sh runs it alone)"
+fi
 
 if [ -n "${FLOWERS:-}" ] && [ -n "${TAEF2:-}" ]; then
     CLI=("$PYTHON" -m latentflow.cli)
