@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,9 +114,8 @@ def kernel_group(name: str) -> str:
 
 def short_name(name: str, width: int = 64) -> str:
     """A kernel's name without `void`, template arguments and parameter list, at most `width` characters."""
-    name = name.removeprefix("void ")
-    for stop in ("<", "("):
-        name = name.split(stop, 1)[0] if not name.startswith(stop) else name
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    name = re.split(r"[<(]", name, maxsplit=1)[0] or name
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
