@@ -13,7 +13,7 @@ from latentflow.cli import main
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import make_objective
 from latentflow.toy.distributions import DISTRIBUTIONS, get_distribution
-from latentflow.toy.lab import BATCHES_PER_HANDOFF, LabSettings, PreparedBatches, batch_stream, batch_workers
+from latentflow.toy.lab import BATCHES_PER_HANDOFF, LabSettings, PreparedBatches, ToyMLP, batch_stream, batch_workers
 
 
 def test_eight_gaussians_match_torchcfm_definition():
@@ -81,14 +81,19 @@ def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
     assert runs["otcfm"]["nfe_used"] == {"1": 1, "4": 4}
     assert runs["otcfm"]["settings"]["workers"] == 1  # the CLI's --workers, recorded as resolved
     assert runs["ddpm"]["w2_stochastic"] and runs["ddpm"]["straightness"] is None
+    # the floor: fresh target points against the run's held-out ones (the same for runs from the same source), far
+    # under CFM's one step; a model can score under it (its samples may be more even than a fresh draw)
+    assert runs["cfm"]["w2_floor"] == runs["otcfm"]["w2_floor"]
+    assert all(0 < run["w2_floor"] < 0.5 * runs["cfm"]["w2"]["1"] for run in runs.values())
     samples = np.load(tmp_path / "otcfm" / "samples_nfe4.npy")
     assert samples.shape == (400, 2) and np.isfinite(samples).all()
     assert (tmp_path / "trajectories.png").stat().st_size > 10_000
 
 
 def test_lab_meanflow_jumps_in_k_evaluations_and_reflow_straightens(tmp_path):
-    code = main(["toy", "--objective", "rf,meanflow,reflow", "--source", "gaussian", "--steps", "400", "--nfe", "1,4",
-                 "--eval-samples", "300", "--reflow-pairs", "1000", "--workers", "0", "--out", str(tmp_path)])
+    code = main(["toy", "--objective", "rf,meanflow,reflow,meanflow-ft", "--source", "gaussian", "--steps", "400",
+                 "--nfe", "1,4", "--eval-samples", "300", "--reflow-pairs", "1000", "--finetune-steps", "300",
+                 "--flow-map-share", "0.75", "--workers", "0", "--out", str(tmp_path)])
     assert code == 0
     runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
     assert runs["meanflow"]["nfe_used"] == {"1": 1, "4": 4}
@@ -98,6 +103,21 @@ def test_lab_meanflow_jumps_in_k_evaluations_and_reflow_straightens(tmp_path):
     assert runs["reflow"]["straightness"] < 0.5 * runs["rf"]["straightness"]
     assert runs["reflow"]["w2"]["1"] < runs["rf"]["w2"]["1"]
     assert (tmp_path / "meanflow" / "trajectories.png").stat().st_size > 10_000
+    # the flow map fine-tuned from the same rf (same seed, so the same 400 rf steps): one jump beats rf's one step
+    assert runs["meanflow-ft"]["settings"]["finetune_steps"] == 300
+    assert runs["meanflow-ft"]["nfe_used"] == {"1": 1, "4": 4}
+    assert runs["meanflow-ft"]["w2"]["1"] < 0.7 * runs["rf"]["w2"]["1"]
+
+
+def test_a_flow_map_made_from_a_field_starts_as_that_field_for_every_end_time():
+    torch.manual_seed(0)
+    field = ToyMLP(width=32, depth=3)
+    flow_map = ToyMLP.flow_map_of(field)
+    x, t = torch.randn(64, 2), torch.rand(64)
+    r = t + (1 - t) * torch.rand(64)
+    assert flow_map.flow_map and not field.flow_map
+    torch.testing.assert_close(flow_map(x, t, r), field(x, t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(flow_map(x, t), field(x, t), rtol=0, atol=1e-6)
 
 
 def test_lab_dataset_ot_pairs_noise_with_a_fixed_training_set(tmp_path):

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--target", default=defaults.target, help="built-in name or FILE.npy of shape (N, 2) (t=1)")
     parser.add_argument("--objective", default=defaults.objective,
                         help=f"one or a comma-separated list of {', '.join(LAB_OBJECTIVES)} (reflow: rf, then "
-                             "rf again on its own (noise, endpoint) pairs)")
+                             "rf again on its own (noise, endpoint) pairs; meanflow-ft: rf, then a flow map "
+                             "fine-tuned from it on its velocity)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--nfe", default="1,2,4,8,100", help="solver step counts to evaluate")
@@ -51,6 +52,15 @@ def register(subparsers) -> None:
     parser.add_argument("--ot-batch", type=int, default=defaults.ot_batch,
                         help="otcfm-dataset: noise draws per fit step")
     parser.add_argument("--ot-lr", type=float, default=defaults.ot_lr, help="otcfm-dataset: potential fit step size")
+    parser.add_argument("--flow-map-share", type=float, default=defaults.flow_map_share,
+                        help="meanflow, meanflow-ft: share of (t, r) pairs with r != t")
+    parser.add_argument("--flow-map-weight-power", type=float, default=defaults.flow_map_weight_power,
+                        help="meanflow, meanflow-ft: power p of the adaptive loss weight (0: plain MSE)")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="meanflow-ft: steps of the flow map's fine-tune (default: --steps)")
+    parser.add_argument("--time-sampler", default=None,
+                        help="training times: uniform or logit_normal (default: the objective's own; meanflow: "
+                             "the paper's logit-normal)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
@@ -67,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr, lr_schedule=args.lr_schedule, eval_samples=args.eval_samples, sigma=args.sigma,
         reg=args.reg, workers=args.workers,
         reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver, dataset_size=args.dataset_size,
-        ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr,
+        ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr, flow_map_share=args.flow_map_share,
+        flow_map_weight_power=args.flow_map_weight_power, finetune_steps=args.finetune_steps,
+        time_sampler=args.time_sampler,
     )
     for name in objectives:  # refuse bad settings before any training starts
         LabSettings(**{**settings.__dict__, "objective": name,

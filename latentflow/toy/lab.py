@@ -38,6 +38,7 @@ from latentflow.flow.objectives import (
 )
 from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFit, measure_balance, noise_for_step
 from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate, sample_flow_map
+from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import save_npy, write_json_atomic
 from latentflow.toy.distributions import Sampler, get_distribution
 from latentflow.train.optim import cpu_fused_optimizer
@@ -69,6 +70,10 @@ class LabSettings:
     ot_steps: int = 6000
     ot_batch: int = 2048
     ot_lr: float = 0.001
+    flow_map_share: float = 0.25
+    flow_map_weight_power: float = 1.0
+    finetune_steps: int | None = None
+    time_sampler: str | None = None
 
     def validate(self) -> None:
         """Raise LatentflowError naming the first impossible value."""
@@ -94,6 +99,13 @@ class LabSettings:
         if self.objective in ("ddpm", "otcfm-dataset") and self.source != "gaussian":
             raise LatentflowError(f"{self.objective} starts from Gaussian noise: use --source gaussian (got "
                                   f"{self.source!r})")
+        if not 0 <= self.flow_map_share <= 1 or self.flow_map_weight_power < 0 or (self.finetune_steps or 1) < 1:
+            raise LatentflowError(f"--flow-map-share must be in [0, 1], --flow-map-weight-power >= 0 and "
+                                  f"--finetune-steps >= 1; got {self.flow_map_share}, {self.flow_map_weight_power}, "
+                                  f"{self.finetune_steps}")
+        if self.time_sampler is not None and self.time_sampler not in TIME_SAMPLERS:
+            raise LatentflowError(f"--time-sampler {self.time_sampler!r} unknown; choose one of "
+                                  f"{sorted(TIME_SAMPLERS)}")
         if self.dataset_size < 2 or min(self.ot_steps, self.ot_batch) < 1 or self.ot_lr <= 0:
             raise LatentflowError(f"--dataset-size must be >= 2, --ot-steps and --ot-batch >= 1, --ot-lr > 0; got "
                                   f"{self.dataset_size}, {self.ot_steps}, {self.ot_batch}, {self.ot_lr}")
@@ -102,11 +114,13 @@ class LabSettings:
 LR_SCHEDULES = ("constant", "cosine")
 """Learning rate over the lab's steps: constant, or cosine decay to zero (the final weights are less noisy)."""
 
-LAB_OBJECTIVES = (*OBJECTIVES, "reflow", "otcfm-dataset")
-"""The training objectives, `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs) and
-`otcfm-dataset` (OT-CFM's path on the semidiscrete OT pairs of Gaussian noise and a fixed training set)."""
+LAB_OBJECTIVES = (*OBJECTIVES, "reflow", "meanflow-ft", "otcfm-dataset")
+"""The training objectives, `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs),
+`meanflow-ft` (rf, then a flow map fine-tuned from its weights that learns its velocity: the lab's form of
+`latentflow train --init RUN` with `objective.flow_map_velocity: teacher`) and `otcfm-dataset` (OT-CFM's path on
+the semidiscrete OT pairs of Gaussian noise and a fixed training set)."""
 
-TRAINED_AS = {"reflow": "rf", "otcfm-dataset": "cfm"}
+TRAINED_AS = {"reflow": "rf", "meanflow-ft": "rf", "otcfm-dataset": "cfm"}
 """Lab objectives trained as another objective on their own pairs (cfm keeps given pairs row by row, on
 OT-CFM's path)."""
 
@@ -123,6 +137,18 @@ class ToyMLP(nn.Module):
         for size_in, size_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(size_in, size_out), nn.SELU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, dim))
+
+    @classmethod
+    def flow_map_of(cls, field: "ToyMLP") -> "ToyMLP":
+        """A flow map with `field`'s weights and a zero weight on its extra input r - t: u(x, t, r) = v(x, t) for
+        every r at the start (as the DiT's zero-initialised r embedding)."""
+        first = field.net[0]
+        depth = sum(isinstance(layer, nn.Linear) for layer in field.net) - 1
+        flow_map = cls(dim=first.in_features - 1, width=first.out_features, depth=depth, flow_map=True)
+        state = field.state_dict()
+        state["net.0.weight"] = torch.cat([state["net.0.weight"], torch.zeros_like(state["net.0.weight"][:, :1])], 1)
+        flow_map.load_state_dict(state)
+        return flow_map
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, 2), t: (B,), r: (B,) or None -> (B, 2)
@@ -144,6 +170,9 @@ class LabResult:
     final_loss: float
     w2_stochastic: dict[str, float] = field(default_factory=dict)
     coupling: dict = field(default_factory=dict)
+    w2_floor: float | None = None
+    """W2 between the held-out target points and as many fresh target points: what a perfect model scores at
+    this sample count (the lab's `eval_samples`), the floor every W2 of the run stands beside."""
 
 
 def _unchanged(batch):
@@ -239,8 +268,9 @@ def _one_thread(worker_id: int) -> None:
 
 
 def train_field(settings: LabSettings, objective: Objective, model: nn.Module, source: Sampler,
-                target: Sampler) -> tuple[float, float]:
-    """Train `model` in place; returns (seconds, mean loss over the last 100 steps)."""
+                target: Sampler, teacher: nn.Module | None = None) -> tuple[float, float]:
+    """Train `model` in place (a flow map may learn a frozen `teacher` field's velocity); returns (seconds, mean
+    loss over the last 100 steps)."""
     optimizer = cpu_fused_optimizer(torch.optim.Adam, model.parameters(), lr=settings.learning_rate)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide MLP runs fastest on one thread; loader workers pair batches
@@ -248,7 +278,8 @@ def train_field(settings: LabSettings, objective: Objective, model: nn.Module, s
     start = time.perf_counter()
     progress = tqdm(batch_stream(settings, objective, source, target), total=settings.steps,
                     desc=f"toy {settings.objective}", leave=False, mininterval=0.5)
-    models = TrainingModels(student=lambda x, t, r, labels: model(x, t) if r is None else model(x, t, r))
+    models = TrainingModels(student=lambda x, t, r, labels: model(x, t) if r is None else model(x, t, r),
+                            teacher=None if teacher is None else lambda x, t, r, labels: teacher(x, t))
     for step, batch in enumerate(progress):
         if settings.lr_schedule == "cosine":
             for group in optimizer.param_groups:
@@ -283,7 +314,8 @@ def evaluate_field(settings, objective, model, source: Sampler, target: Sampler,
     generator = torch.Generator().manual_seed(settings.seed + 1_000_000)
     x0 = source(settings.eval_samples, generator)
     reference = target(settings.eval_samples, generator)
-    results: dict = {"w2": {}, "nfe_used": {}, "w2_stochastic": {}}
+    results: dict = {"w2": {}, "nfe_used": {}, "w2_stochastic": {},
+                     "w2_floor": wasserstein2(target(settings.eval_samples, generator), reference)}
     for steps in settings.nfe:
         out = sample_points(settings, objective, model, x0, steps)
         save_npy(out_dir / f"samples_nfe{steps}.npy", out.x.numpy())
@@ -306,7 +338,9 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     trained_name = TRAINED_AS.get(settings.objective, settings.objective)
-    objective = make_objective(trained_name, sigma=settings.sigma, reg=settings.reg)
+    flow_map = {"flow_map_share": settings.flow_map_share, "flow_map_weight_power": settings.flow_map_weight_power,
+                "time_sampler": settings.time_sampler}
+    objective = make_objective(trained_name, sigma=settings.sigma, reg=settings.reg, **flow_map)
     model = ToyMLP(width=settings.width, flow_map=objective.prediction == "average_velocity")
     settings = replace(settings, workers=batch_workers(settings, objective))  # recorded as resolved
     coupling: dict = {}
@@ -320,11 +354,18 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
         pairs = reflow_pairs(settings, model, source)
         more, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
         seconds += more + pairs.seconds
+    if settings.objective == "meanflow-ft":
+        teacher = model.requires_grad_(False).eval()
+        objective = make_objective("meanflow", flow_map_velocity="teacher", **flow_map)
+        model = ToyMLP.flow_map_of(teacher)
+        more, final_loss = train_field(replace(settings, steps=settings.finetune_steps or settings.steps), objective,
+                                       model, source, target, teacher=teacher)
+        seconds += more
     evaluation = evaluate_field(settings, objective, model, source, target, out_dir)
     result = LabResult(
         settings=asdict(settings), w2=evaluation["w2"], nfe_used=evaluation["nfe_used"],
         straightness=evaluation.get("straightness"), training_seconds=seconds, final_loss=final_loss,
-        w2_stochastic=evaluation["w2_stochastic"], coupling=coupling,
+        w2_stochastic=evaluation["w2_stochastic"], coupling=coupling, w2_floor=evaluation["w2_floor"],
     )
     write_json(out_dir / "metrics.json", asdict(result))
     return result, model, objective

@@ -69,4 +69,8 @@ def format_table(results: dict[str, LabResult]) -> str:
             cells = [f"{result.w2_stochastic[k]:.3f}" for k in nfes]
             label = f"{name} (stochastic, eta={result.settings['stochastic_eta']:g})"
             lines.append(f"| {label} | " + " | ".join(cells) + " | - | - |")
+    floor = next(iter(results.values())).w2_floor
+    if floor is not None:
+        n = next(iter(results.values())).settings["eval_samples"]
+        lines.append(f"| floor: {n} fresh target points | " + " | ".join(f"{floor:.3f}" for _ in nfes) + " | - | - |")
     return "\n".join(lines)
