@@ -128,6 +128,8 @@ def test_lab_dataset_ot_pairs_noise_with_a_fixed_training_set(tmp_path):
     runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
     coupling = runs["otcfm-dataset"]["coupling"]
     assert coupling["dataset_size"] == 300 and coupling["balance_excess"] < 0.03
+    # its own floor (the training points against the held-out ones) is a W2 like any other: far under cfm's one step
+    assert 0 < coupling["w2_training_points"] < 0.5 * runs["cfm"]["w2"]["1"]
     # the semidiscrete pairs are (nearly) optimal: their cost is within 6% of the exact OT of 600 fresh draws,
     # which, fitted to its own sample, sits below the population optimum (measured: 1.038x)
     assert coupling["semidiscrete_cost"] < 1.06 * coupling["exact_ot_cost"]

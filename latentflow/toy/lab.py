@@ -316,6 +316,8 @@ def evaluate_field(settings, objective, model, source: Sampler, target: Sampler,
     reference = target(settings.eval_samples, generator)
     results: dict = {"w2": {}, "nfe_used": {}, "w2_stochastic": {},
                      "w2_floor": wasserstein2(target(settings.eval_samples, generator), reference)}
+    if settings.objective == "otcfm-dataset":  # its own floor: a perfect model returns the training points
+        results["w2_training_points"] = wasserstein2(dataset_points(settings, target), reference)
     for steps in settings.nfe:
         out = sample_points(settings, objective, model, x0, steps)
         save_npy(out_dir / f"samples_nfe{steps}.npy", out.x.numpy())
@@ -362,6 +364,8 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
                                        model, source, target, teacher=teacher)
         seconds += more
     evaluation = evaluate_field(settings, objective, model, source, target, out_dir)
+    if "w2_training_points" in evaluation:
+        coupling["w2_training_points"] = evaluation["w2_training_points"]
     result = LabResult(
         settings=asdict(settings), w2=evaluation["w2"], nfe_used=evaluation["nfe_used"],
         straightness=evaluation.get("straightness"), training_seconds=seconds, final_loss=final_loss,
@@ -401,12 +405,17 @@ def reflow_pairs(settings: LabSettings, teacher: nn.Module, source: Sampler) -> 
     return CoupledSamplers(noise, endpoint, time.perf_counter() - start)
 
 
+def dataset_points(settings: LabSettings, target: Sampler) -> torch.Tensor:
+    """otcfm-dataset's fixed training set: (dataset_size, 2) target points, seeded by the run's seed."""
+    return target(settings.dataset_size, torch.Generator().manual_seed(settings.seed + 4_000_000)).float()
+
+
 def dataset_ot_pairs(settings: LabSettings, target: Sampler) -> tuple[CoupledSamplers, dict]:
     """The semidiscrete OT coupling of N(0, I) with `settings.dataset_size` fixed target points: the potential
     fitted (`latentflow.flow.semidiscrete`), then samplers of fresh noise and its Laguerre cell's point; and the
     coupling's report (fit seconds, balance, agreement with the exact OT of a large noise sample)."""
     start = time.perf_counter()
-    points = target(settings.dataset_size, torch.Generator().manual_seed(settings.seed + 4_000_000)).float()
+    points = dataset_points(settings, target)
     fit = PotentialFit(points, FitSettings(steps=settings.ot_steps, batch_size=settings.ot_batch, lr=settings.ot_lr,
                                            seed=settings.seed))
     while not fit.finished:
