@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     parser.add_argument("--time-sampler", default=None,
                         help="training times: uniform or logit_normal (default: the objective's own; meanflow: "
                              "the paper's logit-normal)")
+    parser.add_argument("--finite-data", action="store_true",
+                        help="every objective trains on the same --dataset-size fixed target points (as from a "
+                             "cache), not fresh draws; W2 is still measured on fresh held-out points")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.set_defaults(func=run)
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver, dataset_size=args.dataset_size,
         ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr, flow_map_share=args.flow_map_share,
         flow_map_weight_power=args.flow_map_weight_power, finetune_steps=args.finetune_steps,
-        time_sampler=args.time_sampler,
+        time_sampler=args.time_sampler, finite_data=args.finite_data,
     )
     for name in objectives:  # refuse bad settings before any training starts
         LabSettings(**{**settings.__dict__, "objective": name,

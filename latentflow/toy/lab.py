@@ -40,7 +40,7 @@ from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFi
 from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate, sample_flow_map
 from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import save_npy, write_json_atomic
-from latentflow.toy.distributions import Sampler, get_distribution
+from latentflow.toy.distributions import PointCloud, Sampler, get_distribution
 from latentflow.train.optim import cpu_fused_optimizer
 
 
@@ -74,6 +74,9 @@ class LabSettings:
     flow_map_weight_power: float = 1.0
     finetune_steps: int | None = None
     time_sampler: str | None = None
+    finite_data: bool = False
+    """Every objective trains on the same `dataset_size` fixed target points (otcfm-dataset's training set), as
+    from a cache, instead of fresh draws each batch; W2 stays measured on fresh held-out points."""
 
     def validate(self) -> None:
         """Raise LatentflowError naming the first impossible value."""
@@ -346,12 +349,16 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
     model = ToyMLP(width=settings.width, flow_map=objective.prediction == "average_velocity")
     settings = replace(settings, workers=batch_workers(settings, objective))  # recorded as resolved
     coupling: dict = {}
+    if settings.finite_data:
+        target_for_training = PointCloud(dataset_points(settings, target).numpy(), f"{settings.target} training set")
+    else:
+        target_for_training = target
     if settings.objective == "otcfm-dataset":
         pairs, coupling = dataset_ot_pairs(settings, target)
         seconds, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
         seconds += pairs.seconds
     else:
-        seconds, final_loss = train_field(settings, objective, model, source, target)
+        seconds, final_loss = train_field(settings, objective, model, source, target_for_training)
     if settings.objective == "reflow":
         pairs = reflow_pairs(settings, model, source)
         more, final_loss = train_field(settings, objective, model, pairs.noise, pairs.endpoint)
@@ -361,7 +368,7 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
         objective = make_objective("meanflow", flow_map_velocity="teacher", **flow_map)
         model = ToyMLP.flow_map_of(teacher)
         more, final_loss = train_field(replace(settings, steps=settings.finetune_steps or settings.steps), objective,
-                                       model, source, target, teacher=teacher)
+                                       model, source, target_for_training, teacher=teacher)
         seconds += more
     evaluation = evaluate_field(settings, objective, model, source, target, out_dir)
     if "w2_training_points" in evaluation:
