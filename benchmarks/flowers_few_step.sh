@@ -5,9 +5,13 @@
 #   meanflow = configs/flowers64_meanflow.yaml fine-tuned from it (1,000 steps), flowmap 1 and 2 steps
 #   2-RF     = configs/flowers64_reflow.yaml on 4,000 teacher couplings (rk4 8 steps, guidance 4), euler 1, 2, 4
 #   meanflow on the couplings, from the teacher (400 steps) and from the 2-RF (300 steps), flowmap 1 and 2
+#   meanflow on 4,000 midpoint-4 couplings (the teacher's own 8-NFE samples), from the teacher, 1,000 steps, with
+#   configs/flowers64_meanflow_reflow.yaml as shipped (uniform (t, r)), and with the default (t, r) (null:
+#   the paper's logit-normal)
 #   teacher itself at midpoint 4 (8 NFE), dopri5, euler 1 and 2, guidance 4
 # (benchmarks/results/cpu2_few_step.txt was made by the first version of this script, which stopped after 2-RF,
-# and the same commands for the rest run by hand right after it)
+# and the same commands for the rest run by hand right after it; cpu2_few_step_mid4.txt by the same commands as
+# the last stage, run by hand)
 # Usage: bash benchmarks/flowers_few_step.sh [DEMO_DIR] [OUT]   (about 1.5 hours on 2 quiet cores)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
@@ -55,13 +59,25 @@ echo "reflow seconds: $(( $(seconds) - start ))"
 train reflow configs/flowers64_reflow.yaml "$DEMO/run" "$OUT/couplings"
 evaluate reflow "$OUT/reflow_pipe" 1 euler:1,2,4
 
-train meanflow_reflow configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings" --set train.max_steps=400
+train meanflow_reflow configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings" --set train.max_steps=400 \
+    --set objective.time_sampler=null
 evaluate meanflow_reflow "$OUT/meanflow_reflow_pipe" 1 flowmap:1,2
 train meanflow_on_2rf configs/flowers64_meanflow_reflow.yaml "$OUT/reflow" "$OUT/couplings" \
-    --set train.max_steps=300 --set optim.warmup_steps=20
+    --set train.max_steps=300 --set optim.warmup_steps=20 --set objective.time_sampler=null
 evaluate meanflow_on_2rf "$OUT/meanflow_on_2rf_pipe" 1 flowmap:1,2
 
+stamp "reflow couplings: 4,000 teacher endpoints, midpoint 4 steps (8 NFE), guidance 4"
+start=$(seconds)
+$LF reflow "$DEMO/run" --n 4000 --solver midpoint --steps 4 --guidance-scale 4 --batch-size 64 --no-progress \
+    --out "$OUT/couplings_mid4"
+echo "reflow seconds: $(( $(seconds) - start ))"
+train meanflow_mid4 configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings_mid4"
+evaluate meanflow_mid4 "$OUT/meanflow_mid4_pipe" 1 flowmap:1,2
+train meanflow_mid4_logitnormal configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings_mid4" \
+    --set objective.time_sampler=null
+evaluate meanflow_mid4_logitnormal "$OUT/meanflow_mid4_logitnormal_pipe" 1 flowmap:1,2
+
 stamp "summary"
-RUNS=(teacher meanflow meanflow_reflow meanflow_on_2rf reflow)
+RUNS=(teacher meanflow meanflow_reflow meanflow_on_2rf reflow meanflow_mid4 meanflow_mid4_logitnormal)
 $LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
 for run in "${RUNS[@]}"; do echo "-- $run"; cat "$OUT/eval_$run/evaluation.csv"; done
