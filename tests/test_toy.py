@@ -102,7 +102,7 @@ def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
 def test_lab_meanflow_jumps_in_k_evaluations_and_reflow_straightens(tmp_path):
     code = main(["toy", "--objective", "rf,meanflow,reflow,meanflow-ft", "--source", "gaussian", "--steps", "400",
                  "--nfe", "1,4", "--eval-samples", "300", "--reflow-pairs", "1000", "--finetune-steps", "300",
-                 "--flow-map-share", "0.75", "--workers", "0", "--out", str(tmp_path)])
+                 "--flow-map-share", "0.75", "--time-sampler", "uniform", "--workers", "0", "--out", str(tmp_path)])
     assert code == 0
     runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
     assert runs["meanflow"]["nfe_used"] == {"1": 1, "4": 4}
@@ -162,6 +162,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--workers", "-1"], "workers must be >= 0"),
         (["--objective", "otcfm-dataset"], "otcfm-dataset starts from Gaussian noise: use --source gaussian"),
         (["--objective", "otcfm-dataset", "--source", "gaussian", "--dataset-size", "1"], "--dataset-size must be"),
+        (["--objective", "meanflow", "--time-sampler", "beta"], "--time-sampler 'beta' unknown"),
+        (["--objective", "meanflow-ft", "--flow-map-share", "1.5"], "--flow-map-share must be in [0, 1]"),
     ],
 )
 def test_bad_input_gives_one_line_error_without_traceback(tmp_path, args, message):
