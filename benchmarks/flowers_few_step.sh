@@ -51,11 +51,17 @@ evaluate teacher "$DEMO/pipeline" 4 midpoint:4 dopri5 euler:1,2
 train meanflow configs/flowers64_meanflow.yaml "$DEMO/run" "$DEMO/cache"
 evaluate meanflow "$OUT/meanflow_pipe" 1 flowmap:1,2
 
-stamp "reflow couplings: 4,000 teacher endpoints, rk4 8 steps, guidance 4"
-start=$(seconds)
-$LF reflow "$DEMO/run" --n 4000 --solver rk4 --steps 8 --guidance-scale 4 --batch-size 64 --no-progress \
-    --out "$OUT/couplings"
-echo "reflow seconds: $(( $(seconds) - start ))"
+# couplings N SOLVER STEPS FOLDER: N teacher endpoints with guidance 4, timed
+couplings() {
+    local start
+    stamp "reflow couplings: $1 teacher endpoints, $2 $3 steps, guidance 4"
+    start=$(seconds)
+    $LF reflow "$DEMO/run" --n "$1" --solver "$2" --steps "$3" --guidance-scale 4 --batch-size 64 --no-progress \
+        --out "$4"
+    echo "reflow seconds: $(( $(seconds) - start ))"
+}
+
+couplings 4000 rk4 8 "$OUT/couplings"
 train reflow configs/flowers64_reflow.yaml "$DEMO/run" "$OUT/couplings"
 evaluate reflow "$OUT/reflow_pipe" 1 euler:1,2,4
 
@@ -66,18 +72,18 @@ train meanflow_on_2rf configs/flowers64_meanflow_reflow.yaml "$OUT/reflow" "$OUT
     --set train.max_steps=300 --set optim.warmup_steps=20 --set objective.time_sampler=null
 evaluate meanflow_on_2rf "$OUT/meanflow_on_2rf_pipe" 1 flowmap:1,2
 
-stamp "reflow couplings: 4,000 teacher endpoints, midpoint 4 steps (8 NFE), guidance 4"
-start=$(seconds)
-$LF reflow "$DEMO/run" --n 4000 --solver midpoint --steps 4 --guidance-scale 4 --batch-size 64 --no-progress \
-    --out "$OUT/couplings_mid4"
-echo "reflow seconds: $(( $(seconds) - start ))"
+couplings 4000 midpoint 4 "$OUT/couplings_mid4"
 train meanflow_mid4 configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings_mid4"
 evaluate meanflow_mid4 "$OUT/meanflow_mid4_pipe" 1 flowmap:1,2
 train meanflow_mid4_logitnormal configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings_mid4" \
     --set objective.time_sampler=null
 evaluate meanflow_mid4_logitnormal "$OUT/meanflow_mid4_logitnormal_pipe" 1 flowmap:1,2
+couplings 2000 midpoint 4 "$OUT/couplings_mid4_2k"   # sized to under half the teacher's compute, with 370 steps
+train meanflow_mid4_370 configs/flowers64_meanflow_reflow.yaml "$DEMO/run" "$OUT/couplings_mid4_2k" \
+    --set train.max_steps=370 --set checkpoint.every=370 --set sample.every=370
+evaluate meanflow_mid4_370 "$OUT/meanflow_mid4_370_pipe" 1 flowmap:1,2
 
 stamp "summary"
-RUNS=(teacher meanflow meanflow_reflow meanflow_on_2rf reflow meanflow_mid4 meanflow_mid4_logitnormal)
+RUNS=(teacher meanflow meanflow_reflow meanflow_on_2rf reflow meanflow_mid4 meanflow_mid4_logitnormal meanflow_mid4_370)
 $LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
 for run in "${RUNS[@]}"; do echo "-- $run"; cat "$OUT/eval_$run/evaluation.csv"; done
