@@ -56,7 +56,9 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
 
 def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     lines = [f"{evaluation.get('n')} generated images per setting against `{evaluation.get('reference')}` "
-             f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}).", "",
+             f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}"
+             + (f" at times {evaluation['guidance_interval']}" if evaluation.get("guidance_interval") else "")
+             + ").", "",
              "| setting | NFE | FID | KID |", "|---|---|---|---|"]
     for row in [*evaluation.get("results", []), *evaluation.get("floors", [])]:
         kid = "" if row.get("kid") is None else f"{row['kid']:.4f} +- {row.get('kid_std') or 0:.4f}"

@@ -48,6 +48,7 @@ class DemoSettings:
     grid_images: int = 64
     grid_steps: int = 8
     guidance_scale: float = 4.0  # classifier-free guidance of the grids and the evaluation (class-conditional data)
+    guidance_interval: tuple[float, float] | None = None  # guide only at these times (None: at every time)
     floors: bool = True
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
@@ -154,7 +155,8 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
     setting = SamplerSetting("euler", settings.grid_steps, None)
     guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
-    batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, guidance, None)
+    batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, guidance, None,
+                               settings.guidance_interval)
     images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
     picture = image_grid(images)
     grid = save_image(picture, settings.out / "samples.png")
@@ -163,7 +165,7 @@ def sample_stage(settings: DemoSettings, pipe_dir: Path) -> Path:
     names = pipe.scheduler.config.label_names or []
     if pipe.scheduler.config.num_classes:
         rows = [torch.cat([batch.images for batch in generate_batches(pipe, 8, setting, 8, settings.seed, label,
-                                                                        guidance)])
+                                                                        guidance, None, settings.guidance_interval)])
                 for label in range(pipe.scheduler.config.num_classes)]
         by_class = save_image(image_grid(torch.cat(rows), columns=8), settings.out / "samples_by_class.png")
         print(f"   one row per class ({', '.join(names)}), guidance {guidance:g}: {by_class}")
@@ -187,7 +189,8 @@ def evaluate_stage(settings: DemoSettings, pipe_dir: Path, splits: DataSplits) -
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
     guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
     evaluation = EvaluationSettings(reference=reference, n=n, sweep=list(settings.sweep), seed=settings.seed,
-                                    kid_subset_size=min(1000, n), floors=floors, guidance_scale=guidance)
+                                    kid_subset_size=min(1000, n), floors=floors, guidance_scale=guidance,
+                                    guidance_interval=settings.guidance_interval)
     paths = evaluate_pipeline(pipe, pipe_dir, evaluation, out)
     write_model_card(pipe_dir, evaluation_file=paths["json"])
     done()

@@ -124,6 +124,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         rtol: float | None = None,
         class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -144,6 +145,8 @@ class LatentFlowPipeline(DiffusionPipeline):
                 uniform labels with `generator`.
             guidance_scale: classifier-free guidance w, v = v_null + w (v_class - v_null); 1 means none (and no
                 extra evaluations).
+            guidance_interval: (t_low, t_high): guide only at times low <= t <= high (t=0 noise, t=1 data), the
+                conditional model alone elsewhere (None: guide at every time).
             eta: DDIM stochasticity for noise models (0 deterministic, 1 ancestral).
             generator: torch generator(s) for the initial noise, labels and DDIM noise.
             latents: (B, C, h, w) initial noise x0 at t=0 instead of drawing it.
@@ -162,7 +165,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
         labels = self._class_labels(class_labels, x0.shape[0], generator, device)
-        field = self._guided_field(labels, guidance_scale)
+        field = self._guided_field(labels, guidance_scale, guidance_interval)
         if callback_on_step_end is not None:
             _check_callback(settings["solver"], callback_on_step_end_tensor_inputs)
         x1, nfe = self._sample(field, x0, settings, generator, callback_on_step_end)
@@ -243,9 +246,10 @@ class LatentFlowPipeline(DiffusionPipeline):
         output = self.transformer(x, t, class_labels=labels) if r is None else self.transformer(x, t, labels, r=r)
         return output.sample if hasattr(output, "sample") else output
 
-    def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float) -> Field:
+    def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float,
+                      guidance_interval: tuple[float, float] | None = None) -> Field:
         """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1."""
-        return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale)
+        return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale, guidance_interval)
 
     def _sample(self, field: Field, x0: torch.Tensor, settings: dict, generator, callback) -> tuple[torch.Tensor, int]:
         """Integrate from noise x0 (t=0) to data (t=1); returns (x1 (B, C, h, w), nfe)."""

@@ -212,6 +212,12 @@ def test_evaluate_with_floors_updates_the_card(pipe_dir: Path, photos: Path, tmp
     assert cli.main(args) == 0  # the second time the floors come from the cache
     assert json.loads((pipe / "evaluation" / "evaluation.json").read_text())["floors"] == document["floors"]
 
+    guided = [*args, "--guidance-scale", "2", "--guidance-interval", "0.2", "0.8", "--out", str(tmp_path / "guided")]
+    assert cli.main(guided) == 0
+    assert json.loads((tmp_path / "guided" / "evaluation.json").read_text())["guidance_interval"] == [0.2, 0.8]
+    assert "guidance 2.0 at times [0.2, 0.8]" in ModelCard.load(pipe / "README.md").text
+    assert cli.main([*guided[:-5], "--guidance-interval", "0.8", "0.2"]) == 2  # refused before any work
+
 
 def test_push_to_hub_offline_fails_with_one_line_after_the_folder_is_complete(run_dir: Path, tmp_path: Path,
                                                                              monkeypatch, capsys) -> None:

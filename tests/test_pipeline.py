@@ -257,6 +257,49 @@ def test_guidance_combines_class_and_null_predictions(pipe):
     assert (out.images - unguided).abs().max() > 1e-3
 
 
+def test_guidance_interval_guides_only_inside_and_skips_the_null_half_outside(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(5))
+    labels = torch.tensor([1, 2])
+    null = torch.full_like(labels, 3)
+    scale, low, high = 3.0, 0.3, 0.6  # euler 4 evaluates at t = 0, 0.25, 0.5, 0.75: only t = 0.5 is inside
+
+    def guided(x, t):
+        conditional = pipe.transformer(x, t, class_labels=labels)
+        if not low <= float(t[0]) <= high:
+            return conditional
+        unconditional = pipe.transformer(x, t, class_labels=null)
+        return unconditional + scale * (conditional - unconditional)
+
+    expected = integrate(guided, latents, "euler", steps=4)
+    with CallCounter(pipe.transformer) as counter:
+        out = pipe(latents=latents, class_labels=labels, guidance_scale=scale, guidance_interval=(low, high),
+                   output_type="latent")
+    assert torch.allclose(out.images, expected.x, atol=1e-5)
+    assert out.nfe == counter.calls == 4 and counter.batch_sizes == [2, 2, 4, 2]
+    everywhere = pipe(latents=latents, class_labels=labels, guidance_scale=scale, guidance_interval=(0.0, 1.0),
+                      output_type="latent").images
+    assert torch.allclose(everywhere, pipe(latents=latents, class_labels=labels, guidance_scale=scale,
+                                           output_type="latent").images)
+    assert (everywhere - out.images).abs().max() > 1e-3
+
+
+def test_guidance_interval_mixes_per_sample_times():
+    from latentflow.flow.guidance import guided_field
+
+    def model(x, t, labels):  # conditional 1, unconditional 0: guided 3 inside, conditional 1 outside
+        return (labels != 3).float().view(-1, 1) * torch.ones_like(x)
+
+    field = guided_field(model, torch.tensor([0, 1, 2]), 3, 3.0, interval=(0.2, 0.5))
+    out = field(torch.zeros(3, 2), torch.tensor([0.1, 0.2, 0.7]))
+    assert out[:, 0].tolist() == [1.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.3,), (True, 0.5)])
+def test_bad_guidance_intervals_are_refused(pipe, interval):
+    with pytest.raises(LatentflowError, match="guidance_interval must be two times 0 <= low < high <= 1"):
+        pipe(batch_size=1, class_labels=[0], guidance_scale=2.0, guidance_interval=interval, output_type="latent")
+
+
 def test_configurable_null_class():
     pipe = make_pipeline(null_class=0)
     latents = torch.randn(1, 4, 8, 8, generator=seeded(6))

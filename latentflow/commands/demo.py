@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                         help="generated images per FID setting (default: as many as the reference holds)")
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
                         help="classifier-free guidance of the grids and the evaluation (class-conditional models)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=defaults.guidance_interval,
+                        metavar=("LOW", "HIGH"), help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data)")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip the floors (real vs real, the VAE floor) beside the FIDs")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(data=args.data, vae=args.vae, out=args.out, config=args.config,
                             resolution=args.resolution, train_steps=args.train_steps, eval_images=args.eval_images,
                             sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides,
-                            floors=args.floors, guidance_scale=args.guidance_scale)
+                            floors=args.floors, guidance_scale=args.guidance_scale,
+                            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
     results = run_demo(settings)
     print("\nresults:")
     for name, path in results.items():

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
     parser.add_argument("--kid-subsets", type=int, default=100)
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = EvaluationSettings(
         reference=args.ref, n=args.n, sweep=list(args.sweep), batch_size=args.batch_size, seed=args.seed,
-        guidance_scale=args.guidance_scale, device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
+        guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+        device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors)
     settings.check()
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False)

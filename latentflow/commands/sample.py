@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--eta", type=float, default=None, help="DDIM stochasticity (ddpm models)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grid", type=Path, default=None, help="write all images as one grid PNG")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
-                               args.guidance_scale, args.eta)
+                               args.guidance_scale, args.eta, args.guidance_interval)
     images, nfes = [], []
     with tqdm(total=args.n, desc="sampling", unit="img") as bar:
         for batch in batches:

@@ -16,6 +16,7 @@ from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.floors import Floors
 from latentflow.eval.references import FeatureAccumulator
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
+from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.solvers import STEPPED_SOLVERS
 from latentflow.io import write_bytes_atomic
 
@@ -95,6 +96,7 @@ def generate_batches(
     class_label: int | str | None = None,
     guidance_scale: float = 1.0,
     eta: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Iterator[GeneratedBatch]:
     """Generate `n` images in batches. Image i's noise comes from its own generator seeded `seed + i`, so a
     sample set is the same whatever the batch size, and every setting of a sweep starts from the same noise."""
@@ -111,6 +113,7 @@ def generate_batches(
             rtol=setting.tolerance,
             class_labels=None if labels is None else labels[start:stop],
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             eta=eta,
             generator=generators,
             output_type="pt",
@@ -162,6 +165,7 @@ def evaluate_setting(
     guidance_scale: float = 1.0,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> SweepResult:
     """Generate `n` images with one setting and measure them against the reference."""
     import time
@@ -169,7 +173,8 @@ def evaluate_setting(
     began = time.perf_counter()
     accumulator = FeatureAccumulator(extractors)
     nfes: list[int] = []
-    for batch in generate_batches(pipe, n, setting, batch_size, seed, guidance_scale=guidance_scale):
+    for batch in generate_batches(pipe, n, setting, batch_size, seed, guidance_scale=guidance_scale,
+                                  guidance_interval=guidance_interval):
         accumulator.update(batch.images)
         nfes.append(batch.nfe)
     metrics = compare_statistics(accumulator.statistics(), reference, kid_subsets, kid_subset_size, seed)
@@ -268,6 +273,7 @@ class EvaluationSettings:
     batch_size: int = 50
     seed: int = 0
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
     device: str = "cpu"
     dinov2: Path | None = None
     kid_subsets: int = 100
@@ -279,6 +285,7 @@ class EvaluationSettings:
         """Refuse settings that cannot work before any work; returns the parsed sweep."""
         if self.n < 2:
             raise LatentflowError(f"--n must be at least 2, got {self.n}")
+        check_guidance_interval(self.guidance_interval)
         return parse_sweep(self.sweep)
 
 
@@ -304,7 +311,8 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     results = []
     for setting in tqdm(sweep, desc="settings"):
         result = evaluate_setting(pipe, setting, statistics, extractors, settings.n, settings.batch_size, settings.seed,
-                                  settings.guidance_scale, settings.kid_subsets, settings.kid_subset_size)
+                                  settings.guidance_scale, settings.kid_subsets, settings.kid_subset_size,
+                                  settings.guidance_interval)
         results.append(result)
         tqdm.write(format_row(result.row()))
     floors = None
@@ -316,6 +324,8 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     info = {"pipeline": str(pipe_dir), "reference": str(reference), "n": settings.n, "seed": settings.seed,
             "image_size": image_size, "reference_resolution": resolution,
             "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep)}
+    if settings.guidance_interval is not None:
+        info["guidance_interval"] = list(settings.guidance_interval)
     return write_sweep_results(results, out_dir, info, floors)
 
 

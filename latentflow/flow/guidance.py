@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -15,11 +15,27 @@ ConditionalModel = Callable[..., torch.Tensor]
 per-sample inputs such as a flow map's end time r."""
 
 
-def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_class: int, scale: float):
+def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """The guidance interval (t_low, t_high) as floats, or None; raises LatentflowError unless 0 <= low < high <= 1."""
+    if interval is None:
+        return None
+    values = tuple(interval)
+    if (len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values)
+            or not 0.0 <= values[0] < values[1] <= 1.0):
+        raise LatentflowError(f"guidance_interval must be two times 0 <= low < high <= 1 (t=0 noise, t=1 data), "
+                              f"got {interval!r}")
+    return float(values[0]), float(values[1])
+
+
+def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_class: int, scale: float,
+                 interval: Sequence[float] | None = None):
     """The field sampled with guidance scale w: f(x, t) = f(x, t, null) + w (f(x, t, c) - f(x, t, null)).
 
     w = 1 is the conditional model alone (one evaluation per call); otherwise the conditional and unconditional
-    halves go through the model as one batch of 2B.
+    halves go through the model as one batch of 2B. With `interval` = (low, high), guidance applies only where
+    low <= t <= high (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"; in our time, t=0 noise):
+    elsewhere the field is the conditional model alone, and a call whose times all lie outside runs the
+    conditional half only.
 
     Args:
         model: the class-conditional model.
@@ -33,6 +49,7 @@ def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_clas
     """
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
         raise LatentflowError(f"guidance_scale must be >= 0 and finite (1 means no guidance), got {scale!r}")
+    interval = check_guidance_interval(interval)
     if scale == 1.0:
         return lambda x, t, *extra: model(x, t, labels, *extra)
     if labels is None:
@@ -40,9 +57,15 @@ def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_clas
     null = torch.full_like(labels, null_class)
 
     def guided(x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])  # (B,)
+        if inside is not None and not bool(inside.any()):
+            return model(x, t, labels, *extra)
         doubled = [torch.cat([value, value]) for value in extra]
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), *doubled)  # (2B, ...)
         conditional, unconditional = both.chunk(2)
-        return unconditional + scale * (conditional - unconditional)
+        guided_output = unconditional + scale * (conditional - unconditional)
+        if inside is None or bool(inside.all()):
+            return guided_output
+        return torch.where(inside.view(-1, *([1] * (x.ndim - 1))), guided_output, conditional)
 
     return guided
