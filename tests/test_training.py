@@ -153,6 +153,16 @@ def test_bf16_autocast_path_runs_on_cpu(cache: Path, tmp_path: Path) -> None:
     assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bf16(cache: Path, tmp_path: Path) -> None:
+    from latentflow.train.trainer import Trainer, resolve_precision
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = "bf16" if native else "no"
+    assert resolve_precision("auto", cuda=False) == expected
+    assert resolve_precision("no", cuda=False) == "no" and resolve_precision("bf16", cuda=False) == "bf16"
+    assert Trainer(tiny_config(cache, tmp_path, "train.mixed_precision=auto")).accelerator.mixed_precision == expected
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_job(cache: Path, tmp_path: Path, capsys) -> None:
     from latentflow.train.trainer import Trainer
 

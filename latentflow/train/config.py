@@ -131,11 +131,13 @@ class TrainConfig:
     `ema_warmup` uses decay min(ema_decay, (1 + n) / (10 + n)) after n updates (off = the DiT recipe).
     `init`: a finished training run or pipeline folder whose EMA weights (and model settings) start this run
     (`latentflow train --init`), e.g. to fine-tune a flow map (objective meanflow) from a plain run.
+    `mixed_precision: auto` is bf16 autocast where the device computes bf16 natively (a CUDA GPU with bf16; a CPU
+    whose oneDNN has bf16 kernels, e.g. AVX512-BF16 or AMX), else full precision (`train.resolve_precision`).
     """
 
     max_steps: int = 1000
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     max_nonfinite_steps: int = 20

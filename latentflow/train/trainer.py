@@ -167,11 +167,23 @@ def share_cpu_threads(accelerator: Accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
+def resolve_precision(name: str, cuda: bool | None = None) -> str:
+    """The accelerate precision for `train.mixed_precision`: "auto" is "bf16" where the device has native bf16
+    kernels (a CUDA GPU that supports it; on CPU, oneDNN's bf16 support: AVX512-BF16 or AMX) and "no" elsewhere,
+    where emulated bf16 would be slower than float32. Other names pass through."""
+    if name != "auto":
+        return name
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def make_accelerator(config: Config) -> Accelerator:
     """The run's Accelerator: CPU (gloo) without a GPU, precision from the config, FSDP when launched with it."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=config.train.mixed_precision,
+        mixed_precision=resolve_precision(config.train.mixed_precision),
         log_with=[t for t in config.log.trackers if t != "csv"] or None,
         project_dir=config.output_dir,
     )
