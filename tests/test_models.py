@@ -204,3 +204,21 @@ def test_fused_modulation_computes_the_same_dit(option: dict) -> None:
     bf16_error = [(output - outputs[0]).abs().max() for output in low]  # against the fp32 output
     assert bf16_error[1] <= 2 * bf16_error[0]  # the fused form is no less accurate than bf16 itself
     assert not plain.config.fused_modulation and fused.config.fused_modulation
+
+
+def test_rmsnorm_matches_torch_and_runs_fused_under_bf16_autocast() -> None:
+    import warnings
+
+    from latentflow.models.dit import make_norm
+
+    norm = make_norm("rmsnorm", 16, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    reference = torch.nn.RMSNorm(16, eps=1e-6)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(4, 16)
+    assert torch.allclose(norm(x), reference(x), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it cannot dispatch to the fused kernel
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), reference(x), atol=3e-2)

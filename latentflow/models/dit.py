@@ -126,12 +126,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose scale takes the input's dtype, so that under bf16 autocast the fused kernel runs (torch's
+    own falls back to the unfused one, with a warning, when a bf16 input meets a float32 weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def make_norm(kind: str, size: int, affine: bool = False) -> nn.Module:
     """'layernorm' (DiT) or 'rmsnorm' (LightningDiT) over the last dimension."""
     if kind == "layernorm":
         return nn.LayerNorm(size, elementwise_affine=affine, eps=1e-6)
     if kind == "rmsnorm":
-        return nn.RMSNorm(size, elementwise_affine=affine, eps=1e-6)
+        return RMSNorm(size, elementwise_affine=affine, eps=1e-6)
     raise LatentflowError(f"DiT norm {kind!r} unknown; choose layernorm or rmsnorm")
 
 
