@@ -2,7 +2,8 @@
 # Dataset-scale OT on the flowers (issue 14), one run, the demo's quality protocol: 736 samples against the 736 val
 # photos at 64 px, seed 0, floors from the train split at the same n, guidance 4, euler at 1, 2, 4 and 8 NFE and
 # midpoint 4 (8 NFE; benchmarks/results/cpu2_flowers_dataset_ot.txt ran the midpoint setting by hand after the rest).
-#   otcfm      = minibatch OT-CFM: configs/flowers64_demo.yaml (the demo's recipe, 2,000 steps) on the demo's cache
+#   otcfm      = minibatch OT-CFM: configs/flowers64_otcfm_2k.yaml (the demo's recipe until session 8, 2,000
+#                steps) on the demo's cache
 #   rf         = the same config with objective rf (independent pairs)
 #   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
 #   dataset-blind = the same with a class-blind potential (labels follow the paired latent)
@@ -45,8 +46,8 @@ evaluate() {
         --sweep euler:1,2,4,8 midpoint:4 --out "$OUT/eval_$1"
 }
 
-train otcfm configs/flowers64_demo.yaml
-train rf configs/flowers64_demo.yaml --set objective.name=rf
+train otcfm configs/flowers64_otcfm_2k.yaml
+train rf configs/flowers64_otcfm_2k.yaml --set objective.name=rf
 train dataset configs/flowers64_dataset_ot.yaml --set objective.ot_potential=aware
 train dataset-blind configs/flowers64_dataset_ot.yaml --set objective.ot_potential=blind \
     --set objective.class_aware=false

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Few-step generation on the flowers (issue 13), one run, the demo's quality protocol: 736 samples against the
 # 736 val photos at 64 px, seed 0, floors from the train split at the same n.
-#   teacher  = a finished `latentflow demo` run (DiT, 2,000 steps; default runs/flowers64_demo)
+#   teacher  = a finished `latentflow demo --config configs/flowers64_otcfm_2k.yaml` run (DiT, 2,000 steps, the
+#              demo's recipe until session 8; default runs/flowers64_demo)
 #   meanflow = configs/flowers64_meanflow.yaml fine-tuned from it (1,000 steps), flowmap 1 and 2 steps
 #   2-RF     = configs/flowers64_reflow.yaml on 4,000 teacher couplings (rk4 8 steps, guidance 4), euler 1, 2, 4
 #   meanflow on the couplings, from the teacher (400 steps) and from the 2-RF (300 steps), flowmap 1 and 2
