@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--objective", default=defaults.objective,
                         help=f"one or a comma-separated list of {', '.join(LAB_OBJECTIVES)} (reflow: rf, then "
                              "rf again on its own (noise, endpoint) pairs; meanflow-ft: rf, then a flow map "
-                             "fine-tuned from it on its velocity)")
+                             "fine-tuned from it on its velocity; meanflow-reflow: rf, then a flow map fine-tuned "
+                             "from it on its own (noise, endpoint) pairs)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--nfe", default="1,2,4,8,100", help="solver step counts to evaluate")
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
                         help="loader processes that prepare batches (default: one per core, up to 4, for OT "
                              "objectives; 1 for the others; 0 on a single core)")
     parser.add_argument("--reflow-pairs", type=int, default=defaults.reflow_pairs,
-                        help="reflow: (noise, endpoint) pairs integrated from the first rf model")
+                        help="reflow, meanflow-reflow: (noise, endpoint) pairs integrated from the first rf model")
     parser.add_argument("--reflow-solver", default=defaults.reflow_solver, help="reflow: the pairs' ODE solver")
     parser.add_argument("--dataset-size", type=int, default=defaults.dataset_size,
                         help="otcfm-dataset: fixed training points drawn from the target")
@@ -53,11 +54,12 @@ def register(subparsers) -> None:
                         help="otcfm-dataset: noise draws per fit step")
     parser.add_argument("--ot-lr", type=float, default=defaults.ot_lr, help="otcfm-dataset: potential fit step size")
     parser.add_argument("--flow-map-share", type=float, default=defaults.flow_map_share,
-                        help="meanflow, meanflow-ft: share of (t, r) pairs with r != t")
+                        help="meanflow, meanflow-ft, meanflow-reflow: share of (t, r) pairs with r != t")
     parser.add_argument("--flow-map-weight-power", type=float, default=defaults.flow_map_weight_power,
-                        help="meanflow, meanflow-ft: power p of the adaptive loss weight (0: plain MSE)")
+                        help="meanflow, meanflow-ft, meanflow-reflow: power p of the adaptive loss weight "
+                             "(0: plain MSE)")
     parser.add_argument("--finetune-steps", type=int, default=None,
-                        help="meanflow-ft: steps of the flow map's fine-tune (default: --steps)")
+                        help="meanflow-ft, meanflow-reflow: steps of the flow map's fine-tune (default: --steps)")
     parser.add_argument("--time-sampler", default=None,
                         help="training times: uniform or logit_normal (default: the objective's own; meanflow: "
                              "the paper's logit-normal)")

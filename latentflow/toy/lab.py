@@ -117,13 +117,15 @@ class LabSettings:
 LR_SCHEDULES = ("constant", "cosine")
 """Learning rate over the lab's steps: constant, or cosine decay to zero (the final weights are less noisy)."""
 
-LAB_OBJECTIVES = (*OBJECTIVES, "reflow", "meanflow-ft", "otcfm-dataset")
+LAB_OBJECTIVES = (*OBJECTIVES, "reflow", "meanflow-ft", "meanflow-reflow", "otcfm-dataset")
 """The training objectives, `reflow` (rf, then rf again on the first model's (noise, endpoint) pairs),
 `meanflow-ft` (rf, then a flow map fine-tuned from its weights that learns its velocity: the lab's form of
-`latentflow train --init RUN` with `objective.flow_map_velocity: teacher`) and `otcfm-dataset` (OT-CFM's path on
+`latentflow train --init RUN` with `objective.flow_map_velocity: teacher`), `meanflow-reflow` (rf, then a flow
+map fine-tuned from its weights on its own (noise, endpoint) pairs: the lab's form of
+`configs/flowers64_meanflow_reflow.yaml`) and `otcfm-dataset` (OT-CFM's path on
 the semidiscrete OT pairs of Gaussian noise and a fixed training set)."""
 
-TRAINED_AS = {"reflow": "rf", "meanflow-ft": "rf", "otcfm-dataset": "cfm"}
+TRAINED_AS = {"reflow": "rf", "meanflow-ft": "rf", "meanflow-reflow": "rf", "otcfm-dataset": "cfm"}
 """Lab objectives trained as another objective on their own pairs (cfm keeps given pairs row by row, on
 OT-CFM's path)."""
 
@@ -370,6 +372,13 @@ def run_lab(settings: LabSettings, out_dir: Path) -> tuple[LabResult, nn.Module,
         more, final_loss = train_field(replace(settings, steps=settings.finetune_steps or settings.steps), objective,
                                        model, source, target_for_training, teacher=teacher)
         seconds += more
+    if settings.objective == "meanflow-reflow":
+        pairs = reflow_pairs(settings, model, source)
+        objective = make_objective("meanflow", **flow_map)
+        model = ToyMLP.flow_map_of(model)
+        more, final_loss = train_field(replace(settings, steps=settings.finetune_steps or settings.steps), objective,
+                                       model, pairs.noise, pairs.endpoint)
+        seconds += more + pairs.seconds
     evaluation = evaluate_field(settings, objective, model, source, target, out_dir)
     if "w2_training_points" in evaluation:
         coupling["w2_training_points"] = evaluation["w2_training_points"]
