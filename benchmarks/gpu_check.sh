@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_check.sh                       # model throughput only
 #   FLOWERS=DIR TAEF2=DIR bash benchmarks/gpu_check.sh # also the real Trainer, reader and CLI on the GPU
 #   PROFILE=1 bash benchmarks/gpu_check.sh             # only the DiT-XL/2 profile, all its variants (~9 minutes)
+#   FLOWERS128=DIR TAEF2=DIR bash benchmarks/gpu_check.sh  # only the flowers at 128 px, FID with floors (part 4)
 #
 # 1. DiT-B/2 and DiT-XL/2 training images/s and peak memory on 4x32x32 latents in bf16, batch 128, with and
 #    without torch.compile (the step of `Trainer`: AdamW, grad clip, EMA), plus exact OT pairing times.
@@ -16,6 +17,13 @@
 #    2+ GPUs the memory per GPU under FSDP2. Its budget is PROFILE_BUDGET seconds: 520 with PROFILE=1 (then
 #    nothing else runs), 180 after the model parts without FLOWERS (the first variants only); not run with
 #    FLOWERS unless PROFILE=1, since those parts fill the 10 minutes.
+# 4. With FLOWERS128 (a folder with train/ and val/ class folders, e.g. ../shared/data/tf_flowers/images_128) and
+#    TAEF2, alone: issue 12's flowers at 128 px. Encode train/ at 128 px (32x16x16 latents), train
+#    configs/flowers128_demo.yaml (the hour config's recipe, 64 tokens) for FLOWERS128_STEPS steps (default 6,000),
+#    export, a sample grid and `latentflow evaluate` on the GPU: midpoint 4 and euler 8 with guidance 4, as many
+#    samples as val/ holds, against val/ at 128 px, with the real-vs-real and VAE floors at that n. Results and the
+#    train log go to OUT; the time limits assume an H100-class GPU (not yet run on one). DEVICE=cpu with a small
+#    folder and FLOWERS128_STEPS=20 checks the path on a CPU.
 # Each part has its own time limit, so one failing part does not hide the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +52,26 @@ profile() {  # profile BUDGET: benchmarks/dit_profile.py within BUDGET seconds (
 }
 if [ "${PROFILE:-0}" = 1 ]; then
     profile "${PROFILE_BUDGET:-520}"
+    exit $status
+fi
+if [ -n "${FLOWERS128:-}" ]; then
+    [ -n "${TAEF2:-}" ] && [ -d "$FLOWERS128/train" ] && [ -d "$FLOWERS128/val" ] || {
+        echo "FLOWERS128 needs train/ and val/ under $FLOWERS128 and TAEF2=the TAEF2 weights folder"; exit 2; }
+    CLI=("$PYTHON" -m latentflow.cli)
+    N_VAL=$(find "$FLOWERS128/val" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | wc -l)
+    part 90 "encode train/ at 128 px on the GPU" "${CLI[@]}" encode --data "$FLOWERS128/train" --vae "$TAEF2" \
+        --resolution 128 --out "$WORK/c128" --batch-size 128 --num-workers 4 --labels --no-progress
+    part 330 "train configs/flowers128_demo.yaml on the GPU" "${CLI[@]}" train --config configs/flowers128_demo.yaml \
+        --set data.cache="$WORK/c128" --set output_dir="$WORK/run128" \
+        --set train.max_steps="${FLOWERS128_STEPS:-6000}" --set sample.every=0 --set checkpoint.every=2000 \
+        --set log.progress_bar=false --set data.num_workers=4
+    cp "$WORK/run128/log.csv" "$OUT/flowers128_train_log.csv" 2>/dev/null || true
+    part 20 "export" "${CLI[@]}" export "$WORK/run128" --out "$WORK/pipe128"
+    part 25 "sample on the GPU" "${CLI[@]}" sample "$WORK/pipe128" --n 64 --steps 8 --guidance-scale 4 \
+        --device "${DEVICE:-cuda}" --grid "$OUT/flowers128_samples.png"
+    part 150 "FID at 128 px with floors ($N_VAL samples)" "${CLI[@]}" evaluate "$WORK/pipe128" \
+        --ref "$FLOWERS128/val" --n "$N_VAL" --sweep midpoint:4 euler:8 --guidance-scale 4 --device "${DEVICE:-cuda}" \
+        --floors "$FLOWERS128/train" --out "$OUT/flowers128_eval"
     exit $status
 fi
 part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
