@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                              "objectives; 1 for the others; 0 on a single core)")
     parser.add_argument("--reflow-pairs", type=int, default=defaults.reflow_pairs,
                         help="reflow, meanflow-reflow: (noise, endpoint) pairs integrated from the first rf model")
-    parser.add_argument("--reflow-solver", default=defaults.reflow_solver, help="reflow: the pairs' ODE solver")
+    parser.add_argument("--reflow-solver", default=defaults.reflow_solver,
+                        help="reflow, meanflow-reflow: the pairs' ODE solver")
     parser.add_argument("--dataset-size", type=int, default=defaults.dataset_size,
                         help="otcfm-dataset: fixed training points drawn from the target")
     parser.add_argument("--ot-steps", type=int, default=defaults.ot_steps,
