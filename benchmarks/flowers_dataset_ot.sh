@@ -8,11 +8,20 @@
 #   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
 #   dataset-blind = the same with a class-blind potential (labels follow the paired latent)
 # Straightness: each run's last preview (25 fixed-noise samples, euler 16, guidance 4; log.csv).
-# Usage: bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2 quiet cores; DEMO_DIR is a
-# finished `latentflow demo` folder: only its cache is used)
+# RECIPE=demo: the same four runs with the demo's recipe instead (configs/flowers64_demo.yaml, 4,000 steps, and
+# configs/flowers64_demo_dataset_ot.yaml; about twice as long); RUNS="otcfm dataset" trains and evaluates only those.
+# Usage: [RECIPE=2k|demo] [RUNS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
+# quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
 OUT=${2:-runs/dataset_ot}
+case ${RECIPE:-2k} in
+    2k) MINIBATCH=configs/flowers64_otcfm_2k.yaml; DATASET=configs/flowers64_dataset_ot.yaml ;;
+    demo) MINIBATCH=configs/flowers64_demo.yaml; DATASET=configs/flowers64_demo_dataset_ot.yaml ;;
+    *) echo "RECIPE must be 2k or demo, got ${RECIPE}" >&2; exit 2 ;;
+esac
+read -r -a RUNS <<< "${RUNS:-rf otcfm dataset dataset-blind}"
+wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
 LF=.venv/bin/latentflow
 FLOWERS=../shared/data/tf_flowers/images_128
 mkdir -p "$OUT"
@@ -23,6 +32,7 @@ stamp "reference statistics of the val photos at 64 px"
 [ -f "$OUT/ref/val64.npz" ] || $LF fid-stats "$FLOWERS/val" --resolution 64 --out "$OUT/ref/val64.npz"
 
 for kind in aware blind; do
+    wanted dataset$([ $kind = blind ] && echo -blind) || continue
     stamp "ot-fit $kind"
     start=$(seconds)
     $LF ot-fit "$DEMO/cache" --name "$kind" $([ $kind = aware ] && echo --class-aware) --no-progress
@@ -46,16 +56,15 @@ evaluate() {
         --sweep euler:1,2,4,8 midpoint:4 --out "$OUT/eval_$1"
 }
 
-train otcfm configs/flowers64_otcfm_2k.yaml
-train rf configs/flowers64_otcfm_2k.yaml --set objective.name=rf
-train dataset configs/flowers64_dataset_ot.yaml --set objective.ot_potential=aware
-train dataset-blind configs/flowers64_dataset_ot.yaml --set objective.ot_potential=blind \
+! wanted otcfm || train otcfm $MINIBATCH
+! wanted rf || train rf $MINIBATCH --set objective.name=rf
+! wanted dataset || train dataset $DATASET --set objective.ot_potential=aware
+! wanted dataset-blind || train dataset-blind $DATASET --set objective.ot_potential=blind \
     --set objective.class_aware=false
 
-for name in otcfm rf dataset dataset-blind; do evaluate $name "$OUT/${name}_pipe"; done
+for name in "${RUNS[@]}"; do evaluate $name "$OUT/${name}_pipe"; done
 
 stamp "summary"
-RUNS=(rf otcfm dataset dataset-blind)
 $LF plot-eval "${RUNS[@]/#/$OUT/eval_}" --labels "${RUNS[@]}" --out "$OUT/fid_vs_nfe.png" || true
 for run in "${RUNS[@]}"; do
     log="$OUT/$run/log.csv"
