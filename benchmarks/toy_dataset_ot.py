@@ -4,7 +4,8 @@ and a fixed training set of 2,000 target points) against minibatch `otcfm` (batc
 For gaussian -> moons and gaussian -> checkerboard and each seed, the lab trains the same MLP (width, Adam 1e-3
 with cosine decay, `--steps` steps) with each objective; W2 is measured against 2,000 held-out target points as
 for every lab run. otcfm-dataset also reports its potential's fit time and balance, and how its pairs compare
-with the exact discrete OT of 4,000 fresh draws onto the training set (agreement, mean squared pair distance).
+with the exact discrete OT of twice as many fresh draws onto the training set (agreement, mean squared pair
+distance; training sets of up to 4,000 points).
 Goal (issue 14): otcfm-dataset's NFE-1 W2 <= 0.8x minibatch otcfm's.
 
     .venv/bin/python benchmarks/toy_dataset_ot.py [--seeds 0,1,2] [--steps 5000]
