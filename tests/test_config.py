@@ -15,8 +15,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["flowers64_dit_s2_otcfm.yaml", "flowers64_demo.yaml", "flowers64_otcfm_2k.yaml",
-                                  "flowers64_hour.yaml", "flowers128_demo.yaml", "flowers64_demo_dataset_ot.yaml",
-                                  "flowers64_dataset_ot.yaml",
+                                  "flowers64_hour.yaml", "flowers128_demo.yaml", "flowers64_dataset_ot.yaml",
                                   "imagenet256_dit_xl2_otcfm.yaml"])
 def test_shipped_configs_load_validate_and_build_their_model(name: str) -> None:
     config = load_config(CONFIGS / name)
