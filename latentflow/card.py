@@ -51,6 +51,9 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
         lines.append(f"- model: {model.get('name')} {model.get('settings') or ''}; {train.get('max_steps')} steps "
                      f"at batch {training.get('data', {}).get('batch_size')}, AdamW lr {optim.get('lr')}, "
                      f"EMA {train.get('ema_decay')} (the EMA weights are in `transformer/`)")
+        if train.get("guide_step"):
+            lines.append(f"- guide: the EMA weights at step {train['guide_step']} (`guide/`); with guidance its "
+                         f"null-class prediction is the unconditional branch (`use_guide=False`: the model's own)")
     return lines
 
 
@@ -58,6 +61,7 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     lines = [f"{evaluation.get('n')} generated images per setting against `{evaluation.get('reference')}` "
              f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}"
              + (f" at times {evaluation['guidance_interval']}" if evaluation.get("guidance_interval") else "")
+             + (", unconditional branch from `guide/`" if evaluation.get("guide") else "")
              + ").", "",
              "| setting | NFE | FID | KID |", "|---|---|---|---|"]
     for row in [*evaluation.get("results", []), *evaluation.get("floors", [])]:

@@ -138,7 +138,9 @@ def export_stage(settings: DemoSettings, run_dir: Path) -> Path:
     done = stage("3/5 export the EMA model and the VAE as a diffusers pipeline")
     pipe_dir = export_run(run_dir, settings.out / "pipeline", vae=settings.vae,
                           grid_images=0)  # the sample stage writes the card's grid
-    print(f"   pipeline: {pipe_dir}")
+    guide = pipe_dir / "guide"
+    print(f"   pipeline: {pipe_dir}" + (f" (guidance's unconditional branch from {guide}: the run's EMA at "
+                                        f"train.guide_step)" if guide.is_dir() else ""))
     done()
     return pipe_dir
 

@@ -4,6 +4,8 @@ A pipeline folder (written by `LatentFlowPipeline.save_pretrained`, or `latentfl
 
     model_index.json            diffusers' index: transformer, vae, scheduler with their classes
     transformer/                the EMA DiT or U-Net (config.json + safetensors)
+    guide/                      optional: a weaker model of the same latents whose null-class prediction is
+                                guidance's unconditional branch (the run's `guide/`, see `train.guide_step`)
     vae/                        the VAE the latent cache was encoded with
     scheduler/scheduler_config.json   LatentFlowScheduler: solver defaults, prediction type, DDPM schedule,
                                 latent shape and channel statistics, classes, the VAE's fingerprint
@@ -44,8 +46,10 @@ RUN_MANIFEST = "cache_manifest.json"
 RUN_CONFIG = "config.yaml"
 
 
-def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu", progress: bool = True):
-    """Load a saved LatentFlowPipeline from a local folder (no network) and move it to `device`."""
+def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu", progress: bool = True,
+                  guide: bool = True):
+    """Load a saved LatentFlowPipeline from a local folder (no network) and move it to `device`; `guide=False`
+    leaves out the folder's guide (guidance then takes its unconditional branch from the model itself)."""
     from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
 
     index = Path(pipe_dir) / "model_index.json"
@@ -53,7 +57,8 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
         raise FileNotFoundError(
             f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`"
         )
-    pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True).to(device)
+    extra = {} if guide else {"guide": None}
+    pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **extra).to(device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
 
@@ -113,9 +118,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     return f"https://huggingface.co/{repo_id}"
 
 
-def pipeline_from_run(run_dir: str | os.PathLike, vae: str | None = None, where: str = "export"):
+def pipeline_from_run(run_dir: str | os.PathLike, vae: str | None = None, where: str = "export",
+                      guide: str | os.PathLike | bool = True):
     """The pipeline of a finished training run, built in memory: its EMA model, the cache's VAE, its sampling
-    settings (see `export_run` for the arguments; `where` names the caller in errors).
+    settings and its guide (see `export_run` for the arguments; `where` names the caller in errors).
 
     Returns:
         LatentFlowPipeline on the CPU.
@@ -134,11 +140,28 @@ def pipeline_from_run(run_dir: str | os.PathLike, vae: str | None = None, where:
     frozen = load_vae(vae or vae_source(manifest["vae"]))
     check_same_vae(manifest["vae"], frozen.identity, f"{where} {run}")
     return LatentFlowPipeline(transformer=model, vae=frozen.module,
-                              scheduler=scheduler_from_run(config, manifest, frozen.module))
+                              scheduler=scheduler_from_run(config, manifest, frozen.module),
+                              guide=load_guide(run, manifest, config.data.normalize, guide))
+
+
+def load_guide(run: Path, manifest: dict[str, Any], normalize: bool, guide: str | os.PathLike | bool):
+    """The guide model for a run's pipeline: True takes RUN/guide when the run wrote one, False none, a path the
+    EMA model of that run or pipeline folder or checkpoint of a finished run, trained on the same latents."""
+    from latentflow.models import load_model
+    from latentflow.train.init import check_same_latents, load_initial_model
+    from latentflow.train.trainer import GUIDE_DIR
+
+    if guide is False or (guide is True and not (run / GUIDE_DIR / "config.json").is_file()):
+        return None
+    if guide is True:
+        return load_model(run / GUIDE_DIR).eval()
+    initial = load_initial_model(guide, flag="--guide")
+    check_same_latents(initial, manifest, normalize, str(run))
+    return initial.model
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str | None = None,
-               grid_images: int = 16, license_name: str = "other") -> Path:
+               grid_images: int = 16, license_name: str = "other", guide: str | os.PathLike | bool = True) -> Path:
     """Turn a training run folder into a pipeline folder.
 
     Args:
@@ -149,12 +172,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
             the same VAE (same weights and factors).
         grid_images: images in the folder's `samples.png` (seed 0, the default sampler; 0: no grid).
         license_name: the licence the model card's header names.
+        guide: the pipeline's guide: True the run's `guide/` when it has one, False none, or a run or pipeline
+            folder trained on the same latents (e.g. a smaller model).
 
     Returns:
         The pipeline folder.
     """
     run = Path(run_dir)
-    pipe = pipeline_from_run(run, vae)
+    pipe = pipeline_from_run(run, vae, guide=guide)
     manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
 
     def fill(staging: Path) -> None:

@@ -89,14 +89,18 @@ class LatentFlowPipeline(DiffusionPipeline):
         transformer: the velocity (or noise) model, `model(x_t, t, class_labels=None)` with t in [0, 1].
         vae: the diffusers VAE the training latents were encoded with.
         scheduler: `LatentFlowScheduler`, the sampling settings and latent statistics.
+        guide: optional weaker model on the same latents (an early EMA checkpoint of the same run, see
+            `train.guide_step`): with guidance, its null-class prediction is the unconditional branch.
     """
 
-    model_cpu_offload_seq = "transformer->vae"
+    model_cpu_offload_seq = "transformer->guide->vae"
+    _optional_components = ["guide"]
 
-    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler) -> None:
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler,
+                 guide: torch.nn.Module | None = None) -> None:
         super().__init__()
-        _check_components(transformer, vae, scheduler)
-        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        _check_components(transformer, vae, scheduler, guide)
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, guide=guide)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -125,6 +129,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
+        use_guide: bool = True,
         eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -147,6 +152,8 @@ class LatentFlowPipeline(DiffusionPipeline):
                 extra evaluations).
             guidance_interval: (t_low, t_high): guide only at times low <= t <= high (t=0 noise, t=1 data), the
                 conditional model alone elsewhere (None: guide at every time).
+            use_guide: with guidance and a `guide` component, take the unconditional branch from the guide,
+                v = g_null + w (v_class - g_null); False: from the model itself.
             eta: DDIM stochasticity for noise models (0 deterministic, 1 ancestral).
             generator: torch generator(s) for the initial noise, labels and DDIM noise.
             latents: (B, C, h, w) initial noise x0 at t=0 instead of drawing it.
@@ -165,7 +172,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
         labels = self._class_labels(class_labels, x0.shape[0], generator, device)
-        field = self._guided_field(labels, guidance_scale, guidance_interval)
+        field = self._guided_field(labels, guidance_scale, guidance_interval, use_guide)
         if callback_on_step_end is not None:
             _check_callback(settings["solver"], callback_on_step_end_tensor_inputs)
         x1, nfe = self._sample(field, x0, settings, generator, callback_on_step_end)
@@ -246,10 +253,20 @@ class LatentFlowPipeline(DiffusionPipeline):
         output = self.transformer(x, t, class_labels=labels) if r is None else self.transformer(x, t, labels, r=r)
         return output.sample if hasattr(output, "sample") else output
 
+    def _guide_model(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                     r: torch.Tensor | None = None) -> torch.Tensor:
+        labels = labels if getattr(self.guide.config, "num_classes", 0) else None
+        x = x.to(self.guide.dtype)
+        output = self.guide(x, t, class_labels=labels) if r is None else self.guide(x, t, labels, r=r)
+        return (output.sample if hasattr(output, "sample") else output).to(x.dtype)
+
     def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float,
-                      guidance_interval: tuple[float, float] | None = None) -> Field:
-        """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1."""
-        return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale, guidance_interval)
+                      guidance_interval: tuple[float, float] | None = None, use_guide: bool = True) -> Field:
+        """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1 (the
+        unconditional branch from the guide when there is one and `use_guide`)."""
+        guide = self._guide_model if use_guide and self.guide is not None else None
+        return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale, guidance_interval,
+                            guide=guide)
 
     def _sample(self, field: Field, x0: torch.Tensor, settings: dict, generator, callback) -> tuple[torch.Tensor, int]:
         """Integrate from noise x0 (t=0) to data (t=1); returns (x1 (B, C, h, w), nfe)."""
@@ -378,9 +395,19 @@ def _check_callback(solver: str, tensor_inputs: Sequence[str]) -> None:
         )
 
 
-def _check_components(transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler) -> None:
+def _check_components(transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: LatentFlowScheduler,
+                      guide: torch.nn.Module | None = None) -> None:
     """Refuse component combinations that cannot sample correctly, naming the mismatch."""
     config = scheduler.config
+    if guide is not None:
+        for key in ("in_channels", "sample_size", "flow_map"):
+            mine, theirs = getattr(transformer.config, key, None), getattr(guide.config, key, None)
+            if mine != theirs:
+                raise LatentflowError(f"guide {key}={theirs} but transformer {key}={mine}: the guide must be a model "
+                                      f"of the same latents (an earlier checkpoint of the same run)")
+        guide_classes = getattr(guide.config, "num_classes", 0) or 0
+        if guide_classes not in (0, config.num_classes):
+            raise LatentflowError(f"guide num_classes={guide_classes} but scheduler num_classes={config.num_classes}")
     model_channels = getattr(transformer.config, "in_channels", None)
     vae_channels = getattr(vae.config, "latent_channels", None)
     if model_channels is not None and model_channels != config.latent_channels:

@@ -79,6 +79,11 @@ def test_impossible_values_are_refused() -> None:
         validate_config(load_config(None, ["data.cache=x", "objective.name=rf", "objective.ot_scope=global"]))
     with pytest.raises(LatentflowError, match="data.cache"):
         validate_config(Config())
+    validate_config(load_config(None, ["data.cache=x", "train.max_steps=10", "train.guide_step=9"]))
+    for step in (0, 10):
+        with pytest.raises(LatentflowError, match=rf"train.guide_step must be a step in \[1, train.max_steps\) or "
+                                                  rf"null, got {step}"):
+            validate_config(load_config(None, ["data.cache=x", "train.max_steps=10", f"train.guide_step={step}"]))
 
 
 def test_saved_config_loads_back_equal(tmp_path: Path) -> None:

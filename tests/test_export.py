@@ -118,6 +118,87 @@ def test_export_refuses_a_vae_other_than_the_cache_one(run_dir: Path, tmp_path: 
     assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "pipe")]) == 2
 
 
+@pytest.fixture(scope="module")
+def guided_run(run_dir: Path, tmp_path_factory) -> Path:
+    """3 steps on the run_dir's cache with train.guide_step=2 and a checkpoint at every step."""
+    from accelerate.state import AcceleratorState
+
+    from latentflow.train.config import load_config
+    from latentflow.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "guided"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = load_config(run_dir / "config.yaml", [f"output_dir={out}", "train.max_steps=3", "train.guide_step=2",
+                                                   "checkpoint.every=1", "checkpoint.keep=3"])
+    train(config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+def test_guide_step_keeps_that_steps_ema_weights_and_export_makes_them_the_guide(guided_run: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    ema = load_file(guided_run / "checkpoints" / "step-00000002" / "ema.safetensors")
+    guide, final = load_model(guided_run / "guide"), load_model(guided_run / "model")
+    for name, value in guide.state_dict().items():
+        assert torch.equal(value, ema[f"model.{name}"]), name
+    assert any(not torch.equal(value, final.state_dict()[name]) for name, value in guide.state_dict().items())
+
+    out = tmp_path / "pipe"
+    assert cli.main(["export", str(guided_run), "--out", str(out), "--grid-images", "0"]) == 0
+    assert json.loads((out / "model_index.json").read_text())["guide"] == ["latentflow.models.dit", "DiT"]
+    assert "EMA weights at step 2 (`guide/`)" in (out / "README.md").read_text()
+    pipe = load_pipeline(out, progress=False)
+    noise = torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels, null, scale = torch.tensor([0, 4]), torch.tensor([5, 5]), 3.0
+
+    def field(x, t):  # known answer: the guide's null-class field plus w times the model's class direction
+        unconditional = guide(x, t, class_labels=null)
+        return unconditional + scale * (final(x, t, class_labels=labels) - unconditional)
+
+    with torch.no_grad():
+        direct = integrate(field, noise, "midpoint", steps=3).x
+    manifest = json.loads((guided_run / "cache_manifest.json").read_text())
+    mean = torch.tensor(manifest["channel_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(manifest["channel_std"]).view(1, -1, 1, 1)
+    out_latents = pipe(latents=noise, class_labels=labels, guidance_scale=scale, output_type="latent").images
+    assert torch.allclose(out_latents, direct * std + mean, atol=1e-5)
+    own = load_pipeline(out, progress=False, guide=False)
+    assert own.guide is None
+    assert (own(latents=noise, class_labels=labels, guidance_scale=scale, output_type="latent").images
+            - out_latents).abs().max() > 1e-4
+
+    assert cli.main(["export", str(guided_run), "--out", str(tmp_path / "bare"), "--no-guide",
+                     "--grid-images", "0"]) == 0
+    assert not (tmp_path / "bare" / "guide").exists() and load_pipeline(tmp_path / "bare").guide is None
+
+
+def test_export_takes_another_runs_model_as_guide_only_on_the_same_latents(guided_run: Path, run_dir: Path,
+                                                                          tmp_path: Path):
+    out = tmp_path / "pipe"
+    assert cli.main(["export", str(guided_run), "--out", str(out), "--guide", str(run_dir),
+                     "--grid-images", "0"]) == 0
+    guide = load_model(run_dir / "model")
+    loaded = load_pipeline(out).guide
+    assert all(torch.equal(value, loaded.state_dict()[name]) for name, value in guide.state_dict().items())
+
+    from safetensors.torch import load_file  # a checkpoint of a finished run: its EMA weights
+
+    checkpoint = guided_run / "checkpoints" / "step-00000001"
+    export_run(guided_run, tmp_path / "from_checkpoint", guide=checkpoint, grid_images=0)
+    loaded = load_pipeline(tmp_path / "from_checkpoint").guide
+    ema = load_file(checkpoint / "ema.safetensors")
+    assert all(torch.equal(value, ema[f"model.{name}"]) for name, value in loaded.state_dict().items())
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    manifest = json.loads((other / "cache_manifest.json").read_text())
+    manifest["channel_mean"] = [value + 1.0 for value in manifest["channel_mean"]]
+    (other / "cache_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatentflowError, match=f"--guide {other} normalised its latents with other channel_mean"):
+        export_run(guided_run, tmp_path / "refused", guide=other, grid_images=0)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
     grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
     args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",

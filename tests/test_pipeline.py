@@ -294,6 +294,78 @@ def test_guidance_interval_mixes_per_sample_times():
     assert out[:, 0].tolist() == [1.0, 3.0, 1.0]
 
 
+def test_a_guide_gives_the_unconditional_branch():
+    """Known answer: f = g(null) + w (f(c) - g(null)); the guide sees the null class only, and not at w = 1."""
+    from latentflow.flow.guidance import guided_field
+
+    seen = []
+
+    def model(x, t, labels):  # conditional: 1 + label
+        return (1.0 + labels.float()).view(-1, 1) * torch.ones_like(x)
+
+    def guide(x, t, labels):
+        seen.append(labels.tolist())
+        return torch.full_like(x, 0.5)
+
+    labels = torch.tensor([0, 2])
+    out = guided_field(model, labels, 3, 3.0, guide=guide)(torch.zeros(2, 2), torch.tensor([0.1, 0.1]))
+    assert out[:, 0].tolist() == [0.5 + 3.0 * (1.0 - 0.5), 0.5 + 3.0 * (3.0 - 0.5)] and seen == [[3, 3]]
+    inside_only = guided_field(model, labels, 3, 3.0, interval=(0.5, 1.0), guide=guide)
+    assert inside_only(torch.zeros(2, 2), torch.tensor([0.1, 0.1]))[:, 0].tolist() == [1.0, 3.0] and len(seen) == 1
+    guided_field(model, labels, 3, 1.0, guide=guide)(torch.zeros(2, 2), torch.tensor([0.1, 0.1]))
+    assert len(seen) == 1
+
+
+def test_pipeline_guide_samples_its_known_answer_and_round_trips(pipe, tmp_path):
+    guide = tiny_dit(seed=7)
+    guided = LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler, guide=guide)
+    guided.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(5))
+    labels, null, scale = torch.tensor([1, 2]), torch.tensor([3, 3]), 3.0
+
+    def field(x, t):
+        unconditional = guide(x, t, class_labels=null)
+        return unconditional + scale * (pipe.transformer(x, t, class_labels=labels) - unconditional)
+
+    expected = integrate(field, latents, "euler", steps=4).x
+    out = guided(latents=latents, class_labels=labels, guidance_scale=scale, output_type="latent")
+    assert torch.allclose(out.images, expected, atol=1e-5) and out.nfe == 4
+    own = guided(latents=latents, class_labels=labels, guidance_scale=scale, use_guide=False, output_type="latent")
+    plain = pipe(latents=latents, class_labels=labels, guidance_scale=scale, output_type="latent")
+    assert torch.equal(own.images, plain.images) and (own.images - out.images).abs().max() > 1e-3
+
+    guided.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["guide"] == ["latentflow.models.dit", "DiT"]
+    loaded = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded(latents=latents, class_labels=labels, guidance_scale=scale, output_type="latent").images
+    assert torch.equal(again, out.images)
+    without = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True, guide=None)
+    without.set_progress_bar_config(disable=True)
+    assert without.guide is None
+    assert torch.equal(without(latents=latents, class_labels=labels, guidance_scale=scale, output_type="latent").images,
+                       plain.images)
+
+
+def test_a_folder_saved_before_guides_existed_loads_without_one(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    index_file = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    assert index.pop("guide") == [None, None]
+    index_file.write_text(json.dumps(index))
+    loaded = LatentFlowPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    assert loaded.guide is None
+
+
+def test_a_guide_of_other_latents_is_refused(pipe):
+    other = DiT(in_channels=4, sample_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(LatentflowError, match="guide sample_size=4 but transformer sample_size=8"):
+        LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler, guide=other)
+    other = DiT(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+    with pytest.raises(LatentflowError, match="guide num_classes=2 but scheduler num_classes=3"):
+        LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler, guide=other)
+
+
 @pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.3,), (True, 0.5)])
 def test_bad_guidance_intervals_are_refused(pipe, interval):
     with pytest.raises(LatentflowError, match="guidance_interval must be two times 0 <= low < high <= 1"):

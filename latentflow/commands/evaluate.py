@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--no-guide", action="store_true",
+                        help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--device", default="cpu")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors)
     settings.check()
-    pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
+    pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
     card = write_model_card(args.pipe_dir, evaluation_file=paths["json"])
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}; updated {card}")

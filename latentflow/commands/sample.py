@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--no-guide", action="store_true",
+                        help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--eta", type=float, default=None, help="DDIM stochasticity (ddpm models)")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise LatentflowError("nothing to write: give --grid FILE.png and/or --outdir DIR")
     if args.n < 1:
         raise LatentflowError(f"--n must be at least 1, got {args.n}")
-    pipe = load_pipeline(args.pipe_dir, args.device, progress=False)
+    pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                args.guidance_scale, args.eta, args.guidance_interval)

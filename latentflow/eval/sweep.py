@@ -323,7 +323,8 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
             tqdm.write(format_row({**row, "nfe": None}))
     info = {"pipeline": str(pipe_dir), "reference": str(reference), "n": settings.n, "seed": settings.seed,
             "image_size": image_size, "reference_resolution": resolution,
-            "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep)}
+            "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep),
+            "guide": getattr(pipe, "guide", None) is not None and settings.guidance_scale != 1.0}
     if settings.guidance_interval is not None:
         info["guidance_interval"] = list(settings.guidance_interval)
     return write_sweep_results(results, out_dir, info, floors)

@@ -20,6 +20,9 @@ from latentflow.errors import LatentflowError
 from latentflow.io import replace_folder, write_text_atomic
 
 RECORD_NAME = "checkpoint.json"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -122,3 +125,30 @@ def find_checkpoint(output_dir: str | Path, which: str) -> CheckpointInfo:
             problems.append(str(error))
     detail = ("; skipped: " + "; ".join(problems)) if problems else ""
     raise LatentflowError(f"--resume latest: no intact checkpoint under {root}{detail}")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` looks like a checkpoint folder (it holds EMA weights and the model config)."""
+    return (Path(path) / EMA_FILE).is_file() and (Path(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def load_ema_model(path: str | Path, model_name: str):
+    """The EMA model of a checkpoint folder, built as `model_name` (the run's model.name) with the saved settings.
+
+    Raises:
+        LatentflowError: a broken checkpoint, or weights that do not fit the settings.
+    """
+    from safetensors.torch import load_file
+
+    from latentflow.models import make_model
+
+    info = verify_checkpoint(path)
+    settings = json.loads((info.path / MODEL_CONFIG_FILE).read_text())
+    model = make_model(model_name, **{key: value for key, value in settings.items() if not key.startswith("_")})
+    weights = {key[len("model."):]: value for key, value in load_file(info.path / EMA_FILE).items()
+               if key.startswith("model.")}
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise LatentflowError(f"{info.path}: EMA weights do not fit model {model_name!r} (missing "
+                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model.eval()

@@ -131,6 +131,8 @@ class TrainConfig:
     `ema_warmup` uses decay min(ema_decay, (1 + n) / (10 + n)) after n updates (off = the DiT recipe).
     `init`: a finished training run or pipeline folder whose EMA weights (and model settings) start this run
     (`latentflow train --init`), e.g. to fine-tune a flow map (objective meanflow) from a plain run.
+    `guide_step`: also write the EMA weights at this step to OUT/guide: the weaker model whose null-class prediction
+    is the unconditional branch of guided sampling (export puts it in the pipeline as its `guide`).
     `mixed_precision: auto` is bf16 autocast where the device computes bf16 natively (a CUDA GPU with bf16; a CPU
     whose oneDNN has bf16 kernels, e.g. AVX512-BF16 or AMX), else full precision (`train.resolve_precision`).
     """
@@ -142,6 +144,7 @@ class TrainConfig:
     ema_warmup: bool = True
     max_nonfinite_steps: int = 20
     init: str | None = None
+    guide_step: int | None = None
 
 
 @dataclass
@@ -317,6 +320,10 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(optim.warmup_steps >= 0 and optim.grad_clip >= 0 and optim.grad_accumulation >= 1,
              "optim.warmup_steps and optim.grad_clip must be >= 0, optim.grad_accumulation >= 1")
     _require(0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    guide_step = config.train.guide_step
+    _require(guide_step is None or 1 <= guide_step < config.train.max_steps,
+             f"train.guide_step must be a step in [1, train.max_steps) or null, got {guide_step} (max_steps "
+             f"{config.train.max_steps}); lower it, or --set train.guide_step=null for no guide")
     _require(0 <= config.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     _require(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
     _require(0 <= objective.label_dropout < 1,

@@ -31,7 +31,7 @@ class InitialModel:
         settings: its constructor settings (config.json without diffusers' private keys).
         class_name: "DiT" or "UNet".
         manifest: the cache manifest it was trained on.
-        source: where it came from, for messages.
+        source: where it came from, for messages (the option and the path, e.g. "--init runs/a").
     """
 
     model: ModelMixin
@@ -41,29 +41,39 @@ class InitialModel:
     source: str
 
 
-def model_folder(path: str | Path) -> Path:
+def model_folder(path: str | Path, flag: str = "--init") -> Path:
     """The model folder inside a training run (`model/`) or a pipeline folder (`transformer/`)."""
     path = Path(path)
     for candidate in (path / "model", path / "transformer"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise LatentflowError(f"--init {path}: neither a finished training run (model/config.json) nor a pipeline "
+    raise LatentflowError(f"{flag} {path}: neither a finished training run (model/config.json) nor a pipeline "
                           f"folder (transformer/config.json); give the output_dir of `latentflow train` or an "
                           f"exported pipeline")
 
 
-def load_initial_model(path: str | Path) -> InitialModel:
-    """Load the model and the cache manifest of a run or pipeline folder."""
+def load_initial_model(path: str | Path, flag: str = "--init") -> InitialModel:
+    """Load the model and the cache manifest of a run or pipeline folder, or the EMA model of a checkpoint of a
+    finished run (RUN/checkpoints/step-N) (`flag` names the option in errors)."""
     from latentflow.models import load_model
+    from latentflow.train.checkpoint import is_checkpoint, load_ema_model
+    from latentflow.train.config import load_config
 
-    folder = model_folder(path)
-    manifest_file = Path(path) / "cache_manifest.json"
+    path = Path(path)
+    checkpoint_run = path.parent.parent if is_checkpoint(path) else None
+    folder = None if checkpoint_run is not None else model_folder(path, flag)
+    manifest_file = (checkpoint_run or path) / "cache_manifest.json"
     if not manifest_file.is_file():
-        raise LatentflowError(f"--init {path}: no cache_manifest.json, so its latents cannot be checked against "
-                              f"this run's cache; use a training run folder or a pipeline written by export")
-    model = load_model(folder).eval()
+        raise LatentflowError(f"{flag} {path}: no cache_manifest.json in {manifest_file.parent}, so its latents "
+                              f"cannot be checked against this run's cache; use a finished training run folder "
+                              f"(or one of its checkpoints) or a pipeline written by export")
+    if checkpoint_run is not None:
+        model = load_ema_model(path, load_config(checkpoint_run / "config.yaml").model.name)
+    else:
+        model = load_model(folder).eval()
     settings = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
-    return InitialModel(model, settings, type(model).__name__, read_json(manifest_file, "cache manifest"), str(path))
+    return InitialModel(model, settings, type(model).__name__, read_json(manifest_file, "cache manifest"),
+                        f"{flag} {path}")
 
 
 def check_same_latents(initial: InitialModel, cache_manifest: dict[str, Any], normalize: bool,
@@ -75,13 +85,13 @@ def check_same_latents(initial: InitialModel, cache_manifest: dict[str, Any], no
     """
     differing = identity_differences(initial.manifest["vae"], cache_manifest["vae"])
     if differing:
-        raise LatentflowError(f"--init {initial.source} was trained on latents of another VAE than cache "
+        raise LatentflowError(f"{initial.source} was trained on latents of another VAE than cache "
                               f"{cache_path} ({', '.join(sorted(differing))} differ); encode with its VAE")
     if normalize:
         for key in ("channel_mean", "channel_std"):
             mine, theirs = torch.tensor(cache_manifest[key]), torch.tensor(initial.manifest[key])
             if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5):
-                raise LatentflowError(f"--init {initial.source} normalised its latents with other {key} than cache "
+                raise LatentflowError(f"{initial.source} normalised its latents with other {key} than cache "
                                       f"{cache_path}; train on the same cache or set data.normalize=false in both")
 
 
@@ -95,7 +105,7 @@ def merged_settings(initial: InitialModel, requested: dict[str, Any], flow_map: 
                  if key != "flow_map" and initial.settings.get(key) != value}
     if conflicts:
         listed = ", ".join(f"{key}={want!r} (start model: {have!r})" for key, (want, have) in conflicts.items())
-        raise LatentflowError(f"model.settings differ from --init {initial.source}: {listed}; drop them (the start "
+        raise LatentflowError(f"model.settings differ from {initial.source}: {listed}; drop them (the start "
                               f"model's settings are used)")
     return {**initial.settings, "flow_map": bool(flow_map or initial.settings.get("flow_map", False))}
 
@@ -109,5 +119,5 @@ def load_initial_weights(model: torch.nn.Module, initial: InitialModel) -> None:
     result = model.load_state_dict(initial.model.state_dict(), strict=False)
     missing = [key for key in result.missing_keys if not key.startswith(FLOW_MAP_KEYS)]
     if missing or result.unexpected_keys:
-        raise LatentflowError(f"--init {initial.source}: weights do not fit the model (missing {missing[:3]}, "
+        raise LatentflowError(f"{initial.source}: weights do not fit the model (missing {missing[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]})")

@@ -67,9 +67,9 @@ from latentflow.train.previews import load_preview_vae, preview_latents, write_p
 if TYPE_CHECKING:
     from latentflow.data.elastic import StepBatch, StepLayout
 
-EMA_FILE = "ema.safetensors"
-STATE_FILE = "trainer_state.json"
-MODEL_CONFIG_FILE = "model_config.json"
+EMA_FILE, STATE_FILE, MODEL_CONFIG_FILE = ckpt.EMA_FILE, ckpt.STATE_FILE, ckpt.MODEL_CONFIG_FILE
+GUIDE_DIR = "guide"
+"""OUT/guide: the EMA model at `train.guide_step` (diffusers format), the pipeline's guide after export."""
 
 
 @dataclass
@@ -243,7 +243,7 @@ class Trainer:
             name, settings = initial.class_name.lower(), merged_settings(initial, config.model.settings, flow_map)
             config.model.name, config.model.settings = name, settings  # the run's saved config names the model
         check_model_matches_cache(settings, cache_shape, self.num_classes, config.data.cache,
-                                  f"--init {initial.source}" if initial else "model.settings")
+                                  initial.source if initial else "model.settings")
         set_seed(config.train.seed)
         model = make_model(name, **settings)
         if initial is not None:
@@ -505,6 +505,11 @@ class Trainer:
         if resume:
             info = self.load_checkpoint(resume)
             accelerator.print(f"resumed from {info.path} at step {info.step}")
+            guide_step = config.train.guide_step
+            if guide_step is not None and info.step >= guide_step and not (self.output_dir / GUIDE_DIR).is_dir():
+                accelerator.print(f"train.guide_step={guide_step} is behind this resume (step {info.step}) and "
+                                  f"{self.output_dir / GUIDE_DIR} was not written: the run will have no guide; "
+                                  f"export with --guide RUN_OR_PIPE to guide with another model")
         vae = load_preview_vae(accelerator, config.sample.vae, self.cache.vae_identity) if config.sample.every else None
         csv_log = None
         if accelerator.is_main_process:
@@ -548,6 +553,8 @@ class Trainer:
                 row.pop("skipped")
                 self._log(row, csv_log)
                 busy, steps_since = 0.0, 0
+            if step == config.train.guide_step:
+                self.write_model(GUIDE_DIR)  # before the step's checkpoint: a checkpoint past it implies the guide
             if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.max_steps:
                 self.save_checkpoint()
         progress.close()
@@ -570,15 +577,20 @@ class Trainer:
         if self.accelerator.log_with:
             self.accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
 
-    def export(self) -> Path | None:
-        """Write the EMA model to OUT/model (diffusers format, replaced atomically) and the cache manifest beside it."""
+    def write_model(self, name: str) -> Path | None:
+        """Write the EMA model to OUT/`name` (diffusers format, replaced atomically); the main process's path."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         self.ema.gather()  # sharded: the full EMA weights, assembled on the main process
         if not accelerator.is_main_process:
             return None
-        target = write_folder_atomic(self.output_dir / "model", lambda folder: self.ema.model.save_pretrained(folder))
-        write_json_atomic(self.output_dir / "cache_manifest.json", self.cache.manifest, indent=1)
+        return write_folder_atomic(self.output_dir / name, lambda folder: self.ema.model.save_pretrained(folder))
+
+    def export(self) -> Path | None:
+        """Write the EMA model to OUT/model and the cache manifest beside it."""
+        target = self.write_model("model")
+        if target is not None:
+            write_json_atomic(self.output_dir / "cache_manifest.json", self.cache.manifest, indent=1)
         return target
 
 
