@@ -44,15 +44,17 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--data", str(data.parent), "--vae", str(TAEF2), "--out", str(out), "--train-steps", "2",
             "--eval-images", "4", "--sweep", "euler:1", "--grid-images", "4",
-            "--set", "data.batch_size=8", "--set", "sample.every=0", "--set", "checkpoint.every=1"]
+            "--set", "data.batch_size=8", "--set", "sample.every=0", "--set", "checkpoint.every=1",
+            "--set", "train.guide_step=1"]
     assert main(args) == 0
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["num_samples"] == 16 and manifest["latent_shape"] == [32, 8, 8]
     assert (out / "run" / "model" / "config.json").is_file()
     assert (out / "pipeline" / "model_index.json").is_file()
     assert (out / "samples.png").stat().st_size > 1000
+    assert (out / "pipeline" / "guide" / "config.json").is_file()  # the step-1 EMA, from run/guide
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
-    assert evaluation["results"][0]["nfe"] == 1
+    assert evaluation["results"][0]["nfe"] == 1 and evaluation["guide"] is True
     assert [row["setting"] for row in evaluation["floors"]] == ["floor: real vs real", "floor: VAE round trip"]
     assert all(row["num_samples"] == 4 for row in evaluation["floors"])
     assert Image.open(out / "samples_by_class.png").size == (8 * 66 + 2, 2 * 66 + 2)  # a row for each class
