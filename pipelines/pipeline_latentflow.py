@@ -256,9 +256,9 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _guide_model(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                      r: torch.Tensor | None = None) -> torch.Tensor:
         labels = labels if getattr(self.guide.config, "num_classes", 0) else None
-        x = x.to(self.guide.dtype)
-        output = self.guide(x, t, class_labels=labels) if r is None else self.guide(x, t, labels, r=r)
-        return (output.sample if hasattr(output, "sample") else output).to(x.dtype)
+        inputs = x.to(self.guide.dtype)
+        output = self.guide(inputs, t, class_labels=labels) if r is None else self.guide(inputs, t, labels, r=r)
+        return (output.sample if hasattr(output, "sample") else output).to(x.dtype)  # back to the model's dtype
 
     def _guided_field(self, labels: torch.Tensor | None, guidance_scale: float,
                       guidance_interval: tuple[float, float] | None = None, use_guide: bool = True) -> Field:

@@ -347,6 +347,17 @@ def test_pipeline_guide_samples_its_known_answer_and_round_trips(pipe, tmp_path)
                        plain.images)
 
 
+def test_a_guide_in_another_dtype_answers_in_the_models_dtype(pipe):
+    guide = tiny_dit(seed=7).to(torch.float64)
+    guided = LatentFlowPipeline(transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler, guide=guide)
+    x, t, labels = torch.randn(2, 4, 8, 8, generator=seeded(3)), torch.full((2,), 0.3), torch.tensor([1, 2])
+    out = guided._guided_field(labels, 3.0)(x, t)
+    unconditional = guide(x.double(), t, class_labels=torch.tensor([3, 3])).float()
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, unconditional + 3.0 * (pipe.transformer(x, t, class_labels=labels) - unconditional),
+                          atol=1e-5)
+
+
 def test_a_folder_saved_before_guides_existed_loads_without_one(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     index_file = tmp_path / "pipe" / "model_index.json"
