@@ -11,8 +11,9 @@
 # RECIPE=demo: the same four runs with the demo's recipe instead (configs/flowers64_demo.yaml as measured in session
 # 10: 4,000 steps, no guide; the
 # dataset runs set objective.ot_scope=dataset on it; about twice as long); RUNS="otcfm dataset" trains and evaluates
-# only those.
-# Usage: [RECIPE=2k|demo] [RUNS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
+# only those. RECIPE=guide: the shipped demo recipe (configs/flowers64_demo.yaml as is: 2,000 steps, guided at sampling
+# by the run's own EMA at step 500; the dataset run's guide is its own step-500 EMA).
+# Usage: [RECIPE=2k|demo|guide] [RUNS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
@@ -21,7 +22,9 @@ case ${RECIPE:-2k} in
     2k) MINIBATCH=(configs/flowers64_otcfm_2k.yaml); DATASET=(configs/flowers64_dataset_ot.yaml) ;;
     demo) MINIBATCH=(configs/flowers64_demo.yaml --set train.max_steps=4000 --set train.guide_step=null)
           DATASET=("${MINIBATCH[@]}" --set objective.ot_scope=dataset --set objective.class_aware=true) ;;
-    *) echo "RECIPE must be 2k or demo, got ${RECIPE}" >&2; exit 2 ;;
+    guide) MINIBATCH=(configs/flowers64_demo.yaml)
+           DATASET=("${MINIBATCH[@]}" --set objective.ot_scope=dataset --set objective.class_aware=true) ;;
+    *) echo "RECIPE must be 2k, demo or guide, got ${RECIPE}" >&2; exit 2 ;;
 esac
 read -r -a RUNS <<< "${RUNS:-rf otcfm dataset dataset-blind}"
 wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
