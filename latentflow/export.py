@@ -148,8 +148,8 @@ def load_guide(run: Path, manifest: dict[str, Any], normalize: bool, guide: str 
     """The guide model for a run's pipeline: True takes RUN/guide when the run wrote one, False none, a path the
     EMA model of that run or pipeline folder or checkpoint of a finished run, trained on the same latents."""
     from latentflow.models import load_model
+    from latentflow.train.checkpoint import GUIDE_DIR
     from latentflow.train.init import check_same_latents, load_initial_model
-    from latentflow.train.trainer import GUIDE_DIR
 
     if guide is False or (guide is True and not (run / GUIDE_DIR / "config.json").is_file()):
         return None

@@ -23,6 +23,8 @@ RECORD_NAME = "checkpoint.json"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
+GUIDE_DIR = "guide"
+"""RUN/guide: the EMA model at `train.guide_step` (diffusers format), the pipeline's guide after export."""
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 

@@ -42,6 +42,7 @@ from latentflow.flow.objectives import (
 from latentflow.io import folder_lock, tree_size, write_folder_atomic, write_json_atomic, write_text_atomic, writing
 from latentflow.models import make_model
 from latentflow.train import checkpoint as ckpt
+from latentflow.train.checkpoint import EMA_FILE, GUIDE_DIR, MODEL_CONFIG_FILE, STATE_FILE
 from latentflow.train.config import Config, ObjectiveConfig, flat_config, save_config, validate_config
 from latentflow.train.ema import EMA
 from latentflow.train.init import (
@@ -66,10 +67,6 @@ from latentflow.train.previews import load_preview_vae, preview_latents, write_p
 
 if TYPE_CHECKING:
     from latentflow.data.elastic import StepBatch, StepLayout
-
-EMA_FILE, STATE_FILE, MODEL_CONFIG_FILE = ckpt.EMA_FILE, ckpt.STATE_FILE, ckpt.MODEL_CONFIG_FILE
-GUIDE_DIR = "guide"
-"""OUT/guide: the EMA model at `train.guide_step` (diffusers format), the pipeline's guide after export."""
 
 
 @dataclass
