@@ -66,7 +66,9 @@ def main() -> None:
                          f"{coupling['exact_ot_cost']:.4f}" if "exact_ot_agreement" in coupling else "")
                 print(f"    training points' own W2 to the held-out ones {coupling['w2_training_points']:.3f}; "
                       f"potential: fit {coupling['fit_seconds']:.0f} s, balance excess "
-                      f"{coupling['balance_excess']:.4f}{exact}", flush=True)
+                      f"{coupling['balance_excess']:.4f}, pairs' mean squared distance "
+                      f"{coupling['pair_cost'] / coupling['independent_cost']:.3f}x independent pairs'{exact}",
+                      flush=True)
     print(f"\nwidth {args.width}, {args.steps} steps, seeds {seeds}, W2 on {args.eval_samples} held-out points, "
           f"otcfm-dataset on {args.dataset_size} training points"
           f"{' (the others too: --finite-data)' if args.finite_data else ''}")

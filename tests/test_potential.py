@@ -69,6 +69,11 @@ def test_the_fit_writes_a_balanced_potential_and_a_rerun_does_nothing(fitted: Pa
     assert info["finished"] and info["points"] == 20 and info["dim"] == 32 * 8 * 8 and not state_path.exists()
     assert info["balance"]["excess"] < 0.02 and info["balance"]["min_over_mean"] > 0.7
     assert record(fitted, "aware")["groups"] == [PER_CLASS] * 5 and record(fitted, "aware")["class_aware"]
+    blind, aware = info["balance"], record(fitted, "aware")["balance"]
+    points = load_dataset_cells(LatentCache(fitted), "potential", normalized=True, random_flip=False).points
+    assert blind["independent_cost"] == pytest.approx(32 * 8 * 8 + float(points.flatten(1).square().sum(1).mean()))
+    # OT over all 20 latents pairs closer than OT within the drawn class, and both closer than independent pairs
+    assert blind["pair_cost"] < aware["pair_cost"] < aware["independent_cost"]
     modified = potential_path.stat().st_mtime_ns
     capsys.readouterr()
     assert ot_fit(fitted) == 0

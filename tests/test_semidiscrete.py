@@ -101,6 +101,16 @@ def test_balance_is_at_the_sampling_floor_when_fitted_and_far_above_it_at_zero()
     assert unfitted.excess > 0.2 and unfitted.min_over_mean < 0.3
 
 
+def test_pair_cost_of_two_symmetric_points_has_its_closed_form() -> None:
+    # y = +-a e1 in 3D: by symmetry g = 0 and x goes to the point on its side of x1 = 0, so the mean squared pair
+    # distance is E||x||^2 + a^2 - 2a E|x1| = 3 + a^2 - 2a sqrt(2 / pi); independent pairs cost 3 + a^2
+    a = 2.0
+    points = torch.tensor([[a, 0.0, 0.0], [-a, 0.0, 0.0]])
+    balance = measure_balance(LaguerreCells(points, torch.zeros(2)), draws_per_point=40000, seed=1)
+    assert balance.independent_cost == pytest.approx(3 + a**2)
+    assert balance.pair_cost == pytest.approx(3 + a**2 - 2 * a * math.sqrt(2 / math.pi), abs=0.05)
+
+
 def test_entropic_draws_follow_the_softmax_of_the_scores() -> None:
     points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     potential = torch.tensor([0.3, -0.2, 0.1])

@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.path}: {result.points} points, {result.steps_run} steps in {result.seconds:.1f} s; balance: "
           f"total variation {balance['total_variation']:.4f} (sampling floor {balance['sampling_floor']:.4f}, "
           f"excess {balance['excess']:.4f}), fullest cell {balance['max_over_mean']:.2f}x, emptiest "
-          f"{balance['min_over_mean']:.2f}x the mean")
+          f"{balance['min_over_mean']:.2f}x the mean; pairs: mean squared distance {balance['pair_cost']:.4g}, "
+          f"{balance['pair_cost'] / balance['independent_cost']:.3f}x independent pairing's "
+          f"{balance['independent_cost']:.4g}")
     return 0
 
 

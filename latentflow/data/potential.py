@@ -6,7 +6,8 @@ Files, in `CACHE/ot/`:
     NAME.safetensors      `potential` (P,) float32, one value per point (points: the cache's latents in load
                           order, then their flip variants when fitted with flips), per class when class-aware
     NAME.json             the cache's fingerprint (sha256 of its manifest), the point space (normalised,
-                          flips), the settings, whether the fit finished, the final dual and the balance
+                          flips), the settings, whether the fit finished, the final dual, the balance and
+                          the pairs' mean squared distance beside independent pairing's
     NAME.state.safetensors  the unfinished fit's optimiser state (removed when it finishes)
 Every file is written to a temporary name and renamed, so an interrupted fit resumes from its last state.
 """
@@ -164,7 +165,8 @@ class _GroupFits:
 
 
 def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitConfig) -> dict[str, Any]:
-    """Balance of each group's cells; the worst group's figures, and every group's excess."""
+    """Balance of each group's cells: the worst group's figures, every group's excess, and the pairs' mean
+    squared distance (with independent pairing's) over all groups."""
     flat = points.points.reshape(points.points.shape[0], -1).to(config.device)
     balances: list[Balance] = []
     for index, group in enumerate(points.groups):
@@ -172,7 +174,13 @@ def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitC
                               config.fit.epsilon)
         balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1)))
     worst = max(balances, key=lambda balance: balance.excess)
-    return {**asdict(worst), "excess": worst.excess, "per_group_excess": [b.excess for b in balances]}
+    sizes = [group.numel() for group in points.groups]
+
+    def over_groups(name: str) -> float:  # weighted by group size: a draw's class is drawn with its share
+        return sum(size * getattr(balance, name) for size, balance in zip(sizes, balances)) / sum(sizes)
+
+    return {**asdict(worst), "excess": worst.excess, "per_group_excess": [b.excess for b in balances],
+            "pair_cost": over_groups("pair_cost"), "independent_cost": over_groups("independent_cost")}
 
 
 def _check_existing(json_path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:

@@ -263,6 +263,10 @@ class Balance:
             (0.5 sqrt(2 / (pi m)) for m draws per point, the Poisson counts' mean absolute deviation).
         chi_square_per_dof: Pearson's chi-square against uniform counts over N - 1 (about 1 when balanced).
         max_over_mean, min_over_mean: the fullest and emptiest cell against the mean count.
+        pair_cost: the draws' mean squared distance to their paired point, mean ||x - T(x)||^2.
+        independent_cost: what independent pairing costs, E||x - y||^2 = D + mean_j ||y_j||^2 for x ~ N(0, I)
+            and y uniform over the points: pair_cost / independent_cost is how much shorter the pairs are, the
+            room a coupling has to straighten paths (in high dimensions with few points it is small).
     """
 
     draws_per_point: int
@@ -271,6 +275,8 @@ class Balance:
     chi_square_per_dof: float
     max_over_mean: float
     min_over_mean: float
+    pair_cost: float
+    independent_cost: float
 
     @property
     def excess(self) -> float:
@@ -282,12 +288,14 @@ def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch
     """Pair draws_per_point x N fresh noise rows (seeded by `seed`) with `cells` and count each point's share."""
     count = cells.points.shape[0]
     counts = torch.zeros(count, dtype=torch.float64, device=cells.points.device)
-    total, batch = draws_per_point * count, 0
+    total, batch, cost = draws_per_point * count, 0, 0.0
     generator = torch.Generator(device=cells.points.device).manual_seed(seed)
     while total > 0:
         rows = min(batch_size, total)
         x0 = noise_for_step(seed, 10**9 + batch, rows, cells.points.shape[1], cells.points.device)
-        counts += torch.bincount(cells.assign(x0, generator), minlength=count).double()
+        paired = cells.assign(x0, generator)
+        counts += torch.bincount(paired, minlength=count).double()
+        cost += float((x0 - cells.points[paired]).square().sum(1).double().sum())
         total, batch = total - rows, batch + 1
     mean = counts.mean()
     return Balance(
@@ -297,4 +305,6 @@ def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch
         chi_square_per_dof=float(((counts - mean) ** 2 / mean).sum() / max(1, count - 1)),
         max_over_mean=float(counts.max() / mean),
         min_over_mean=float(counts.min() / mean),
+        pair_cost=cost / (draws_per_point * count),
+        independent_cost=cells.points.shape[1] + float(cells.points.double().square().sum(1).mean()),
     )

@@ -458,7 +458,8 @@ def dataset_ot_pairs(settings: LabSettings, target: Sampler) -> tuple[CoupledSam
     draws = max(20, min(200, BALANCE_DRAWS // settings.dataset_size))
     balance = measure_balance(cells, draws_per_point=draws, seed=settings.seed + 5)
     report = {"dataset_size": settings.dataset_size, "fit_seconds": seconds, "balance_excess": balance.excess,
-              "balance_total_variation": balance.total_variation}
+              "balance_total_variation": balance.total_variation, "pair_cost": balance.pair_cost,
+              "independent_cost": balance.independent_cost}
     if settings.dataset_size <= EXACT_OT_MAX_POINTS:
         report.update(exact_ot_comparison(cells, settings.seed))
     return CoupledSamplers(noise, endpoint, seconds), report
