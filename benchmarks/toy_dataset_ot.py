@@ -1,7 +1,7 @@
 """2D lab, dataset-scale OT in one run: W2 at NFE 1 of `otcfm-dataset` (semidiscrete OT pairs of Gaussian noise
 and a fixed training set of 2,000 target points) against minibatch `otcfm` (batch 256) and `cfm`.
 
-For gaussian -> moons and gaussian -> checkerboard and each seed, the lab trains the same MLP (width, Adam 1e-3
+For gaussian -> moons and gaussian -> checkerboard and each seed, the lab trains the same MLP (width, Adam at `--lr`
 with cosine decay, `--steps` steps) with each objective; W2 is measured against 2,000 held-out target points as
 for every lab run. otcfm-dataset also reports its potential's fit time and balance, and how its pairs compare
 with the exact discrete OT of twice as many fresh draws onto the training set (agreement, mean squared pair
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (cosine decay to zero)")
+    parser.add_argument("--time-sampler", default=None, help="uniform (the lab's default) or logit_normal")
     parser.add_argument("--eval-samples", type=int, default=2000, help="held-out target points W2 is measured on")
     parser.add_argument("--dataset-size", type=int, default=2000, help="otcfm-dataset's training points")
     parser.add_argument("--targets", default=",".join(TARGETS))
@@ -51,7 +53,8 @@ def main() -> None:
         for target in targets:
             for seed in seeds:
                 base = LabSettings(source="gaussian", target=target, steps=args.steps, seed=seed, nfe=nfe,
-                                   width=args.width, lr_schedule="cosine", workers=0,
+                                   width=args.width, learning_rate=args.lr, lr_schedule="cosine", workers=0,
+                                   time_sampler=args.time_sampler,
                                    eval_samples=args.eval_samples, dataset_size=args.dataset_size,
                                    finite_data=args.finite_data)
                 results = {name: run_lab(LabSettings(**{**base.__dict__, "objective": name}), Path(scratch) / name)[0]
@@ -69,8 +72,8 @@ def main() -> None:
                       f"{coupling['balance_excess']:.4f}, pairs' mean squared distance "
                       f"{coupling['pair_cost'] / coupling['independent_cost']:.3f}x independent pairs'{exact}",
                       flush=True)
-    print(f"\nwidth {args.width}, {args.steps} steps, seeds {seeds}, W2 on {args.eval_samples} held-out points, "
-          f"otcfm-dataset on {args.dataset_size} training points"
+    print(f"\nwidth {args.width}, lr {args.lr:g}, {args.steps} steps, seeds {seeds}, W2 on {args.eval_samples} "
+          f"held-out points, otcfm-dataset on {args.dataset_size} training points"
           f"{' (the others too: --finite-data)' if args.finite_data else ''}")
     for target in targets:
         ratio = statistics.mean(ratios[target])
