@@ -285,7 +285,8 @@ class Balance:
 
 
 def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch_size: int = 4096) -> Balance:
-    """Pair draws_per_point x N fresh noise rows (seeded by `seed`) with `cells` and count each point's share."""
+    """Pair draws_per_point x N fresh noise rows (seeded by `seed`) with `cells`: each point's share, and the
+    pairs' mean squared distance beside independent pairing's."""
     count = cells.points.shape[0]
     counts = torch.zeros(count, dtype=torch.float64, device=cells.points.device)
     total, batch, cost = draws_per_point * count, 0, 0.0
