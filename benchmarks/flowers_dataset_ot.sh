@@ -11,22 +11,26 @@
 # RECIPE=demo: the same four runs with the demo's recipe instead (configs/flowers64_demo.yaml as measured in session
 # 10: 4,000 steps, no guide; the
 # dataset runs set objective.ot_scope=dataset on it; about twice as long); RUNS="otcfm dataset" trains and evaluates
-# only those. RECIPE=guide: the shipped demo recipe (configs/flowers64_demo.yaml as is: 2,000 steps, guided at sampling
+# only those. RECIPE=guide: the shipped demo recipe (configs/flowers64_demo.yaml: 2,000 steps, guided at sampling
 # by the run's own EMA at step 500; the dataset run's guide is its own step-500 EMA).
-# Usage: [RECIPE=2k|demo|guide] [RUNS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
+# OT_FIT_ARGS="--steps 300": options passed to every ot-fit (a shorter fit; cpu2_flowers_dataset_ot_fit300.txt).
+# Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
 OUT=${2:-runs/dataset_ot}
 case ${RECIPE:-2k} in
     2k) MINIBATCH=(configs/flowers64_otcfm_2k.yaml); DATASET=(configs/flowers64_dataset_ot.yaml) ;;
-    demo) MINIBATCH=(configs/flowers64_demo.yaml --set train.max_steps=4000 --set train.guide_step=null)
+    # the demo's config pairs over the whole cache since session 14: its minibatch form sets ot_scope back to local
+    demo) MINIBATCH=(configs/flowers64_demo.yaml --set train.max_steps=4000 --set train.guide_step=null
+                     --set objective.ot_scope=local --set objective.class_aware=false)
           DATASET=("${MINIBATCH[@]}" --set objective.ot_scope=dataset --set objective.class_aware=true) ;;
-    guide) MINIBATCH=(configs/flowers64_demo.yaml)
+    guide) MINIBATCH=(configs/flowers64_demo.yaml --set objective.ot_scope=local --set objective.class_aware=false)
            DATASET=("${MINIBATCH[@]}" --set objective.ot_scope=dataset --set objective.class_aware=true) ;;
     *) echo "RECIPE must be 2k, demo or guide, got ${RECIPE}" >&2; exit 2 ;;
 esac
 read -r -a RUNS <<< "${RUNS:-rf otcfm dataset dataset-blind}"
+read -r -a OT_FIT_ARGS <<< "${OT_FIT_ARGS:-}"
 wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
 LF=.venv/bin/latentflow
 FLOWERS=../shared/data/tf_flowers/images_128
@@ -41,7 +45,7 @@ for kind in aware blind; do
     wanted dataset$([ $kind = blind ] && echo -blind) || continue
     stamp "ot-fit $kind"
     start=$(seconds)
-    $LF ot-fit "$DEMO/cache" --name "$kind" $([ $kind = aware ] && echo --class-aware) --no-progress
+    $LF ot-fit "$DEMO/cache" --name "$kind" $([ $kind = aware ] && echo --class-aware) --no-progress "${OT_FIT_ARGS[@]}"
     echo "ot-fit $kind seconds: $(( $(seconds) - start ))"
 done
 
