@@ -39,14 +39,22 @@ def test_find_splits_uses_train_and_val_folders(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_resumes(tmp_path):
+def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     data = small_flowers(tmp_path, 8)
     out = tmp_path / "demo"
     args = ["demo", "--data", str(data.parent), "--vae", str(TAEF2), "--out", str(out), "--train-steps", "2",
             "--eval-images", "4", "--sweep", "euler:1", "--grid-images", "4",
             "--set", "data.batch_size=8", "--set", "sample.every=0", "--set", "checkpoint.every=1",
-            "--set", "train.guide_step=1"]
+            "--set", "train.guide_step=1", "--ot-fit-steps", "20",
+            "--set", "objective.ot_max_imbalance=1"]  # 20 steps leave 16 points unbalanced; the wiring is tested
     assert main(args) == 0
+    stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert [line.split()[1] for line in stages] == [f"{k}/6" for k in range(1, 7)]
+    assert stages[1].startswith("== 2/6 fit the dataset OT potential 'demo'")
+    potential = json.loads((out / "cache" / "ot" / "demo.json").read_text())  # the shipped config pairs through it
+    assert potential["finished"] and potential["class_aware"] and potential["step"] == 20
+    balance = potential["balance"]
+    assert potential["groups"] == [8, 8] and balance["pair_cost"] < balance["independent_cost"]
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["num_samples"] == 16 and manifest["latent_shape"] == [32, 8, 8]
     assert (out / "run" / "model" / "config.json").is_file()
@@ -60,7 +68,22 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert Image.open(out / "samples_by_class.png").size == (8 * 66 + 2, 2 * 66 + 2)  # a row for each class
     card = (out / "pipeline" / "README.md").read_text()
     assert "library_name: diffusers" in card and "floor: VAE round trip" in card and "![samples](samples.png)" in card
-    # a second run resumes: nothing re-encoded, training already at its last step
+    # a second run resumes: nothing re-encoded, the potential reused, training already at its last step
     assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "(0 newly encoded" in printed and ", reused;" in printed
     log = (out / "run" / "log.csv").read_text().splitlines()
     assert len(log) == len(set(log))
+
+
+@pytest.mark.slow
+def test_demo_with_minibatch_pairing_has_no_fit_stage(tmp_path, capsys):
+    data = small_flowers(tmp_path, 4)
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(data.parent), "--vae", str(TAEF2), "--out", str(out), "--train-steps", "1",
+                 "--eval-images", "2", "--sweep", "euler:1", "--grid-images", "1", "--no-floors",
+                 "--set", "data.batch_size=4", "--set", "sample.every=0", "--set", "train.guide_step=null",
+                 "--set", "objective.ot_scope=local", "--set", "objective.class_aware=false"]) == 0
+    stages = [line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert stages == [["1/5", "encode"], ["2/5", "train"], ["3/5", "export"], ["4/5", "sample"], ["5/5", "FID"]]
+    assert not (out / "cache" / "ot").exists()

@@ -10,7 +10,8 @@ from latentflow.demo import DEFAULT_CONFIG, DemoSettings
 
 def register(subparsers) -> None:
     defaults = DemoSettings()
-    parser = subparsers.add_parser("demo", help="encode, train (OT-CFM), export, sample and evaluate, end to end",
+    parser = subparsers.add_parser("demo", help="encode, fit the dataset OT potential, train (OT-CFM), export, "
+                                   "sample and evaluate, end to end",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=defaults.data,
                         help="image folder (with train/ and val/ if any), shards or hf:NAME")
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
                         help="skip the floors (real vs real, the VAE floor) beside the FIDs")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
     parser.add_argument("--grid-images", type=int, default=defaults.grid_images)
+    parser.add_argument("--ot-fit-steps", type=int, default=defaults.ot_fit_steps,
+                        help="ascent steps of the dataset OT potential (configs with objective.ot_scope: dataset)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.set_defaults(func=run)
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(data=args.data, vae=args.vae, out=args.out, config=args.config,
                             resolution=args.resolution, train_steps=args.train_steps, eval_images=args.eval_images,
                             sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides,
-                            floors=args.floors, guidance_scale=args.guidance_scale,
+                            floors=args.floors, guidance_scale=args.guidance_scale, ot_fit_steps=args.ot_fit_steps,
                             guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
     results = run_demo(settings)
     print("\nresults:")
