@@ -33,6 +33,22 @@ def card_metadata(scheduler_config: dict[str, Any], manifest: dict[str, Any] | N
     return metadata
 
 
+def pairing_text(objective: dict[str, Any]) -> str:
+    """How training paired noise with latents, from the run's `objective` config section."""
+    from latentflow.flow.objectives import OT_OBJECTIVES
+
+    per_class = " within each class" if objective.get("class_aware") else ""
+    if objective.get("coupling") == "stored":
+        return "the stored (noise, endpoint) pairs of a couplings cache (`latentflow reflow`)"
+    if objective.get("ot_scope") == "dataset":
+        return (f"every noise draw with its optimal latent of the whole cache{per_class} (dataset OT through the "
+                f"semidiscrete potential `{objective.get('ot_potential')}` of `latentflow ot-fit`)")
+    if objective.get("name") in OT_OBJECTIVES:
+        where = "the global batch across processes" if objective.get("ot_scope") == "global" else "each batch"
+        return f"minibatch OT: one OT plan for {where}{per_class}"
+    return "independent draws"
+
+
 def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] | None,
                     training: dict[str, Any] | None) -> list[str]:
     lines = [f"- objective: `{scheduler_config.get('objective')}` ({scheduler_config.get('prediction_type')} "
@@ -51,6 +67,7 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
         lines.append(f"- model: {model.get('name')} {model.get('settings') or ''}; {train.get('max_steps')} steps "
                      f"at batch {training.get('data', {}).get('batch_size')}, AdamW lr {optim.get('lr')}, "
                      f"EMA {train.get('ema_decay')} (the EMA weights are in `transformer/`)")
+        lines.append(f"- pairs of noise and latents: {pairing_text(training.get('objective', {}))}")
         if train.get("guide_step"):
             lines.append(f"- guide: the EMA weights at step {train['guide_step']} (`guide/`); with guidance its "
                          f"null-class prediction is the unconditional branch (`use_guide=False`: the model's own)")

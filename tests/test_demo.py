@@ -68,6 +68,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert Image.open(out / "samples_by_class.png").size == (8 * 66 + 2, 2 * 66 + 2)  # a row for each class
     card = (out / "pipeline" / "README.md").read_text()
     assert "library_name: diffusers" in card and "floor: VAE round trip" in card and "![samples](samples.png)" in card
+    assert "optimal latent of the whole cache within each class" in card
     # a second run resumes: nothing re-encoded, the potential reused, training already at its last step
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -313,3 +313,15 @@ def test_push_to_hub_offline_fails_with_one_line_after_the_folder_is_complete(ru
     assert "me/flowers" in error and "the folder is complete" in error
     assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
     assert not (out / "samples.png").exists()
+
+
+def test_the_model_card_says_how_noise_was_paired():
+    from latentflow.card import pairing_text
+
+    dataset = pairing_text({"name": "otcfm", "ot_scope": "dataset", "class_aware": True, "ot_potential": "demo"})
+    assert dataset.startswith("every noise draw with its optimal latent of the whole cache within each class")
+    assert "potential `demo`" in dataset
+    assert pairing_text({"name": "otcfm", "ot_scope": "local"}) == "minibatch OT: one OT plan for each batch"
+    assert pairing_text({"name": "otcfm-sinkhorn", "ot_scope": "global"}).endswith("the global batch across processes")
+    assert pairing_text({"name": "rf", "ot_scope": "local"}) == "independent draws"
+    assert "couplings cache" in pairing_text({"name": "rf", "coupling": "stored"})
