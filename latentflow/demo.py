@@ -245,8 +245,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Path]:
     """Run the stages; returns where each result lies."""
     if (settings.eval_images is not None and settings.eval_images < 2) or settings.grid_images < 1:
         raise LatentflowError("--eval-images must be >= 2 and --grid-images >= 1")
-    if settings.ot_fit_steps < 1:
-        raise LatentflowError(f"--ot-fit-steps must be >= 1, got {settings.ot_fit_steps}")
     if Path(settings.vae).exists():  # record local VAEs by absolute path, so later stages find them anywhere
         settings.vae = str(Path(settings.vae).resolve())
     splits = find_splits(settings.data)
@@ -254,6 +252,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Path]:
     cache = settings.out / "cache"
     config = demo_config(settings, cache)  # read before encoding: a bad config or override fails at once
     dataset_ot = config.objective.ot_scope == "dataset"
+    if dataset_ot:  # the fit's own check (steps >= 1), before any encoding
+        from latentflow.flow.semidiscrete import FitSettings
+
+        FitSettings(steps=settings.ot_fit_steps).validate()
     stages = Stages(6 if dataset_ot else 5)
     encode_stage(settings, stages, splits, cache)
     potential = ot_fit_stage(settings, stages, config) if dataset_ot else None
