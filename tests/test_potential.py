@@ -28,7 +28,7 @@ from latentflow.data.potential import (
 )
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import make_objective
-from latentflow.flow.semidiscrete import FitSettings, noise_for_step
+from latentflow.flow.semidiscrete import FitSettings, PotentialFit, noise_for_step
 from latentflow.train.config import load_config, validate_config
 from latentflow.train.pairing import PairingTransform, dataset_cells_for
 
@@ -111,6 +111,19 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_potential(cache: Path, 
     resumed = fit_cache_potential(config)
     assert resumed.steps_run == 20
     assert torch.equal(load_file(str(resumed.path))["potential"], load_file(str(straight.path))["potential"])
+
+
+def test_a_class_aware_fit_is_each_class_fitted_on_its_own(fitted: Path) -> None:
+    # the class-aware fit draws each step's noise once for all classes: the same potential as fitting every
+    # class alone, each drawing that noise itself
+    points = load_points(LatentCache(fitted), normalized=True, flips=False, class_aware=True)
+    settings = FitSettings(steps=300, batch_size=512)
+    potential = load_file(str(potential_paths(fitted, "aware")[0]))["potential"]
+    for group in points.groups:
+        alone = PotentialFit(points.points[group], settings)
+        while not alone.finished:
+            alone.step()
+        assert torch.equal(alone.potential, potential[group])
 
 
 def test_a_second_fit_into_the_same_cache_is_refused_while_the_first_runs(cache: Path, tmp_path: Path) -> None:

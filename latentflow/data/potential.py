@@ -140,8 +140,11 @@ class _GroupFits:
         return min(fit.step_count for fit in self.fits)
 
     def step(self) -> None:
+        """One step of every group's fit on the same noise batch, drawn once (the groups share the seed and
+        step, so each would draw this batch anyway; drawing it is a large part of a small group's step)."""
+        x0 = self.fits[0].noise()
         for fit in self.fits:
-            fit.step()
+            fit.step(x0)
 
     def potential(self) -> torch.Tensor:
         out = torch.zeros(self.total, dtype=torch.float32)

@@ -206,10 +206,15 @@ class PotentialFit:
         progress = self.step_count / self.settings.steps
         return self.settings.lr * self.scale * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def step(self) -> None:
-        """One ascent step: shares of a fresh noise batch, Adam on N * (1/N - share), then averaging."""
-        x0 = noise_for_step(self.settings.seed, self.step_count, self.settings.batch_size, self.points.shape[1],
-                            self.points.device)
+    def step(self, x0: torch.Tensor | None = None) -> None:
+        """One ascent step: shares of a fresh noise batch, Adam on N * (1/N - share), then averaging.
+
+        Args:
+            x0: this step's noise batch when the caller already drew it (the class-aware fit draws it once for
+                all classes); it must be `noise_for_step(seed, step_count, batch_size, dim)`.
+        """
+        if x0 is None:
+            x0 = self.noise()
         if self.scale is None:
             self.scale = cost_scale(self.points, x0)
         cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon)
@@ -224,6 +229,11 @@ class PotentialFit:
         if self.step_count > self.settings.steps // 2:
             self.averaged += 1
             self.average += (self.iterate - self.average) / self.averaged
+
+    def noise(self) -> torch.Tensor:
+        """The noise batch (batch_size, D) of the current step."""
+        return noise_for_step(self.settings.seed, self.step_count, self.settings.batch_size, self.points.shape[1],
+                              self.points.device)
 
     def _adam(self, ascent: torch.Tensor) -> None:
         beta1, beta2 = self.BETAS
