@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--time-sampler", default=None, help="uniform (the lab's default) or logit_normal")
     parser.add_argument("--eval-samples", type=int, default=2000, help="held-out target points W2 is measured on")
     parser.add_argument("--dataset-size", type=int, default=2000, help="otcfm-dataset's training points")
+    parser.add_argument("--ot-steps", type=int, default=LabSettings.ot_steps, help="the potential fit's steps")
+    parser.add_argument("--ot-average-from", type=float, default=LabSettings.ot_average_from,
+                        help="share of the fit's steps after which its iterates are averaged")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--nfe", default="1,2,4,100")
     parser.add_argument("--finite-data", action="store_true",
@@ -56,7 +59,8 @@ def main() -> None:
                                    width=args.width, learning_rate=args.lr, lr_schedule="cosine", workers=0,
                                    time_sampler=args.time_sampler,
                                    eval_samples=args.eval_samples, dataset_size=args.dataset_size,
-                                   finite_data=args.finite_data)
+                                   finite_data=args.finite_data, ot_steps=args.ot_steps,
+                                   ot_average_from=args.ot_average_from)
                 results = {name: run_lab(LabSettings(**{**base.__dict__, "objective": name}), Path(scratch) / name)[0]
                            for name in objectives}
                 ratios[target].append(results["otcfm-dataset"].w2["1"] / results["otcfm"].w2["1"])
@@ -73,7 +77,8 @@ def main() -> None:
                       f"{coupling['pair_cost'] / coupling['independent_cost']:.3f}x independent pairs'{exact}",
                       flush=True)
     print(f"\nwidth {args.width}, lr {args.lr:g}, {args.steps} steps, seeds {seeds}, W2 on {args.eval_samples} "
-          f"held-out points, otcfm-dataset on {args.dataset_size} training points"
+          f"held-out points, otcfm-dataset on {args.dataset_size} training points (potential: {args.ot_steps} "
+          f"steps, averaged from {args.ot_average_from:g} of them)"
           f"{' (the others too: --finite-data)' if args.finite_data else ''}")
     for target in targets:
         ratio = statistics.mean(ratios[target])

@@ -81,6 +81,21 @@ def test_the_fit_writes_a_balanced_potential_and_a_rerun_does_nothing(fitted: Pa
     assert potential_path.stat().st_mtime_ns == modified
 
 
+def test_a_record_older_than_a_setting_counts_as_fitted_with_its_default(fitted: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    copy = tmp_path / "cache"
+    shutil.copytree(fitted, copy)
+    json_path = potential_paths(copy, "potential")[1]
+    old = record(copy)
+    del old["settings"]["average_from"]  # as written before the setting existed
+    json_path.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert ot_fit(copy) == 0
+    assert "complete, nothing to do" in capsys.readouterr().out
+    assert ot_fit(copy, "--average-from", "0.9") != 0
+    assert "a potential with other settings exists" in capsys.readouterr().err
+
+
 def test_pairs_agree_with_the_exact_ot_of_a_large_noise_sample(fitted: Path) -> None:
     cells = load_dataset_cells(LatentCache(fitted), "potential", normalized=True, random_flip=False)
     copies = 50

@@ -137,6 +137,17 @@ def test_a_resumed_fit_equals_an_uninterrupted_one() -> None:
     assert torch.equal(resumed.potential, straight.potential)
 
 
+@pytest.mark.parametrize("average_from", [0.5, 0.75, 1.0])
+def test_the_potential_averages_the_iterates_after_average_from_of_the_steps(average_from: float) -> None:
+    points = torch.randn(30, 3, generator=torch.Generator().manual_seed(2))
+    fitted, iterates = PotentialFit(points, FitSettings(steps=40, batch_size=128, average_from=average_from)), []
+    while not fitted.finished:
+        fitted.step()
+        iterates.append(fitted.iterate.clone())
+    averaged = iterates[int(40 * average_from):] or iterates[-1:]  # steps after the share; 1: the final iterate
+    torch.testing.assert_close(fitted.potential, torch.stack(averaged).mean(0).float(), rtol=0, atol=1e-6)
+
+
 def test_bad_shapes_and_settings_are_refused() -> None:
     with pytest.raises(LatentflowError, match="points \\(N, D\\) and a potential \\(N,\\)"):
         LaguerreCells(torch.zeros(3, 2), torch.zeros(4))
@@ -146,6 +157,8 @@ def test_bad_shapes_and_settings_are_refused() -> None:
         LaguerreCells(torch.zeros(3, 2), torch.zeros(3)).assign(torch.zeros(4, 3))
     with pytest.raises(LatentflowError, match="steps and batch size must be >= 1"):
         PotentialFit(torch.zeros(3, 2), FitSettings(steps=0))
+    with pytest.raises(LatentflowError, match="average_from must be in \\[0, 1\\]"):
+        PotentialFit(torch.zeros(3, 2), FitSettings(average_from=1.5))
     fitted = PotentialFit(torch.zeros(3, 2), FitSettings(steps=5))
     with pytest.raises(LatentflowError, match="belongs to another cache"):
         fitted.load_state_dict(PotentialFit(torch.zeros(4, 2), FitSettings(steps=5)).state_dict())

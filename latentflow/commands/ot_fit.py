@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="ascent steps (per class if class-aware)")
     parser.add_argument("--batch", type=int, default=defaults.batch_size, help="fresh noise draws per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam's first step, in units of the costs' "
-                        "typical spread (cosine-decayed; the second half is averaged)")
+                        "typical spread (cosine-decayed)")
+    parser.add_argument("--average-from", type=float, default=defaults.average_from,
+                        help="share of the steps after which the iterates are averaged (1: the final iterate)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--class-aware", action="store_true", help="one potential per class (pairs within a class)")
     parser.add_argument("--flips", action="store_true", help="include the cache's flip variants as points")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.data.potential import OTFitConfig, fit_cache_potential
     from latentflow.flow.semidiscrete import FitSettings
 
-    settings = FitSettings(steps=args.steps, batch_size=args.batch, epsilon=args.epsilon, lr=args.lr, seed=args.seed)
+    settings = FitSettings(steps=args.steps, batch_size=args.batch, epsilon=args.epsilon, lr=args.lr, seed=args.seed,
+                           average_from=args.average_from)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = OTFitConfig(cache=args.cache, name=args.name, fit=settings, class_aware=args.class_aware,
                          flips=args.flips, normalized=args.normalized, balance_draws=args.balance_draws,

@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--ot-batch", type=int, default=defaults.ot_batch,
                         help="otcfm-dataset: noise draws per fit step")
     parser.add_argument("--ot-lr", type=float, default=defaults.ot_lr, help="otcfm-dataset: potential fit step size")
+    parser.add_argument("--ot-average-from", type=float, default=defaults.ot_average_from,
+                        help="otcfm-dataset: share of the fit's steps after which its iterates are averaged")
     parser.add_argument("--flow-map-share", type=float, default=defaults.flow_map_share,
                         help="meanflow, meanflow-ft, meanflow-reflow: share of (t, r) pairs with r != t")
     parser.add_argument("--flow-map-weight-power", type=float, default=defaults.flow_map_weight_power,
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr, lr_schedule=args.lr_schedule, eval_samples=args.eval_samples, sigma=args.sigma,
         reg=args.reg, workers=args.workers,
         reflow_pairs=args.reflow_pairs, reflow_solver=args.reflow_solver, dataset_size=args.dataset_size,
-        ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr, flow_map_share=args.flow_map_share,
+        ot_steps=args.ot_steps, ot_batch=args.ot_batch, ot_lr=args.ot_lr, ot_average_from=args.ot_average_from,
+        flow_map_share=args.flow_map_share,
         flow_map_weight_power=args.flow_map_weight_power, finetune_steps=args.finetune_steps,
         time_sampler=args.time_sampler, finite_data=args.finite_data,
     )

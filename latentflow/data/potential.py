@@ -191,6 +191,8 @@ def _check_existing(json_path: Path, identity: dict[str, Any]) -> dict[str, Any]
     if not json_path.exists():
         return None
     existing = read_json(json_path, "OT potential record")
+    if isinstance(existing.get("settings"), dict):  # a record older than a setting was fitted with its default
+        existing["settings"] = {**asdict(FitSettings()), **existing["settings"]}
     mine = {key: existing.get(key) for key in identity}
     if mine != identity:
         differing = sorted(key for key in identity if existing.get(key) != identity[key])

@@ -70,6 +70,7 @@ class LabSettings:
     ot_steps: int = 6000
     ot_batch: int = 2048
     ot_lr: float = 0.001
+    ot_average_from: float = 0.75
     flow_map_share: float = 0.25
     flow_map_weight_power: float = 1.0
     finetune_steps: int | None = None
@@ -109,9 +110,14 @@ class LabSettings:
         if self.time_sampler is not None and self.time_sampler not in TIME_SAMPLERS:
             raise LatentflowError(f"--time-sampler {self.time_sampler!r} unknown; choose one of "
                                   f"{sorted(TIME_SAMPLERS)}")
-        if self.dataset_size < 2 or min(self.ot_steps, self.ot_batch) < 1 or self.ot_lr <= 0:
-            raise LatentflowError(f"--dataset-size must be >= 2, --ot-steps and --ot-batch >= 1, --ot-lr > 0; got "
-                                  f"{self.dataset_size}, {self.ot_steps}, {self.ot_batch}, {self.ot_lr}")
+        if self.dataset_size < 2:
+            raise LatentflowError(f"--dataset-size must be >= 2, got {self.dataset_size}")
+        self.fit_settings().validate()
+
+    def fit_settings(self) -> FitSettings:
+        """otcfm-dataset's potential fit."""
+        return FitSettings(steps=self.ot_steps, batch_size=self.ot_batch, lr=self.ot_lr, seed=self.seed,
+                           average_from=self.ot_average_from)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -439,8 +445,7 @@ def dataset_ot_pairs(settings: LabSettings, target: Sampler) -> tuple[CoupledSam
     coupling's report (fit seconds, balance, agreement with the exact OT of a large noise sample)."""
     start = time.perf_counter()
     points = dataset_points(settings, target)
-    fit = PotentialFit(points, FitSettings(steps=settings.ot_steps, batch_size=settings.ot_batch, lr=settings.ot_lr,
-                                           seed=settings.seed))
+    fit = PotentialFit(points, settings.fit_settings())
     while not fit.finished:
         fit.step()
     cells = LaguerreCells(points, fit.potential)
