@@ -205,6 +205,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--workers", "-1"], "workers must be >= 0"),
         (["--objective", "otcfm-dataset"], "otcfm-dataset starts from Gaussian noise: use --source gaussian"),
         (["--objective", "otcfm-dataset", "--source", "gaussian", "--dataset-size", "1"], "--dataset-size must be"),
+        (["--objective", "otcfm-dataset", "--source", "gaussian", "--ot-average-from", "2"],
+         "average_from must be in [0, 1]"),
         (["--objective", "meanflow", "--time-sampler", "beta"], "--time-sampler 'beta' unknown"),
         (["--objective", "meanflow-ft", "--flow-map-share", "1.5"], "--flow-map-share must be in [0, 1]"),
     ],
