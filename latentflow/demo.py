@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -19,6 +20,9 @@ from latentflow.card import GRID_NAME
 from latentflow.errors import LatentflowError
 from latentflow.io import write_folder_atomic
 from latentflow.vae import DEFAULT_VAE
+
+if TYPE_CHECKING:
+    from latentflow.flow.semidiscrete import FitSettings
 
 DEFAULT_DATA = "hf:nelorth/oxford-flowers"
 
@@ -136,20 +140,18 @@ def demo_config(settings: DemoSettings, cache: Path):
     return load_config(settings.config, overrides)
 
 
-def ot_fit_stage(settings: DemoSettings, stages: Stages, config) -> Path:
+def ot_fit_stage(stages: Stages, config, fit: FitSettings) -> Path:
     """Fit (or reuse) the potential that `objective.ot_scope: dataset` pairs through, as `latentflow ot-fit` would
-    with --steps `settings.ot_fit_steps` (class-aware when the objective is; the flip variants when training
-    flips a cache that holds them)."""
+    with `fit` (class-aware when the objective is; the flip variants when training flips a cache that holds them)."""
     from latentflow.data.cache import LatentCache
     from latentflow.data.potential import OTFitConfig, fit_cache_potential
-    from latentflow.flow.semidiscrete import FitSettings
 
     objective, cache = config.objective, config.data.cache
     flips = config.data.random_flip and LatentCache(cache).has_flip
     done = stages.start(f"fit the dataset OT potential {objective.ot_potential!r} of the cache "
-                        f"({'one per class, ' if objective.class_aware else ''}{settings.ot_fit_steps} steps)")
+                        f"({'one per class, ' if objective.class_aware else ''}{fit.steps} steps)")
     result = fit_cache_potential(OTFitConfig(cache=cache, name=objective.ot_potential,
-                                             fit=FitSettings(steps=settings.ot_fit_steps),
+                                             fit=fit,
                                              class_aware=objective.class_aware, flips=flips,
                                              normalized=config.data.normalize, progress=False))
     balance = result.report["balance"]
@@ -251,14 +253,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Path]:
     settings.out.mkdir(parents=True, exist_ok=True)
     cache = settings.out / "cache"
     config = demo_config(settings, cache)  # read before encoding: a bad config or override fails at once
-    dataset_ot = config.objective.ot_scope == "dataset"
-    if dataset_ot:  # the fit's own check (steps >= 1), before any encoding
+    fit = None
+    if config.objective.ot_scope == "dataset":
         from latentflow.flow.semidiscrete import FitSettings
 
-        FitSettings(steps=settings.ot_fit_steps).validate()
-    stages = Stages(6 if dataset_ot else 5)
+        fit = FitSettings(steps=settings.ot_fit_steps)
+        fit.validate()  # the fit's own check (steps >= 1), before any encoding
+    stages = Stages(5 if fit is None else 6)
     encode_stage(settings, stages, splits, cache)
-    potential = ot_fit_stage(settings, stages, config) if dataset_ot else None
+    potential = None if fit is None else ot_fit_stage(stages, config, fit)
     run_dir = train_stage(stages, config)
     pipe_dir = export_stage(settings, stages, run_dir)
     grid = sample_stage(settings, stages, pipe_dir)
