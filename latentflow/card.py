@@ -53,7 +53,9 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
                     training: dict[str, Any] | None) -> list[str]:
     lines = [f"- objective: `{scheduler_config.get('objective')}` ({scheduler_config.get('prediction_type')} "
              f"prediction); default sampler `{scheduler_config.get('solver')}`, "
-             f"{scheduler_config.get('num_inference_steps')} steps"]
+             f"{scheduler_config.get('num_inference_steps')} steps"
+             + ("" if scheduler_config.get("time_shift", 1.0) == 1 else
+                f", shifted towards the noise by {scheduler_config['time_shift']:g} (`time_shift`)")]
     if manifest:
         vae = manifest.get("vae", {})
         lines.append(f"- latents: {manifest.get('num_samples')} images encoded at {manifest.get('resolution')} px "

@@ -13,7 +13,7 @@ from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from latentflow.errors import LatentflowError
-from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.schedules import DDPMSchedule, check_time_shift
 from latentflow.flow.solvers import PREDICTIONS
 
 PREDICTION_TYPES = PREDICTIONS
@@ -32,6 +32,8 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: default steps (fixed-step solvers and DDIM).
         atol, rtol: default tolerances of adaptive solvers.
         eta: default DDIM stochasticity (0 deterministic, 1 ancestral DDPM).
+        time_shift: default shift of fixed-step ODE solvers' grid towards the noise (1: evenly spaced steps;
+            `latentflow.flow.schedules.shift_times`).
         ddpm_num_train_timesteps, ddpm_beta_start, ddpm_beta_end: the DDPM schedule a noise model was trained with.
         latent_channels: C of the model-space latents.
         latent_size: [h, w] of the latents.
@@ -56,6 +58,7 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         atol: float = 1e-5,
         rtol: float = 1e-5,
         eta: float = 0.0,
+        time_shift: float = 1.0,
         ddpm_num_train_timesteps: int = DDPMSchedule.num_train_timesteps,
         ddpm_beta_start: float = DDPMSchedule.beta_start,
         ddpm_beta_end: float = DDPMSchedule.beta_end,
@@ -71,6 +74,7 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise LatentflowError(f"prediction_type {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+        check_time_shift(time_shift)
         if (latent_mean is None) != (latent_std is None):
             raise LatentflowError("latent_mean and latent_std must be given together (or both None)")
         for name, values in (("latent_mean", latent_mean), ("latent_std", latent_std)):

@@ -41,10 +41,12 @@ from latentflow.flow.solvers import (
     STAGES_PER_STEP,
     Field,
     check_solver,
+    check_solver_time_shift,
     ddim_sample,
     integrate,
     nfe_of,
     sample_flow_map,
+    step_grid,
 )
 from latentflow.io import write_bytes_atomic
 from latentflow.scheduler import LatentFlowScheduler
@@ -131,6 +133,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         use_guide: bool = True,
         eta: float | None = None,
+        time_shift: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -155,6 +158,8 @@ class LatentFlowPipeline(DiffusionPipeline):
             use_guide: with guidance and a `guide` component, take the unconditional branch from the guide,
                 v = g_null + w (v_class - g_null); False: from the model itself.
             eta: DDIM stochasticity for noise models (0 deterministic, 1 ancestral).
+            time_shift: fixed-step ODE solvers: the step grid warped towards the noise, t' = t / (s - (s - 1) t)
+                (SD3's shift; 1 evenly spaced, 2 puts the middle of the grid at t = 1/3; default: the scheduler's).
             generator: torch generator(s) for the initial noise, labels and DDIM noise.
             latents: (B, C, h, w) initial noise x0 at t=0 instead of drawing it.
             output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], or "latent".
@@ -168,7 +173,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         """
         if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
             class_labels = int(class_labels)
-        settings = self._resolve_settings(num_inference_steps, solver, atol, rtol, eta, output_type)
+        settings = self._resolve_settings(num_inference_steps, solver, atol, rtol, eta, output_type, time_shift)
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
         labels = self._class_labels(class_labels, x0.shape[0], generator, device)
@@ -185,7 +190,7 @@ class LatentFlowPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # settings and inputs
 
-    def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type) -> dict[str, Any]:
+    def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type, time_shift=None) -> dict[str, Any]:
         """Call arguments with the scheduler's defaults filled in, validated."""
         config = self.scheduler.config
         settings = {
@@ -194,12 +199,14 @@ class LatentFlowPipeline(DiffusionPipeline):
             "atol": config.atol if atol is None else atol,
             "rtol": config.rtol if rtol is None else rtol,
             "eta": config.eta if eta is None else eta,
+            "time_shift": config.get("time_shift", 1.0) if time_shift is None else time_shift,
         }
         if output_type not in OUTPUT_TYPES:
             raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
         if isinstance(settings["steps"], bool) or not isinstance(settings["steps"], int) or settings["steps"] < 1:
             raise LatentflowError(f"num_inference_steps must be an integer >= 1, got {settings['steps']!r}")
         self.check_solver(settings["solver"])
+        check_solver_time_shift(settings["solver"], settings["time_shift"])
         return settings
 
     def check_solver(self, solver: str) -> None:
@@ -282,13 +289,15 @@ class LatentFlowPipeline(DiffusionPipeline):
                 output = sample_flow_map(counted, x0, steps)
                 return output.x, output.nfe
             if callback is not None:
-                return self._integrate_stepwise(counted, x0, solver, steps, callback)
-            output = integrate(counted, x0, method=solver, steps=steps, atol=settings["atol"], rtol=settings["rtol"])
+                return self._integrate_stepwise(counted, x0, solver, steps, callback, settings["time_shift"])
+            output = integrate(counted, x0, method=solver, steps=steps, atol=settings["atol"], rtol=settings["rtol"],
+                               time_shift=settings["time_shift"])
             return output.x, output.nfe
 
-    def _integrate_stepwise(self, field: Field, x: torch.Tensor, solver: str, steps: int, callback) -> tuple:
+    def _integrate_stepwise(self, field: Field, x: torch.Tensor, solver: str, steps: int, callback,
+                            time_shift: float = 1.0) -> tuple:
         """One `integrate` call per grid interval [t_i, t_i+1] (time rescaled to [0, 1]), calling back after each."""
-        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype, device=x.device)
+        grid = step_grid(steps, x.device, x.dtype, time_shift)
         nfe = 0
         for step in range(steps):
             start, width = grid[step], grid[step + 1] - grid[step]

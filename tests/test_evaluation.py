@@ -26,7 +26,7 @@ from latentflow.eval.statistics import (
     kernel_inception_distance,
     unbiased_mmd2,
 )
-from latentflow.eval.sweep import parse_sweep
+from latentflow.eval.sweep import curve_name, parse_sweep
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 FLOWERS_VAL = SHARED / "data" / "tf_flowers" / "images_128" / "val"
@@ -273,3 +273,14 @@ def test_parse_sweep():
     assert settings[3].steps is None and settings[4].tolerance == 1e-3
     with pytest.raises(LatentflowError, match="step counts"):
         parse_sweep(["euler"])
+
+
+def test_parse_sweep_with_time_shifts_repeats_only_fixed_step_ode_settings():
+    settings = parse_sweep(["euler:2,8", "dopri5", "midpoint:4"], time_shifts=[1, 2.5])
+    assert [s.label for s in settings] == ["euler-2", "euler-2-shift2.5", "euler-8", "euler-8-shift2.5", "dopri5",
+                                           "midpoint-4", "midpoint-4-shift2.5"]
+    assert [s.time_shift for s in settings] == [1.0, 2.5, 1.0, 2.5, None, 1.0, 2.5]
+    assert curve_name(settings[1].__dict__) == "euler shift 2.5" and curve_name(settings[0].__dict__) == "euler"
+    assert curve_name({"solver": "euler"}) == "euler"  # rows written before time shifts existed
+    with pytest.raises(LatentflowError, match="time shift must be"):
+        parse_sweep(["euler:2"], time_shifts=[0])

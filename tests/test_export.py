@@ -213,6 +213,10 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     assert cli.main([*args[:-2], "--batch-size", "5", "--outdir", str(again)]) == 0
     for first, second in zip(files, sorted(again.glob("*.png"))):
         assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+    shifted = tmp_path / "shifted"  # steps shifted towards the noise: other images from the same noise
+    assert cli.main([*args[:-4], "--outdir", str(shifted), "--time-shift", "3"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(files[0])), np.asarray(Image.open(shifted / "000000.png")))
+    assert cli.main([*args[:-4], "--outdir", str(shifted), "--solver", "dopri5", "--time-shift", "3"]) == 2
     assert cli.main(["sample", str(pipe_dir), "--class", "cactus", "--grid", str(grid)]) == 2
 
 
@@ -240,6 +244,16 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "ddim:10"]) == 2  # a velocity model
+
+    shifted = tmp_path / "eval_shift"
+    assert cli.main(args[:args.index("--out")] + ["--out", str(shifted), "--sweep", "euler:2", "dopri5:1e-2",
+                                                   "--kid-subsets", "3", "--time-shift", "1", "2"]) == 0
+    rows = {row["setting"]: row for row in json.loads((shifted / "evaluation.json").read_text())["results"]}
+    assert list(rows) == ["euler-2", "euler-2-shift2", "dopri5-tol1e-02"]
+    assert [row["time_shift"] for row in rows.values()] == [1.0, 2.0, None]
+    assert rows["euler-2"]["fid"] == pytest.approx(results["euler-2"]["fid"], rel=1e-6)  # shift 1: the same samples
+    assert rows["euler-2-shift2"]["fid"] != pytest.approx(rows["euler-2"]["fid"], rel=1e-6)
+    assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--time-shift", "0"]) == 2
 
 
 def test_exported_files_get_the_umask_permissions_and_load_without_warnings(pipe_dir: Path, capfd) -> None:
@@ -325,3 +339,12 @@ def test_the_model_card_says_how_noise_was_paired():
     assert pairing_text({"name": "otcfm-sinkhorn", "ot_scope": "global"}).endswith("the global batch across processes")
     assert pairing_text({"name": "rf", "ot_scope": "local"}) == "independent draws"
     assert "couplings cache" in pairing_text({"name": "rf", "coupling": "stored"})
+
+
+def test_the_model_card_names_a_default_time_shift():
+    from latentflow.card import _training_lines
+
+    plain = {"objective": "otcfm", "prediction_type": "velocity", "solver": "euler", "num_inference_steps": 8}
+    assert _training_lines(plain, None, None)[0].endswith("default sampler `euler`, 8 steps")
+    shifted = _training_lines({**plain, "time_shift": 2.0}, None, None)[0]
+    assert shifted.endswith("8 steps, shifted towards the noise by 2 (`time_shift`)")

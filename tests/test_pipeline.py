@@ -462,6 +462,38 @@ def test_step_callback_sees_every_step_and_can_edit_latents(pipe):
         pipe(solver="dopri5", callback_on_step_end=record)
 
 
+def test_time_shift_integrates_on_the_shifted_grid_from_call_or_scheduler(pipe):
+    from latentflow.flow.schedules import shift_times
+
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(12))
+    labels = torch.tensor([0, 1])
+    shifted = pipe(latents=latents, class_labels=[0, 1], solver="euler", time_shift=2.0, output_type="latent")
+    grid = shift_times(torch.linspace(0, 1, 5), 2.0)
+    x = latents.clone()
+    with torch.no_grad():
+        for start, stop in zip(grid[:-1], grid[1:]):  # euler by hand on t = 0, 0.143, 0.333, 0.6, 1
+            x = x + (stop - start) * pipe.transformer(x, start.expand(2), class_labels=labels)
+    torch.testing.assert_close(shifted.images, x, atol=1e-5, rtol=1e-5)
+    even = pipe(latents=latents, class_labels=[0, 1], solver="euler", output_type="latent")
+    assert (shifted.images - even.images).abs().max() > 1e-3  # the shift changed the grid
+
+    steps_seen = []
+    stepwise = pipe(latents=latents, class_labels=[0, 1], solver="euler", time_shift=2.0, output_type="latent",
+                    callback_on_step_end=lambda p, step, t, tensors: steps_seen.append(round(t, 4)))
+    assert steps_seen == [round(float(t), 4) for t in grid[1:]]
+    torch.testing.assert_close(stepwise.images, shifted.images, atol=1e-5, rtol=1e-5)
+
+    default = make_pipeline(time_shift=2.0)  # the scheduler's default, overridden by the call
+    torch.testing.assert_close(default(latents=latents, class_labels=[0, 1], output_type="latent").images,
+                               shifted.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(default(latents=latents, class_labels=[0, 1], output_type="latent",
+                                       time_shift=1.0).images, even.images, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LatentflowError, match="sets its own times"):
+        pipe(solver="dopri5", time_shift=2.0)
+    with pytest.raises(LatentflowError, match="time shift must be"):
+        LatentFlowScheduler(time_shift=0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # save / load and consistency checks
 

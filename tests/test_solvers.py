@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from latentflow.errors import LatentflowError
-from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.schedules import DDPMSchedule, shift_times
 from latentflow.flow.solvers import ADAPTIVE_METHODS, ddim_sample, ddim_timesteps, integrate
 
 
@@ -58,6 +58,39 @@ def test_trajectory_follows_the_closed_form():
     torch.testing.assert_close(out.trajectory[:, 0, 0], out.times**3, atol=1e-12, rtol=0)
     adaptive = integrate(CountedCubic(), torch.zeros(2, 1), "dopri5", return_trajectory=True, trajectory_points=5)
     assert adaptive.times.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_time_shift_is_sd3s_shift_written_in_our_time():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for shift in (0.5, 1.0, 2.0, 3.0):
+        sigma = 1 - t  # SD3's noise level: 1 at the noise, where our t is 0
+        sd3 = shift * sigma / (1 + (shift - 1) * sigma)  # Esser et al. 2024, Sec. 5.3.2
+        torch.testing.assert_close(shift_times(t, shift), 1 - sd3, atol=1e-12, rtol=0)
+        shifted = shift_times(t, shift)
+        assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted.diff() > 0).all())
+    assert float(shift_times(torch.tensor(0.5, dtype=torch.float64), 2.0)) == pytest.approx(1 / 3, abs=1e-12)
+    assert torch.equal(shift_times(t, 1.0), t)
+
+
+@pytest.mark.parametrize("shift", [1.0, 2.0, 3.0])
+def test_euler_with_a_time_shift_steps_on_the_shifted_grid(shift):
+    grid = shift_times(torch.linspace(0, 1, 5, dtype=torch.float64), shift).tolist()
+    expected = sum(3 * grid[k] ** 2 * (grid[k + 1] - grid[k]) for k in range(4))  # Riemann sum on that grid
+    out = integrate(CountedCubic(), torch.zeros(1, 1, dtype=torch.float64), "euler", steps=4, time_shift=shift)
+    assert float(out.x) == pytest.approx(expected, abs=1e-12) and out.nfe == 4
+    shifted = integrate(CountedCubic(), torch.zeros(1, 1, dtype=torch.float64), "rk4", steps=4, time_shift=shift,
+                        return_trajectory=True)
+    assert shifted.times.tolist() == pytest.approx(grid, abs=1e-12)  # rk4 is exact on t^3: the same end point
+    assert float(shifted.x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bad_time_shifts_are_refused():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(LatentflowError, match="time shift must be a finite number > 0"):
+            integrate(CountedCubic(), torch.zeros(1, 1), "euler", steps=2, time_shift=bad)
+    with pytest.raises(LatentflowError, match="'dopri5' sets its own times"):
+        integrate(CountedCubic(), torch.zeros(1, 1), "dopri5", time_shift=2.0)
+    integrate(CountedCubic(), torch.zeros(1, 1), "dopri5", time_shift=1.0)  # no shift suits every solver
 
 
 def test_bad_solver_settings_are_refused():

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     parser.add_argument("--n", type=int, default=2000, help="images per setting")
     parser.add_argument("--sweep", nargs="+", default=["euler:1,2,4,8", "midpoint:4", "dopri5"],
                         help="settings: SOLVER:STEPS,... for fixed-step solvers and ddim; SOLVER[:TOL,...] adaptive")
+    parser.add_argument("--time-shift", type=float, nargs="+", default=None, metavar="S",
+                        help="fixed-step ODE settings once per shift S of their grid towards the noise, t' = t / "
+                             "(S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (None: PIPE_DIR/evaluation)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         reference=args.ref, n=args.n, sweep=list(args.sweep), batch_size=args.batch_size, seed=args.seed,
         guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
         device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
-        kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors)
+        kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors,
+        time_shifts=args.time_shift)
     settings.check()
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")

@@ -14,6 +14,9 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="solver steps (default: the pipeline's)")
     parser.add_argument("--solver", default=None, help="euler, midpoint, rk4, dopri5, ... or ddim (ddpm models)")
     parser.add_argument("--atol", type=float, default=None, help="adaptive solvers (atol and rtol)")
+    parser.add_argument("--time-shift", type=float, default=None, metavar="S",
+                        help="fixed-step ODE solvers: steps shifted towards the noise, t' = t / (S - (S - 1) t) "
+                             "(SD3's shift; 1 evenly spaced; default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise LatentflowError(f"--n must be at least 1, got {args.n}")
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
-    setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol)
+    setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                args.guidance_scale, args.eta, args.guidance_interval)
     images, nfes = [], []

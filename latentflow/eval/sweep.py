@@ -4,7 +4,7 @@ reference (FID, KID, FD-DINOv2), written as JSON, CSV and a plot of FID against 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -17,29 +17,52 @@ from latentflow.eval.floors import Floors
 from latentflow.eval.references import FeatureAccumulator
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
 from latentflow.flow.guidance import check_guidance_interval
-from latentflow.flow.solvers import STEPPED_SOLVERS
+from latentflow.flow.schedules import check_time_shift
+from latentflow.flow.solvers import FIXED_STEP_METHODS, STEPPED_SOLVERS
 from latentflow.io import write_bytes_atomic
 
 
 @dataclass(frozen=True)
 class SamplerSetting:
     """One sampler configuration of a sweep: a solver with a step count (fixed-step solvers, DDIM) or a
-    tolerance (adaptive solvers, used as both atol and rtol; None keeps the pipeline's default)."""
+    tolerance (adaptive solvers, used as both atol and rtol; None keeps the pipeline's default), and for fixed-step
+    ODE solvers the time shift of their grid (None keeps the pipeline's default)."""
 
     solver: str
     steps: int | None = None
     tolerance: float | None = None
+    time_shift: float | None = None
 
     @property
     def label(self) -> str:
-        """Short name, e.g. "euler-4", "dopri5", "dopri5-tol1e-03"."""
+        """Short name, e.g. "euler-4", "euler-4-shift2", "dopri5", "dopri5-tol1e-03"."""
+        shift = "" if self.time_shift in (None, 1) else f"-shift{self.time_shift:g}"
         if self.steps is not None:
-            return f"{self.solver}-{self.steps}"
+            return f"{self.solver}-{self.steps}{shift}"
         return self.solver if self.tolerance is None else f"{self.solver}-tol{self.tolerance:.0e}"
 
 
-def parse_sweep(items: Sequence[str]) -> list[SamplerSetting]:
-    """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances)."""
+def curve_name(row: dict) -> str:
+    """The solver of a result row and its time shift, e.g. "euler", "euler shift 2": one line of a plot (rows
+    written before time shifts existed have none)."""
+    shift = row.get("time_shift")
+    return row["solver"] if shift in (None, 1) else f"{row['solver']} shift {shift:g}"
+
+
+def parse_sweep(items: Sequence[str], time_shifts: Sequence[float] | None = None) -> list[SamplerSetting]:
+    """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances); with
+    `time_shifts`, every fixed-step ODE setting once per shift (the others keep their own times)."""
+    settings = _parse_items(items)
+    if not time_shifts:
+        return settings
+    for shift in time_shifts:
+        check_time_shift(shift)
+    return [replace(setting, time_shift=float(shift)) if setting.solver in FIXED_STEP_METHODS else setting
+            for setting in settings
+            for shift in (time_shifts if setting.solver in FIXED_STEP_METHODS else [None])]
+
+
+def _parse_items(items: Sequence[str]) -> list[SamplerSetting]:
     settings: list[SamplerSetting] = []
     for item in items:
         solver, _, values = item.partition(":")
@@ -115,6 +138,7 @@ def generate_batches(
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
             eta=eta,
+            time_shift=setting.time_shift,
             generator=generators,
             output_type="pt",
         )
@@ -144,6 +168,7 @@ class SweepResult:
             "solver": self.setting.solver,
             "steps": self.setting.steps,
             "tolerance": self.setting.tolerance,
+            "time_shift": self.setting.time_shift,
             "nfe": self.nfe,
             "fid": self.metrics.fid,
             "kid": self.metrics.kid,
@@ -227,8 +252,8 @@ def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], t
     drawn_floors: set[tuple[str, float]] = set()
     for label, document in evaluations:
         rows = [row for row in document.get("results", []) if row.get("nfe") is not None]
-        for solver in dict.fromkeys(row["solver"] for row in rows):
-            points = sorted((row["nfe"], row["fid"]) for row in rows if row["solver"] == solver)
+        for solver in dict.fromkeys(curve_name(row) for row in rows):
+            points = sorted((row["nfe"], row["fid"]) for row in rows if curve_name(row) == solver)
             ticks.update(point[0] for point in points)
             name = solver if label is None else f"{label}: {solver}"
             axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
@@ -280,13 +305,14 @@ class EvaluationSettings:
     kid_subset_size: int = 1000
     reference_resolution: int | None = None
     floors: Path | None = None
+    time_shifts: list[float] | None = None
 
     def check(self) -> list[SamplerSetting]:
         """Refuse settings that cannot work before any work; returns the parsed sweep."""
         if self.n < 2:
             raise LatentflowError(f"--n must be at least 2, got {self.n}")
         check_guidance_interval(self.guidance_interval)
-        return parse_sweep(self.sweep)
+        return parse_sweep(self.sweep, self.time_shifts)
 
 
 def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSettings,
@@ -297,7 +323,9 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     from latentflow.eval.features import make_extractors
     from latentflow.eval.references import reference_statistics
 
-    sweep = settings.check()
+    default_shift = float(pipe.scheduler.config.get("time_shift", 1.0))
+    sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
+             and setting.solver in FIXED_STEP_METHODS else setting for setting in settings.check()]
     for setting in sweep:  # refuse e.g. euler for a ddpm model before any work
         pipe.check_solver(setting.solver)
     extractors = make_extractors(settings.device, settings.dinov2)

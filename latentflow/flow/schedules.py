@@ -1,10 +1,33 @@
-"""The DDPM noise schedule and the one conversion between DDPM timesteps and our time (t=0 noise, t=1 data)."""
+"""Time schedules in our convention (t=0 noise, t=1 data): the DDPM noise schedule and the one conversion between
+DDPM timesteps and our time, and the shift of a sampling grid towards the noise (SD3's, converted once here)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from latentflow.errors import LatentflowError
+
+
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Warp sampling times towards the noise: t' = t / (shift - (shift - 1) t); t = 0 and t = 1 stay.
+
+    SD3's timestep shift (Esser et al. 2024, Sec. 5.3.2: sigma' = shift sigma / (1 + (shift - 1) sigma), sigma the
+    noise level, sigma = 1 at the noise) written in our time t = 1 - sigma. shift > 1 spends more of a fixed step
+    budget near the noise (shift 2 moves the middle of the grid from 0.5 to 1/3); shift 1 is the identity.
+    """
+    check_time_shift(shift)
+    if shift == 1.0:
+        return t
+    return t / (shift - (shift - 1.0) * t)
+
+
+def check_time_shift(shift: float) -> None:
+    """Raise LatentflowError unless `shift` is a finite number > 0."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise LatentflowError(f"time shift must be a finite number > 0 (1: evenly spaced steps), got {shift!r}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torchdiffeq import odeint
 
 from latentflow.errors import LatentflowError
 from latentflow.flow.flow_maps import flow_map_step
-from latentflow.flow.schedules import DDPMSchedule
+from latentflow.flow.schedules import DDPMSchedule, check_time_shift, shift_times
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A model-like callable field(x (B, ...), t (B,)) -> (B, ...)."""
@@ -114,11 +114,27 @@ class CountingField:
         return self.field(x, t.to(x.dtype).expand(x.shape[0]))
 
 
-def _time_grid(method: str, steps: int | None, trajectory_points: int, device, dtype) -> torch.Tensor:
+def check_solver_time_shift(solver: str, shift: float) -> None:
+    """Raise LatentflowError unless `shift` is valid and `solver` can take it (shift 1 suits every solver; another
+    only the fixed-step ODE solvers, whose step grid it warps: `shift_times`)."""
+    check_time_shift(shift)
+    if shift != 1.0 and solver not in FIXED_STEP_METHODS:
+        raise LatentflowError(f"a time shift ({shift}) warps the grid of a fixed-step ODE solver (euler, midpoint, "
+                              f"heun2, heun3, rk4, ...); {solver!r} sets its own times: drop the shift or pick one")
+
+
+def step_grid(steps: int, device=None, dtype=torch.float32, time_shift: float = 1.0) -> torch.Tensor:
+    """(steps + 1,) times from 0 (noise) to 1 (data): evenly spaced, then warped by `time_shift`."""
+    return shift_times(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype), time_shift)
+
+
+def _time_grid(method: str, steps: int | None, trajectory_points: int, device, dtype,
+               time_shift: float = 1.0) -> torch.Tensor:
+    check_solver_time_shift(method, time_shift)
     if method in FIXED_STEP_METHODS:
         if steps is None or steps < 1:
             raise LatentflowError(f"solver {method!r} takes a fixed number of steps >= 1, got {steps}")
-        return torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype)
+        return step_grid(steps, device, dtype, time_shift)
     check_solver(method)
     return torch.linspace(0.0, 1.0, max(trajectory_points, 2), device=device, dtype=dtype)
 
@@ -132,6 +148,7 @@ def integrate(
     rtol: float = 1e-5,
     return_trajectory: bool = False,
     trajectory_points: int = 11,
+    time_shift: float = 1.0,
 ) -> SolverOutput:
     """Integrate dx/dt = velocity(x, t) from t=0 (x0, noise) to t=1 (data).
 
@@ -145,11 +162,13 @@ def integrate(
         return_trajectory: also return the states along the way: on the step grid for
             fixed-step methods, at `trajectory_points` evenly spaced times for adaptive ones.
         trajectory_points: see `return_trajectory`.
+        time_shift: fixed-step methods: steps warped towards the noise by `shift_times` (1: evenly spaced).
 
     Returns:
         SolverOutput with the final state and the exact number of velocity evaluations.
     """
-    grid = _time_grid(method, steps, trajectory_points if return_trajectory else 2, x0.device, x0.dtype)
+    grid = _time_grid(method, steps, trajectory_points if return_trajectory else 2, x0.device, x0.dtype,
+                      time_shift)
     field = CountingField(velocity)
     options = {"atol": atol, "rtol": rtol} if method in ADAPTIVE_METHODS else {}
     with torch.no_grad():
