@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.schedules import shift_times
 from latentflow.flow.solvers import ddim_sample, integrate
 from latentflow.models import DiT
 from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
@@ -463,8 +464,6 @@ def test_step_callback_sees_every_step_and_can_edit_latents(pipe):
 
 
 def test_time_shift_integrates_on_the_shifted_grid_from_call_or_scheduler(pipe):
-    from latentflow.flow.schedules import shift_times
-
     latents = torch.randn(2, 4, 8, 8, generator=seeded(12))
     labels = torch.tensor([0, 1])
     shifted = pipe(latents=latents, class_labels=[0, 1], solver="euler", time_shift=2.0, output_type="latent")
