@@ -199,7 +199,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             "atol": config.atol if atol is None else atol,
             "rtol": config.rtol if rtol is None else rtol,
             "eta": config.eta if eta is None else eta,
-            "time_shift": config.get("time_shift", 1.0) if time_shift is None else time_shift,
+            "time_shift": config.time_shift if time_shift is None else time_shift,
         }
         if output_type not in OUTPUT_TYPES:
             raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")

@@ -323,7 +323,7 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     from latentflow.eval.features import make_extractors
     from latentflow.eval.references import reference_statistics
 
-    default_shift = float(pipe.scheduler.config.get("time_shift", 1.0))
+    default_shift = float(pipe.scheduler.config.time_shift)
     sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
              and setting.solver in FIXED_STEP_METHODS else setting for setting in settings.check()]
     for setting in sweep:  # refuse e.g. euler for a ddpm model before any work
