@@ -27,6 +27,7 @@ from latentflow.eval.statistics import (
     unbiased_mmd2,
 )
 from latentflow.eval.sweep import curve_name, parse_sweep
+from latentflow.flow.solvers import step_grid
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 FLOWERS_VAL = SHARED / "data" / "tf_flowers" / "images_128" / "val"
@@ -284,3 +285,10 @@ def test_parse_sweep_with_time_shifts_repeats_only_fixed_step_ode_settings():
     assert curve_name({"solver": "euler"}) == "euler"  # rows written before time shifts existed
     with pytest.raises(LatentflowError, match="time shift must be"):
         parse_sweep(["euler:2"], time_shifts=[0])
+
+
+def test_parse_sweep_keeps_one_step_settings_once_because_a_shift_cannot_move_their_grid():
+    assert torch.equal(step_grid(1, time_shift=3.0), step_grid(1))  # [0, 1] under any shift
+    settings = parse_sweep(["euler:1,2", "midpoint:1"], time_shifts=[2, 3])
+    assert [s.label for s in settings] == ["euler-1", "euler-2-shift2", "euler-2-shift3", "midpoint-1"]
+    assert [s.time_shift for s in settings] == [1.0, 2.0, 3.0, 1.0]

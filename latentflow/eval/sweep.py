@@ -51,7 +51,8 @@ def curve_name(row: dict) -> str:
 
 def parse_sweep(items: Sequence[str], time_shifts: Sequence[float] | None = None) -> list[SamplerSetting]:
     """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances); with
-    `time_shifts`, every fixed-step ODE setting once per shift (the others keep their own times)."""
+    `time_shifts`, every fixed-step ODE setting once per shift (the others keep their own times). A one-step grid
+    is [0, 1] under any shift, so one-step settings appear once, evenly spaced."""
     settings = _parse_items(items)
     if not time_shifts:
         return settings
@@ -59,7 +60,13 @@ def parse_sweep(items: Sequence[str], time_shifts: Sequence[float] | None = None
         check_time_shift(shift)
     return [replace(setting, time_shift=float(shift)) if setting.solver in FIXED_STEP_METHODS else setting
             for setting in settings
-            for shift in (time_shifts if setting.solver in FIXED_STEP_METHODS else [None])]
+            for shift in _shifts_of(setting, time_shifts)]
+
+
+def _shifts_of(setting: SamplerSetting, time_shifts: Sequence[float]) -> Sequence[float | None]:
+    if setting.solver not in FIXED_STEP_METHODS:
+        return [None]
+    return [1.0] if setting.steps == 1 else time_shifts
 
 
 def _parse_items(items: Sequence[str]) -> list[SamplerSetting]:
