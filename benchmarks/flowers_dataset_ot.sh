@@ -14,6 +14,8 @@
 # only those. RECIPE=guide: the shipped demo recipe (configs/flowers64_demo.yaml: 2,000 steps, guided at sampling
 # by the run's own EMA at step 500; the dataset run's guide is its own step-500 EMA).
 # OT_FIT_ARGS="--steps 300": options passed to every ot-fit (a shorter fit; cpu2_flowers_dataset_ot_fit300.txt).
+# STEPS=8000: every run trains that many steps instead of its recipe's (cpu2_flowers_dataset_ot_8k_s17.txt).
+# SHIFTS="1 2": evaluate also with those time shifts (each repeats the euler settings).
 # Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
@@ -31,6 +33,9 @@ case ${RECIPE:-2k} in
 esac
 read -r -a RUNS <<< "${RUNS:-rf otcfm dataset dataset-blind}"
 read -r -a OT_FIT_ARGS <<< "${OT_FIT_ARGS:-}"
+read -r -a SHIFTS <<< "${SHIFTS:-1}"
+STEPS_SET=()
+[ -z "${STEPS:-}" ] || STEPS_SET=(--set train.max_steps="$STEPS")
 wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
 LF=.venv/bin/latentflow
 FLOWERS=../shared/data/tf_flowers/images_128
@@ -56,14 +61,14 @@ train() {
     stamp "$name: train $config $*"
     start=$(seconds)
     $LF train --config "$config" --set data.cache="$DEMO/cache" --set output_dir="$OUT/$name" \
-        --set log.progress_bar=false "$@"
+        --set log.progress_bar=false "${STEPS_SET[@]}" "$@"
     echo "$name training seconds: $(( $(seconds) - start ))"
     $LF export "$OUT/$name" --out "$OUT/${name}_pipe"
 }
 evaluate() {
     stamp "evaluate $1"
     $LF evaluate "$2" --ref "$OUT/ref/val64.npz" --n 736 --seed 0 --floors "$FLOWERS/train" --guidance-scale 4 \
-        --sweep euler:1,2,4,8 midpoint:4 --out "$OUT/eval_$1"
+        --sweep euler:1,2,4,8 midpoint:4 --time-shift "${SHIFTS[@]}" --out "$OUT/eval_$1"
 }
 
 ! wanted otcfm || train otcfm "${MINIBATCH[@]}"
