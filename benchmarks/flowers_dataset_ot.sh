@@ -14,7 +14,8 @@
 # only those. RECIPE=guide: the shipped demo recipe (configs/flowers64_demo.yaml: 2,000 steps, guided at sampling
 # by the run's own EMA at step 500; the dataset run's guide is its own step-500 EMA).
 # OT_FIT_ARGS="--steps 300": options passed to every ot-fit (a shorter fit; cpu2_flowers_dataset_ot_fit300.txt).
-# STEPS=8000: every run trains that many steps instead of its recipe's (cpu2_flowers_dataset_ot_8k_s17.txt).
+# STEPS=8000: every run trains that many steps instead of its recipe's (cpu2_flowers_dataset_ot_8k_s17.txt; 16000:
+# cpu2_flowers_dataset_ot_16k_s18.txt).
 # SHIFTS="1 2": evaluate also with those time shifts (each repeats the euler settings).
 # Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
