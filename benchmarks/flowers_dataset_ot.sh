@@ -17,6 +17,7 @@
 # STEPS=8000: every run trains that many steps instead of its recipe's (cpu2_flowers_dataset_ot_8k_s17.txt; 16000:
 # cpu2_flowers_dataset_ot_16k_s18.txt).
 # SHIFTS="1 2": evaluate also with those time shifts (each repeats the euler settings).
+# SEED=1: every run trains with that train.seed instead of 0 (cpu2_flowers_dataset_ot_seeds_s19.txt: seeds 1-3).
 # Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
@@ -35,8 +36,9 @@ esac
 read -r -a RUNS <<< "${RUNS:-rf otcfm dataset dataset-blind}"
 read -r -a OT_FIT_ARGS <<< "${OT_FIT_ARGS:-}"
 read -r -a SHIFTS <<< "${SHIFTS:-1}"
-STEPS_SET=()
-[ -z "${STEPS:-}" ] || STEPS_SET=(--set train.max_steps="$STEPS")
+TRAIN_SET=()
+[ -z "${STEPS:-}" ] || TRAIN_SET=(--set train.max_steps="$STEPS")
+[ -z "${SEED:-}" ] || TRAIN_SET+=(--set train.seed="$SEED")
 wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
 LF=.venv/bin/latentflow
 FLOWERS=../shared/data/tf_flowers/images_128
@@ -62,7 +64,7 @@ train() {
     stamp "$name: train $config $*"
     start=$(seconds)
     $LF train --config "$config" --set data.cache="$DEMO/cache" --set output_dir="$OUT/$name" \
-        --set log.progress_bar=false "${STEPS_SET[@]}" "$@"
+        --set log.progress_bar=false "${TRAIN_SET[@]}" "$@"
     echo "$name training seconds: $(( $(seconds) - start ))"
     $LF export "$OUT/$name" --out "$OUT/${name}_pipe"
 }
