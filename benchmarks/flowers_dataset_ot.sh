@@ -18,7 +18,7 @@
 # cpu2_flowers_dataset_ot_16k_s18.txt).
 # SHIFTS="1 2": evaluate also with those time shifts (each repeats the euler settings).
 # SEED=1: every run trains with that train.seed instead of 0 (cpu2_flowers_dataset_ot_seeds_s19.txt: seeds 1-5).
-# Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
+# Usage: [RECIPE=2k|demo|guide] [RUNS=...] [OT_FIT_ARGS=...] [STEPS=N] [SEED=N] [SHIFTS=...] bash benchmarks/flowers_dataset_ot.sh [DEMO_DIR] [OUT]   (about 1.2 hours on 2
 # quiet cores; DEMO_DIR is a finished `latentflow demo` folder: only its cache is used)
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
