@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.screening import Screen
 
 CHUNK_ELEMENTS = 1 << 24
 """Scores held at once (rows x points, float32: 64 MiB)."""
@@ -40,6 +41,12 @@ def flatten_points(points: torch.Tensor) -> torch.Tensor:
     return points.reshape(points.shape[0], -1).float().contiguous()
 
 
+def screen_for(points: torch.Tensor, epsilon: float) -> Screen | bool:
+    """The hard argmin's screen over flat points (N, D) where it pays (`Screen.pays`), else False (entropic
+    pairing draws from every score and is never screened)."""
+    return Screen.of(points) if epsilon == 0 and Screen.pays(points) else False
+
+
 @dataclass
 class LaguerreCells:
     """Data points and a dual potential: the semidiscrete pairing of noise with them.
@@ -48,11 +55,15 @@ class LaguerreCells:
         points: (N, D) float32.
         potential: (N,) float32 dual potential g (cost units).
         epsilon: entropic blur; 0 pairs by the hard argmin, > 0 draws from the softmax.
+        screen: the hard argmin's bfloat16 first pass (`latentflow.flow.screening`; same pairing, faster): True
+            builds one where it pays (`Screen.pays`), False never screens, a `Screen` of these points is used as
+            is (a fit shares one over its steps).
     """
 
     points: torch.Tensor
     potential: torch.Tensor
     epsilon: float = 0.0
+    screen: Screen | bool = True
 
     def __post_init__(self) -> None:
         if self.points.dim() != 2 or self.potential.shape != (self.points.shape[0],):
@@ -61,6 +72,8 @@ class LaguerreCells:
         if self.epsilon < 0:
             raise LatentflowError(f"semidiscrete OT epsilon must be >= 0, got {self.epsilon}")
         self.offsets = self.points.square().sum(1) - self.potential  # (N,) ||y_j||^2 - g_j
+        if self.screen is True:
+            self.screen = screen_for(self.points, self.epsilon)
 
     def scores(self, x0: torch.Tensor) -> torch.Tensor:
         """score (B, N) = ||x0 - y_j||^2 - g_j - ||x0||^2 for flat noise x0 (B, D)."""
@@ -83,13 +96,23 @@ class LaguerreCells:
                                   f"{self.points.shape[1]}")
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
         for rows in self.chunks(flat.shape[0]):
+            if self.epsilon == 0:
+                out[rows] = self.hard_min(flat[rows])[1]
+                continue
             scores = self.scores(flat[rows])  # (b, N)
-            if self.epsilon > 0:
-                where = scores.device if generator is None else generator.device
-                uniform = torch.rand(scores.shape, generator=generator, device=where).to(scores.device)
-                scores -= self.epsilon * -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel(0, 1)
+            where = scores.device if generator is None else generator.device
+            uniform = torch.rand(scores.shape, generator=generator, device=where).to(scores.device)
+            scores -= self.epsilon * -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel(0, 1)
             out[rows] = scores.argmin(dim=1)
         return out
+
+    def hard_min(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min_j score_j, argmin_j score_j), each (b,), for flat noise x0 (b, D): through the screen when the
+        cells have one (the same answer, faster)."""
+        if isinstance(self.screen, Screen):
+            found = self.screen.argmin(self.points, self.offsets, x0)
+            return found.values, found.indices
+        return self.scores(x0).min(dim=1)
 
     def cell_shares(self, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(shares (N,), mean transport value) over noise rows x0 (B, D): the share of the rows each cell
@@ -97,15 +120,15 @@ class LaguerreCells:
         shares = torch.zeros(self.points.shape[0], dtype=torch.float64, device=x0.device)
         total = 0.0
         for rows in self.chunks(x0.shape[0]):
-            scores = self.scores(x0[rows])  # (b, N)
             norms = x0[rows].square().sum(1)  # (b,)
             if self.epsilon > 0:
+                scores = self.scores(x0[rows])  # (b, N)
                 soft = torch.softmax(-scores / self.epsilon, dim=1)  # (b, N)
                 shares += soft.sum(0).double()
                 log_mean = torch.logsumexp(-scores / self.epsilon, dim=1) - math.log(self.points.shape[0])
                 total += float((norms - self.epsilon * log_mean).double().sum())
             else:
-                best, index = scores.min(dim=1)
+                best, index = self.hard_min(x0[rows])
                 shares += torch.bincount(index, minlength=self.points.shape[0]).double()
                 total += float((norms + best).double().sum())
         return shares / x0.shape[0], total / x0.shape[0]
@@ -195,6 +218,7 @@ class PotentialFit:
         self.recent_shares = torch.full_like(self.iterate, 1.0 / count)
         self.step_count, self.averaged, self.scale = 0, 0, None
         self.last_dual = float("nan")
+        self.screen = screen_for(self.points, settings.epsilon)  # the points stay: one screen for every step
 
     @property
     def finished(self) -> bool:
@@ -227,7 +251,7 @@ class PotentialFit:
             x0 = self.noise()
         if self.scale is None:
             self.scale = cost_scale(self.points, x0)
-        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon)
+        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen)
         shares, transport = cells.cell_shares(x0)
         count = self.points.shape[0]
         ascent = 1.0 - count * shares  # (N,) N x the semi-dual's gradient

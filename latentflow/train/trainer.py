@@ -39,6 +39,7 @@ from latentflow.flow.objectives import (
     default_time_sampler,
     make_objective,
 )
+from latentflow.flow.screening import native_bf16
 from latentflow.io import folder_lock, tree_size, write_folder_atomic, write_json_atomic, write_text_atomic, writing
 from latentflow.models import make_model
 from latentflow.train import checkpoint as ckpt
@@ -171,9 +172,7 @@ def resolve_precision(name: str, cuda: bool | None = None) -> str:
     if name != "auto":
         return name
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    return "bf16" if native_bf16(torch.device("cuda" if cuda else "cpu")) else "no"
 
 
 def make_accelerator(config: Config) -> Accelerator:
