@@ -28,7 +28,8 @@ from latentflow.data.potential import (
 )
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import make_objective
-from latentflow.flow.semidiscrete import FitSettings, PotentialFit, noise_for_step
+from latentflow.flow.screening import Screen
+from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFit, noise_for_step
 from latentflow.train.config import load_config, validate_config
 from latentflow.train.pairing import PairingTransform, dataset_cells_for
 
@@ -177,6 +178,19 @@ def test_flip_variants_are_points_of_their_own(tmp_path: Path) -> None:
 def config_for(cache: Path, *overrides: str):
     return load_config(None, [f"data.cache={cache}", "data.batch_size=8", "data.normalize=true",
                               "data.sample_posterior=false", "objective.ot_scope=dataset", *overrides])
+
+
+def test_the_bf16_screen_pairs_real_latents_as_float32_does(fitted: Path) -> None:
+    """On TAEF2 latents of real photos the screened cells pair as float32 ones; objective.ot_screen: false turns
+    the screen off, and the default builds one only where it pays (not for 20 points)."""
+    plain = dataset_cells_for(config_for(fitted, "objective.ot_screen=false"), LatentCache(fitted))
+    default = dataset_cells_for(config_for(fitted), LatentCache(fitted)).to("cpu")
+    assert plain.cells[0].screen is False and plain.to("cpu").cells[0].screen is False
+    assert default.cells[0].screen is False  # below MIN_POINTS
+    points, potential = plain.cells[0].points, plain.potential
+    screened = LaguerreCells(points, potential, screen=Screen.of(points))
+    x0 = noise_for_step(4, 0, 4096, 32 * 8 * 8)
+    assert torch.equal(screened.assign(x0), plain.cells[0].assign(x0))
 
 
 def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path) -> None:

@@ -260,6 +260,7 @@ class DatasetCells:
         points: (P, C, h, w) all points, ordered group by group (each group's cells view its slice); labels (P,)
             or None and potential (P,) in the same order.
         record: the fit's JSON.
+        screen: the cells' hard pairing may be screened in bfloat16 (built per device where it pays).
     """
 
     cells: list[LaguerreCells]
@@ -269,6 +270,7 @@ class DatasetCells:
     labels: torch.Tensor | None
     potential: torch.Tensor
     record: dict[str, Any]
+    screen: bool = True
 
     def pair(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
              ) -> torch.Tensor:
@@ -291,10 +293,11 @@ class DatasetCells:
         points, potential = self.points.to(device), self.potential.to(device)
         flat = points.reshape(points.shape[0], -1)  # one copy on the device; each group's cells view a slice
         spans = [slice(int(index[0]), int(index[-1]) + 1) for index in self.group_index]
-        cells = [LaguerreCells(flat[span], potential[span], old.epsilon) for span, old in zip(spans, self.cells)]
+        cells = [LaguerreCells(flat[span], potential[span], old.epsilon, self.screen)
+                 for span, old in zip(spans, self.cells)]
         labels = None if self.labels is None else self.labels.to(device)
         return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
-                            points, labels, potential, self.record)
+                            points, labels, potential, self.record, self.screen)
 
 
 def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:
@@ -317,8 +320,9 @@ def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any]
 
 
 def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_flip: bool,
-                       max_imbalance: float = MAX_IMBALANCE) -> DatasetCells:
-    """The potential `name` of `cache`, checked for this training setup, as `DatasetCells`.
+                       max_imbalance: float = MAX_IMBALANCE, screen: bool = True) -> DatasetCells:
+    """The potential `name` of `cache`, checked for this training setup, as `DatasetCells` (whose hard pairing
+    is screened in bfloat16 where that pays, unless `screen` is False: `LaguerreCells.screen`).
 
     Raises:
         LatentflowError: no potential, an unfinished one, one of another cache, NaN values, another point space
@@ -348,6 +352,6 @@ def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_f
     epsilon = float(record["settings"]["epsilon"])
     bounds = torch.tensor([0, *[group.numel() for group in points.groups]]).cumsum(0).tolist()
     spans = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
-    cells = [LaguerreCells(flat[span], potential[span], epsilon) for span in spans]
+    cells = [LaguerreCells(flat[span], potential[span], epsilon, screen) for span in spans]
     group_index = [torch.arange(span.start, span.stop) for span in spans]
-    return DatasetCells(cells, group_index, classes, ordered, labels, potential, record)
+    return DatasetCells(cells, group_index, classes, ordered, labels, potential, record, screen)
