@@ -6,7 +6,8 @@
 #   FLOWERS128=DIR TAEF2=DIR bash benchmarks/gpu_check.sh  # only the flowers at 128 px, FID with floors (part 4)
 #
 # 1. DiT-B/2 and DiT-XL/2 training images/s and peak memory on 4x32x32 latents in bf16, batch 128, with and
-#    without torch.compile (the step of `Trainer`: AdamW, grad clip, EMA), plus exact OT pairing times.
+#    without torch.compile (the step of `Trainer`: AdamW, grad clip, EMA), plus exact OT pairing times, and
+#    dataset OT's assignment (float32 and bf16-screened) against each precision's matmul peak.
 #    Anchor: fast-DiT reports DiT-XL/2 at 0.84 steps/s with batch 128 (about 107 images/s) on one A100.
 # 2. With FLOWERS (a labelled image folder) and TAEF2 (the TAEF2 weights folder): encode it on the GPU at
 #    64 and 256 px; the real `Trainer` fed by the cache reader vs from memory, for the shipped flowers
@@ -77,6 +78,8 @@ fi
 part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
     --ot-repeats 3 --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both \
     --steps 15 --warmup 4
+part 90 "dataset OT's assignment at ImageNet scale, float32 and screened bf16" "$PYTHON" \
+    benchmarks/train_throughput.py --skip-reader --ot-sizes "" --ot-scale
 part 40 "meanflow step against an FM step (demo DiT, batch 256)" "$PYTHON" benchmarks/meanflow_step.py \
     --device cuda --batch 256 --repeats 20
 if [ -z "${FLOWERS:-}" ]; then

@@ -6,9 +6,12 @@
 3. OT pairing time for B = 256 and 1024 latents of 4 x 32 x 32, our exact coupling beside
    torchcfm's `OTPlanSampler` when torchcfm is importable;
 4. (`--dataset-ot NAME`) dataset-scale OT (`objective.ot_scope: dataset` with the cache's potential NAME)
-   vs rf images/s through the reader (goal >= 0.97), and the potential's fit time against a 2,000-step run;
+   vs rf images/s through the reader (goal >= 0.97), with and without the bf16 screen of its pairing, and
+   the potential's fit time against a 2,000-step run;
 5. (`--ot-scale`) the cost of dataset OT's assignment at ImageNet-256 scale (1.28M SD-VAE latents of
-   4 x 32 x 32) against a DiT-XL/2 training step: FLOPs counted, the assignment's speed measured here;
+   4 x 32 x 32) against a DiT-XL/2 training step: FLOPs counted, the assignment's speed (float32 and
+   screened bf16) measured here, on the GPU when there is one; (`--screen-sizes N,...`) the screen's
+   speed-up of the argmin alone by number of points;
 6. (`--synthetic MODEL,...`) raw training images/s and peak memory of presets on 4 x 32 x 32
    latents, e.g. DiT-B/2 and DiT-XL/2 in bf16 with and without torch.compile (benchmarks/gpu_check.sh).
 
@@ -26,6 +29,7 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -85,10 +89,11 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
         trainers = {name: Trainer(reader_config(cache, out, name, workers, batch, in_memory, overrides))
                     for name in ("otcfm", "rf")}
         if dataset_ot:
-            trainers["dataset"] = Trainer(reader_config(cache, out, "otcfm", workers, batch, in_memory, (
-                *overrides, "objective.ot_scope=dataset", f"objective.ot_potential={dataset_ot}",
-                f"objective.class_aware={str(dataset_class_aware(cache, dataset_ot)).lower()}",
-                "data.sample_posterior=false")))
+            for name, screen in (("dataset", "true"), ("dataset fp32", "false")):
+                trainers[name] = Trainer(reader_config(cache, out, "otcfm", workers, batch, in_memory, (
+                    *overrides, "objective.ot_scope=dataset", f"objective.ot_potential={dataset_ot}",
+                    f"objective.class_aware={str(dataset_class_aware(cache, dataset_ot)).lower()}",
+                    "data.sample_posterior=false", f"objective.ot_screen={screen}")))
         print(f"reader vs memory: {trainers['rf'].config.model.name} on "
               f"{device_name(trainers['rf'].accelerator.device)}, "
               f"precision {trainers['rf'].config.train.mixed_precision}, latents "
@@ -100,7 +105,8 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
                  "reader rf": (trainers["rf"], trainers["rf"].batches()),
                  "memory otcfm": (trainers["otcfm"], itertools.cycle(prepared))}
         if dataset_ot:
-            feeds["reader dataset"] = (trainers["dataset"], trainers["dataset"].batches())
+            for name in ("dataset", "dataset fp32"):
+                feeds[f"reader {name}"] = (trainers[name], trainers[name].batches())
         for trainer, batches in feeds.values():
             time_steps(trainer, batches, warmup)
         seconds = dict.fromkeys(feeds, 0.0)
@@ -112,12 +118,13 @@ def reader_vs_memory(cache: str, steps: int, warmup: int, workers: int, batch: i
     total = steps * repeats
     rate = {name: total * batch / value for name, value in seconds.items()}
     for name, value in rate.items():
-        print(f"{name:13s}: {value:8.1f} images/s over {total} interleaved steps (batch {batch}, {workers} loader "
+        print(f"{name:19s}: {value:8.1f} images/s over {total} interleaved steps (batch {batch}, {workers} loader "
               f"worker(s), {'in-memory' if in_memory else 'streaming'} reader)")
     print(f"ratio reader / memory = {rate['reader otcfm'] / rate['memory otcfm']:.3f} (goal >= 0.95)")
     print(f"ratio otcfm / rf      = {rate['reader otcfm'] / rate['reader rf']:.3f} (goal >= 0.95)")
     if dataset_ot:
-        print(f"ratio dataset OT / rf = {rate['reader dataset'] / rate['reader rf']:.3f} (goal >= 0.97)")
+        print(f"ratio dataset OT / rf = {rate['reader dataset'] / rate['reader rf']:.3f} (goal >= 0.97; "
+              f"float32 pairing without the bf16 screen: {rate['reader dataset fp32'] / rate['reader rf']:.3f})")
         fit = trainers["dataset"].dataset_cells.record["fit_seconds"]
         run = 2000 * batch / rate["reader rf"]
         print(f"potential '{dataset_ot}' fit: {fit:.0f} s = {fit / run:.2f} of a 2,000-step run at the rf rate "
@@ -134,10 +141,13 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
     """Dataset OT's assignment at ImageNet-256 scale against a DiT-XL/2 training step.
 
     The assignment of one noise draw is one row of a (B, D) x (D, N) matrix product: 2 N D FLOPs. The step's
-    FLOPs are counted by torch for DiT-XL/2 on 4 x 32 x 32 latents. Both are large matrix products, so on a GPU
-    their times scale with their FLOPs at similar shares of the matmul peak; the assignment's share of the
-    peak is measured here on this machine (chunked, float32) to show it is a plain, efficient matrix product.
+    FLOPs are counted by torch for DiT-XL/2 on 4 x 32 x 32 latents. Both are large matrix products, so their
+    times scale with their FLOPs at similar shares of the matmul peak of the same precision: DiT trains in
+    bf16, and the screened assignment (`latentflow.flow.screening`) runs its product in bf16 too, while the
+    float32 one runs at the float32 peak (on an H100 about 1/15 of bf16's, without TF32). Both assignments
+    are timed here, on the GPU when there is one, each against its precision's measured peak.
     """
+    from latentflow.flow.screening import Screen
     from latentflow.flow.semidiscrete import LaguerreCells
 
     model = make_model("DiT-XL/2", in_channels=4, sample_size=32, num_classes=1000)
@@ -145,21 +155,52 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
     step_flops = training_flops_per_image(model, x, torch.zeros(1, dtype=torch.long))
     del model
     assign_flops = 2 * points * dim
-    sample_points = 20_000
-    cells = LaguerreCells(torch.randn(sample_points, dim), torch.zeros(sample_points))
-    noise = torch.randn(batch, dim)
-    ms = best_ms(lambda: cells.assign(noise), 3)
-    achieved = 2 * sample_points * dim * batch / (ms / 1000) / 1e9
-    peak = matmul_peak_tflops(torch.device("cpu"), torch.float32, size=2048, repeats=3) * 1000
     largest = share * step_flops / (2 * dim)
     print(f"dataset OT at scale: DiT-XL/2 trains at {step_flops / 1e9:.0f} GFLOP per image (forward + backward, "
           f"counted); the assignment of one noise draw against N latents of {dim} costs 2 N D = "
           f"{assign_flops / 1e9:.1f} GFLOP for ImageNet's N = {points:,}: {assign_flops / step_flops:.3f} of the "
-          f"step; under {share:.0%} up to N = {largest:,.0f} latents")
-    print(f"  measured here: the chunked assignment (B = {batch}, N = {sample_points:,}, D = {dim}) "
-          f"{ms:.0f} ms = {achieved:.0f} GFLOP/s, {achieved / peak:.2f} of this CPU's float32 matmul peak "
-          f"({peak:.0f} GFLOP/s); the points take {points * dim * 2 / 2**30:.1f} GiB in bf16 "
-          f"({points * dim * 4 / 2**30:.1f} GiB float32) on each device")
+          f"step; under {share:.0%} up to N = {largest:,.0f} latents, at the step's share of the same peak")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sample_points = 200_000 if device.type == "cuda" else 20_000
+    generator = torch.Generator(device=device).manual_seed(0)
+    latents = torch.randn(sample_points, dim, device=device, generator=generator)
+    noise = torch.randn(batch, dim, device=device, generator=generator)
+    potential = torch.zeros(sample_points, device=device)
+    flops = 2 * sample_points * dim * batch
+    for name, screen, dtype in (("float32", False, torch.float32), ("screened bf16", Screen.of(latents),
+                                                                     torch.bfloat16)):
+        cells = LaguerreCells(latents, potential, screen=screen)
+        ms = best_ms(lambda cells=cells: (cells.assign(noise), synchronize(device)), 3)
+        peak = matmul_peak_tflops(device, dtype, size=2048 if device.type == "cpu" else 8192, repeats=3) * 1000
+        achieved = flops / (ms / 1000) / 1e9
+        print(f"  {name:13s} assignment on {device_name(device)} (B = {batch}, N = {sample_points:,}, D = {dim}): "
+              f"{ms:.1f} ms = {achieved:.0f} GFLOP/s, {achieved / peak:.2f} of the {dtype} matmul peak "
+              f"({peak:.0f} GFLOP/s)")
+    print(f"  the points take {points * dim * 4 / 2**30:.1f} GiB in float32 on each device, plus "
+          f"{points * dim * 2 / 2**30:.1f} GiB for the screen's bf16 copy")
+
+
+def float32_argmin(points: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """argmin_j of offsets_j - 2 <x, points_j> per row of x, in float32 at once (the unscreened pairing)."""
+    return torch.addmm(offsets.unsqueeze(0), x, points.T, alpha=-2.0).argmin(dim=1)
+
+
+def screen_speedups(sizes: list[int], dim: int = 2048, rows: tuple[int, ...] = (13, 64, 1024)) -> None:
+    """The hard argmin alone, float32 (one addmm, then min) against the bf16 screen, for N random points of `dim`
+    with a random potential: where `Screen.pays` draws its line (MIN_POINTS)."""
+    from latentflow.flow.screening import Screen
+
+    generator = torch.Generator().manual_seed(0)
+    for count in sizes:
+        points = 0.9 * torch.randn(count, dim, generator=generator)
+        offsets = points.square().sum(1) - 40 * torch.randn(count, generator=generator)
+        screen = Screen.of(points)
+        for batch in rows:
+            x = torch.randn(batch, dim, generator=generator)
+            plain = best_ms(partial(float32_argmin, points, offsets, x), 5)
+            screened = best_ms(partial(screen.argmin, points, offsets, x), 5)
+            print(f"argmin N = {count:6d}, D = {dim}, rows = {batch:5d}: float32 {plain:7.3f} ms, screened "
+                  f"{screened:7.3f} ms: {plain / screened:.2f}x")
 
 
 def best_ms(function, repeats: int) -> float:
@@ -351,6 +392,8 @@ def main() -> None:
     parser.add_argument("--dataset-ot", default=None, metavar="NAME",
                         help="also time ot_scope: dataset with the cache's potential NAME (latentflow ot-fit)")
     parser.add_argument("--ot-scale", action="store_true", help="dataset OT's cost at ImageNet scale (counted)")
+    parser.add_argument("--screen-sizes", default="", help="comma-separated point counts: the bf16 screen's "
+                        "speed-up of the hard argmin, e.g. 600,1200,2000,2934,20000")
     parser.add_argument("--synthetic", default="", help="comma-separated model presets, e.g. DiT-B/2,DiT-XL/2")
     parser.add_argument("--synthetic-batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
@@ -362,6 +405,8 @@ def main() -> None:
                          args.in_memory, tuple(args.overrides), args.dataset_ot)
     if args.ot_scale:
         ot_scale_estimate()
+    if args.screen_sizes:
+        screen_speedups([int(size) for size in args.screen_sizes.split(",")])
     if args.ot_sizes:
         pairing_times([int(s) for s in args.ot_sizes.split(",")], args.ot_repeats)
     if args.synthetic:
