@@ -185,8 +185,11 @@ def test_the_bf16_screen_pairs_real_latents_as_float32_does(fitted: Path) -> Non
     the screen off, and the default builds one only where it pays (not for 20 points)."""
     plain = dataset_cells_for(config_for(fitted, "objective.ot_screen=false"), LatentCache(fitted))
     default = dataset_cells_for(config_for(fitted), LatentCache(fitted)).to("cpu")
-    assert plain.cells[0].screen is False and plain.to("cpu").cells[0].screen is False
-    assert default.cells[0].screen is False  # below MIN_POINTS
+    assert not plain.screen and not plain.to("cpu").screen and plain.cells[0].screen is False
+    assert default.screen and default.cells[0].screen is False  # may screen, but 20 points are below MIN_POINTS
+    # pairing on the training device: no screen is built before the cells move, and the move builds it there
+    on_device = dataset_cells_for(config_for(fitted, "objective.ot_dataset_on=device"), LatentCache(fitted))
+    assert not on_device.screen and on_device.to("cpu", screen=True).screen
     points, potential = plain.cells[0].points, plain.potential
     screened = LaguerreCells(points, potential, screen=Screen.of(points))
     x0 = noise_for_step(4, 0, 4096, 32 * 8 * 8)

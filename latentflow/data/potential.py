@@ -288,16 +288,18 @@ class DatasetCells:
                 out[rows] = index[cells.assign(x0[rows], generator)]
         return out
 
-    def to(self, device: torch.device | str) -> "DatasetCells":
-        """The same cells with every tensor on `device` (pairing on the training device)."""
+    def to(self, device: torch.device | str, screen: bool | None = None) -> "DatasetCells":
+        """The same cells with every tensor on `device` (pairing on the training device), screened there where it
+        pays if `screen` (None: as these cells)."""
+        screen = self.screen if screen is None else screen
         points, potential = self.points.to(device), self.potential.to(device)
         flat = points.reshape(points.shape[0], -1)  # one copy on the device; each group's cells view a slice
         spans = [slice(int(index[0]), int(index[-1]) + 1) for index in self.group_index]
-        cells = [LaguerreCells(flat[span], potential[span], old.epsilon, self.screen)
+        cells = [LaguerreCells(flat[span], potential[span], old.epsilon, screen)
                  for span, old in zip(spans, self.cells)]
         labels = None if self.labels is None else self.labels.to(device)
         return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
-                            points, labels, potential, self.record, self.screen)
+                            points, labels, potential, self.record, screen)
 
 
 def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:

@@ -151,8 +151,9 @@ def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells |
     objective = config.objective
     if objective.ot_scope != "dataset":
         return None
+    on_loader = objective.ot_dataset_on == "loader"  # else the trainer moves the cells, screening them there
     cells = load_dataset_cells(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
-                               objective.ot_max_imbalance, objective.ot_screen)
+                               objective.ot_max_imbalance, objective.ot_screen and on_loader)
     if bool(cells.record["class_aware"]) != objective.class_aware:
         fitted = "class-aware" if cells.record["class_aware"] else "class-blind"
         raise LatentflowError(f"objective.ot_potential {objective.ot_potential!r} of {cache.path} is {fitted} but "

@@ -217,7 +217,7 @@ class Trainer:
         check_coupling(config, self.cache)
         self.dataset_cells = dataset_cells_for(config, self.cache)
         if self.dataset_cells is not None and config.objective.ot_dataset_on == "device":
-            self.dataset_cells = self.dataset_cells.to(self.accelerator.device)
+            self.dataset_cells = self.dataset_cells.to(self.accelerator.device, config.objective.ot_screen)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
