@@ -167,6 +167,8 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
     noise = torch.randn(batch, dim, device=device, generator=generator)
     potential = torch.zeros(sample_points, device=device)
     flops = 2 * sample_points * dim * batch
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # as training pairs: float32 products without TF32
     for name, screen, dtype in (("float32", False, torch.float32), ("screened bf16", Screen.of(latents),
                                                                      torch.bfloat16)):
         cells = LaguerreCells(latents, potential, screen=screen)
@@ -176,6 +178,7 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
         print(f"  {name:13s} assignment on {device_name(device)} (B = {batch}, N = {sample_points:,}, D = {dim}): "
               f"{ms:.1f} ms = {achieved:.0f} GFLOP/s, {achieved / peak:.2f} of the {dtype} matmul peak "
               f"({peak:.0f} GFLOP/s)")
+    torch.set_float32_matmul_precision(precision)
     print(f"  the points take {points * dim * 4 / 2**30:.1f} GiB in float32 on each device, plus "
           f"{points * dim * 2 / 2**30:.1f} GiB for the screen's bf16 copy")
 
