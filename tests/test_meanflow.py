@@ -12,6 +12,7 @@ from test_training import TINY, cache, fresh_accelerator_state, tiny_config  # n
 
 from latentflow import cli
 from latentflow.errors import LatentflowError
+from latentflow.flow.flow_maps import INTERVAL_TIME_SCALE
 from latentflow.models import load_model, make_model
 from latentflow.train.config import load_config
 
@@ -69,11 +70,13 @@ def test_meanflow_run_trains_exports_and_samples_in_k_evaluations(meanflow_run: 
     assert len(rows) == 4 and all("nan" not in row for row in rows[1:])
     saved = load_config(meanflow_run / "config.yaml")
     assert saved.train.init == str(teacher_run) and saved.model.settings["flow_map"] is True
+    assert saved.model.settings["interval_time_scale"] == INTERVAL_TIME_SCALE == 1.0  # a new flow map's
     assert cli.main(["export", str(meanflow_run), "--out", str(tmp_path / "pipe")]) == 0
     scheduler = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["prediction_type"], scheduler["solver"], scheduler["num_inference_steps"]) == (
         "average_velocity", "flowmap", 1)
     pipe = load_pipeline(tmp_path / "pipe")
+    assert (pipe.transformer.interval_embedder.time_scale, pipe.transformer.t_embedder.time_scale) == (1.0, 1000.0)
     for steps in (1, 2):
         out = pipe(batch_size=3, num_inference_steps=steps, output_type="np",
                    generator=torch.Generator().manual_seed(0))
@@ -126,3 +129,32 @@ def test_meanflow_from_scratch_with_the_data_velocity_and_guidance(cache: Path, 
     run = train(cache, tmp_path / "scratch", "objective.name=meanflow", "objective.flow_map_guidance=2.0",
                 "train.max_steps=2")
     assert load_model(run / "model").config.flow_map
+
+
+def test_the_interval_embedding_scale_of_new_old_and_chosen_flow_maps(cache: Path, teacher_run: Path,  # noqa: F811
+                                                                     meanflow_run: Path, tmp_path: Path):
+    from latentflow.train.trainer import Trainer
+
+    # a flow map saved before interval_time_scale existed (no key in its config) embeds r - t at t's scale
+    old = make_model("dit", in_channels=32, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                     num_classes=5, flow_map=True)
+    old.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    settings = json.loads(config_file.read_text())
+    del settings["interval_time_scale"]
+    config_file.write_text(json.dumps(settings))
+    assert load_model(tmp_path / "old").interval_embedder.time_scale == 1000.0
+    unet = make_model("unet", in_channels=32, sample_size=8, block_out_channels=(32, 32),
+                      attention_levels=(False, True), norm_num_groups=8, flow_map=True, interval_time_scale=2.0)
+    assert (unet.interval_embedder.time_scale, unet.config.time_scale) == (2.0, 1000.0)
+    # a fine-tune of a flow map keeps its scale; a new flow map takes the config's
+    again = Trainer(tiny_config(cache, tmp_path / "again", *MEANFLOW, f"train.init={meanflow_run}"))
+    assert again.unwrapped.interval_embedder.time_scale == 1.0
+    chosen = Trainer(tiny_config(cache, tmp_path / "chosen", *MEANFLOW, f"train.init={teacher_run}",
+                                 "model.settings={interval_time_scale: 1000.0}"))
+    assert chosen.unwrapped.interval_embedder.time_scale == 1000.0
+    scratch = Trainer(tiny_config(cache, tmp_path / "scratch", "objective.name=meanflow"))
+    assert scratch.unwrapped.interval_embedder.time_scale == 1.0
+    with pytest.raises(LatentflowError, match=r"interval_time_scale=1000.0 \(start model: 1.0\)"):
+        Trainer(tiny_config(cache, tmp_path / "changed", *MEANFLOW, f"train.init={meanflow_run}",
+                            "model.settings={interval_time_scale: 1000.0}"))

@@ -29,6 +29,17 @@ from latentflow.errors import LatentflowError
 AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """model(x_t (B, ...), t (B,), r (B,), labels (B,) or None) -> u (B, ...): a flow-map model's average velocity."""
 
+INTERVAL_TIME_SCALE = 1.0
+"""The factor on r - t before a new flow map's sinusoidal interval embedding (`DiT` / `UNet`
+`interval_time_scale`). MeanFlow's target v + (r - t) du/dt holds the model's own derivative in t, which reaches
+the interval embedding through r - t; a sinusoid of r - t times s has a derivative up to s times its amplitude.
+At t's own scale (1,000) a fine-tune of the shipped couplings recipe ran away: the mean square of the
+correction (r - t) du/dt (median per 100 steps; v's is about 2) grew from 36 to 142 and then to 1,200-8,700,
+while the model's output stayed of unit size, and the one-step samples collapsed to texture between steps 500 and
+750 (FID 313.6). At 1 the same run's correction stayed at 26-71 (falling over the run) and it scored 124.4
+(`benchmarks/results/cpu2_meanflow_interval_scale_s21.txt`). Flow maps made before (no `interval_time_scale` in
+their config) keep `time_scale`."""
+
 PAPER_TIME_MEAN = -0.4
 PAPER_TIME_STD = 1.0
 PAPER_DISTINCT_SHARE = 0.25

@@ -256,6 +256,9 @@ class DiT(ModelMixin, ConfigMixin):
         flow_map: take a second time r >= t (a flow map's end time, `latentflow.flow.flow_maps`): an embedding of
             r - t is added to the time embedding. Its last layer starts at zero, so a flow map made from a plain
             model's weights starts as that model's velocity field for every r.
+        interval_time_scale: r - t is multiplied by this before its sinusoidal embedding (None: `time_scale`, as
+            flow maps made before it existed; the trainer gives new flow maps
+            `latentflow.flow.flow_maps.INTERVAL_TIME_SCALE`).
         fused_modulation: write each adaLN modulation and gated residual as one `torch.addcmul` (fewer passes over
             the tokens in eager mode; torch.compile fuses either form). Same weights, same function up to
             rounding; off by default (`benchmarks/dit_profile.py` compares both).
@@ -281,6 +284,7 @@ class DiT(ModelMixin, ConfigMixin):
         rope: bool = False,
         flow_map: bool = False,
         fused_modulation: bool = False,
+        interval_time_scale: float | None = None,
     ) -> None:
         super().__init__()
         if sample_size % patch_size:
@@ -288,7 +292,8 @@ class DiT(ModelMixin, ConfigMixin):
         self.grid_size = sample_size // patch_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        self.interval_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if flow_map else None
+        interval_scale = time_scale if interval_time_scale is None else interval_time_scale
+        self.interval_embedder = TimestepEmbedder(hidden_size, time_scale=interval_scale) if flow_map else None
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         self.register_buffer(
             "pos_embed", sincos_position_embedding_2d(hidden_size, self.grid_size)[None], persistent=False

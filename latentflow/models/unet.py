@@ -34,6 +34,9 @@ class UNet(ModelMixin, ConfigMixin):
         flow_map: take a second time r >= t (a flow map's end time): an embedding of r - t, whose last layer
             starts at zero, is added to the U-Net's time embedding (through a forward hook on its
             `time_embedding`, so the wrapped `UNet2DModel` and its weight names stay as they are).
+        interval_time_scale: r - t is multiplied by this before its sinusoidal embedding (None: `time_scale`, as
+            flow maps made before it existed; the trainer gives new flow maps
+            `latentflow.flow.flow_maps.INTERVAL_TIME_SCALE`).
     """
 
     _supports_gradient_checkpointing = True
@@ -51,6 +54,7 @@ class UNet(ModelMixin, ConfigMixin):
         num_classes: int = 0,
         time_scale: float = 1000.0,
         flow_map: bool = False,
+        interval_time_scale: float | None = None,
     ) -> None:
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -76,7 +80,8 @@ class UNet(ModelMixin, ConfigMixin):
         self.interval_embedder = None
         self._interval_embedding: torch.Tensor | None = None  # set for the length of one forward call
         if flow_map:
-            self.interval_embedder = TimestepEmbedder(block_out_channels[0] * 4, time_scale=time_scale)
+            interval_scale = time_scale if interval_time_scale is None else interval_time_scale
+            self.interval_embedder = TimestepEmbedder(block_out_channels[0] * 4, time_scale=interval_scale)
             nn.init.zeros_(self.interval_embedder.mlp[2].weight)
             nn.init.zeros_(self.interval_embedder.mlp[2].bias)
             self.unet.time_embedding.register_forward_hook(self._add_interval_embedding)

@@ -15,6 +15,7 @@ import torch
 from diffusers import ModelMixin
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.flow_maps import INTERVAL_TIME_SCALE
 from latentflow.io import read_json
 from latentflow.vae import identity_differences
 
@@ -95,18 +96,29 @@ def check_same_latents(initial: InitialModel, cache_manifest: dict[str, Any], no
                                       f"{cache_path}; train on the same cache or set data.normalize=false in both")
 
 
+def new_flow_map_settings(requested: dict[str, Any]) -> dict[str, Any]:
+    """The model settings that make a new flow map: its second time input on, r - t embedded at the config's
+    `interval_time_scale` or `INTERVAL_TIME_SCALE`."""
+    return {"flow_map": True, "interval_time_scale": float(requested.get("interval_time_scale", INTERVAL_TIME_SCALE))}
+
+
 def merged_settings(initial: InitialModel, requested: dict[str, Any], flow_map: bool) -> dict[str, Any]:
-    """The new model's settings: the start model's, with the flow-map input on when asked for.
+    """The new model's settings: the start model's, with the flow-map input on when asked for (a start model
+    that is a flow map already keeps its interval embedding's settings).
 
     Raises:
         LatentflowError: when the config's model.settings ask for other values than the start model has.
     """
+    new_map = flow_map and not initial.settings.get("flow_map", False)
+    fresh = ("flow_map", "interval_time_scale") if new_map else ("flow_map",)
     conflicts = {key: (value, initial.settings.get(key)) for key, value in requested.items()
-                 if key != "flow_map" and initial.settings.get(key) != value}
+                 if key not in fresh and initial.settings.get(key) != value}
     if conflicts:
         listed = ", ".join(f"{key}={want!r} (start model: {have!r})" for key, (want, have) in conflicts.items())
         raise LatentflowError(f"model.settings differ from {initial.source}: {listed}; drop them (the start "
                               f"model's settings are used)")
+    if new_map:
+        return {**initial.settings, **new_flow_map_settings(requested)}
     return {**initial.settings, "flow_map": bool(flow_map or initial.settings.get("flow_map", False))}
 
 

@@ -52,6 +52,7 @@ from latentflow.train.init import (
     load_initial_model,
     load_initial_weights,
     merged_settings,
+    new_flow_map_settings,
 )
 from latentflow.train.logs import CsvLog, KeyRecord
 from latentflow.train.optim import learning_rate, make_adamw
@@ -233,7 +234,9 @@ class Trainer:
         if initial is None:
             name = config.model.name
             settings = {"in_channels": cache_shape[0], "sample_size": cache_shape[1], "num_classes": self.num_classes,
-                        **config.model.settings, **({"flow_map": True} if flow_map else {})}
+                        **config.model.settings}
+            if flow_map:
+                settings.update(new_flow_map_settings(config.model.settings))
         else:
             check_same_latents(initial, self.cache.manifest, config.data.normalize, config.data.cache)
             name, settings = initial.class_name.lower(), merged_settings(initial, config.model.settings, flow_map)
