@@ -92,6 +92,13 @@ def test_the_loss_is_zero_for_the_exact_flow_map_taught_by_the_exact_field():
     wrong = TrainingModels(student=lambda x, t, r, labels: gaussian_average_velocity(x, t, r) + 0.1,
                            teacher=gaussian_velocity)
     assert float(objective.training_loss(wrong, batch).min()) > 1e-3
+    # the squared error the log shows beside a weighted loss: an offset of 0.1 in every coordinate is 0.01
+    plain, no_error = objective.loss_and_error(wrong, batch)
+    assert no_error is None and torch.allclose(plain, torch.full_like(plain, 0.01))  # p = 0: the loss is the error
+    weighted = make_objective("meanflow", flow_map_velocity="teacher", flow_map_share=0.5)
+    loss, error = weighted.loss_and_error(wrong, batch)
+    torch.testing.assert_close(error, torch.full_like(error, 0.01))
+    torch.testing.assert_close(loss, error / (error + 1e-3))  # near 1 whatever the error: 0.909 here
 
 
 def test_one_step_of_the_exact_flow_map_is_exact():

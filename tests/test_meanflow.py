@@ -15,6 +15,7 @@ from latentflow.errors import LatentflowError
 from latentflow.flow.flow_maps import INTERVAL_TIME_SCALE
 from latentflow.models import load_model, make_model
 from latentflow.train.config import load_config
+from latentflow.train.logs import CsvLog
 
 MEANFLOW = ["objective.name=meanflow", "objective.flow_map_velocity=teacher", "objective.flow_map_share=0.5",
             "sample.solver=flowmap", "sample.steps=1"]
@@ -68,6 +69,9 @@ def test_meanflow_run_trains_exports_and_samples_in_k_evaluations(meanflow_run: 
 
     rows = (meanflow_run / "log.csv").read_text().splitlines()
     assert len(rows) == 4 and all("nan" not in row for row in rows[1:])
+    logged = CsvLog.read(meanflow_run / "log.csv")
+    assert all(float(row["error"]) > 0 and 0 < float(row["loss"]) < 1 for row in logged)  # weighted: error beside
+    assert all(row["error"] == "" for row in CsvLog.read(teacher_run / "log.csv"))  # rf: the loss is the error
     saved = load_config(meanflow_run / "config.yaml")
     assert saved.train.init == str(teacher_run) and saved.model.settings["flow_map"] is True
     assert saved.model.settings["interval_time_scale"] == INTERVAL_TIME_SCALE == 1.0  # a new flow map's

@@ -88,6 +88,13 @@ def test_csv_log_resume_drops_rows_after_the_checkpoint(tmp_path) -> None:
     CsvLog(tmp_path / "log.csv", resume_step=2)
     rows = CsvLog.read(tmp_path / "log.csv")
     assert [r["step"] for r in rows] == ["1", "2"] and float(rows[1]["loss"]) == 0.25
+    # a log written before the error column: a resume rewrites it with every column, the rows kept
+    (tmp_path / "log.csv").write_text("step,loss,grad_norm,lr,images_per_s,ot_cost,skipped_steps,straightness\n"
+                                      "1,0.5,1.0,0.001,10.0,,0,\n2,0.25,1.0,0.001,10.0,,0,\n")
+    CsvLog(tmp_path / "log.csv", resume_step=2).append({"step": 3, "loss": 0.9, "error": 12.5})
+    rows = CsvLog.read(tmp_path / "log.csv")
+    assert [(r["step"], r["loss"], r["error"], r["grad_norm"]) for r in rows] == [
+        ("1", "0.5", "", "1.0"), ("2", "0.25", "", "1.0"), ("3", "0.9", "12.5", "")]
 
 
 def test_checkpoints_publish_atomically_and_keep_the_newest(tmp_path) -> None:

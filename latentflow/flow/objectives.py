@@ -124,6 +124,12 @@ class Objective(ABC):
         """Per-sample loss (B,) of the student on a prepared batch."""
         return self.loss(models.student(batch.x_t, batch.t, None, batch.labels), batch)
 
+    def loss_and_error(self, models: TrainingModels, batch: TrainingBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-sample loss (B,) to minimise, per-sample squared error (B,) where the loss weights it, else None):
+        a weighted loss says little of the error's size, which the training log shows beside it."""
+        return self.training_loss(models, batch), None
+
 
 class FlowMatchingObjective(Objective):
     """Flow matching: regress v(x_t, t) onto u_t = x1 - x0 along a path.
@@ -228,13 +234,19 @@ class MeanFlowObjective(FlowMatchingObjective):
         return torch.where(labelled, guided, batch.target)
 
     def training_loss(self, models: TrainingModels, batch: TrainingBatch) -> torch.Tensor:
+        return self.loss_and_error(models, batch)[0]
+
+    def loss_and_error(self, models: TrainingModels, batch: TrainingBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The adaptively weighted loss (B,) and, when weighted (p > 0), the squared error (B,) it weights: the
+        weighted loss stays near 1 whatever the error (p = 1), so only the error shows a target running away."""
         if batch.r is None:
             raise LatentflowError("a meanflow batch needs end times r; prepare it with MeanFlowObjective.prepare")
         v = self.instantaneous_velocity(models, batch)
         target = mean_flow_regression_target(models.tangent or models.student, batch.x_t, batch.t, batch.r, v,
                                              batch.labels)
         error = per_sample_mse(models.student(batch.x_t, batch.t, batch.r, batch.labels), target)
-        return error * adaptive_weight(error, self.weight_power)
+        return error * adaptive_weight(error, self.weight_power), (error.detach() if self.weight_power else None)
 
 
 FLOW_MAP_VELOCITIES = ("data", "teacher")

@@ -12,7 +12,9 @@ from typing import Any
 from latentflow.errors import LatentflowError
 from latentflow.io import append_text, write_bytes_atomic, write_text_atomic
 
-LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "images_per_s", "ot_cost", "skipped_steps", "straightness")
+LOG_COLUMNS = ("step", "loss", "error", "grad_norm", "lr", "images_per_s", "ot_cost", "skipped_steps",
+               "straightness")
+"""`error`: the unweighted squared error where the loss weights it (meanflow), else empty."""
 
 
 class CsvLog:

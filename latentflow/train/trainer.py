@@ -91,6 +91,8 @@ class StepResult:
         skipped: the step was not applied because the loss or gradients were not finite.
         lr: the learning rate used.
         ot_cost: mean squared noise-data distance of the pairs (global in global OT), or None.
+        error: mean unweighted squared error over the global batch where the loss weights it (meanflow's
+            adaptive weight), else None.
     """
 
     loss: float
@@ -98,6 +100,7 @@ class StepResult:
     skipped: bool
     lr: float
     ot_cost: float | None = None
+    error: float | None = None
 
 
 @dataclass
@@ -362,22 +365,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses, costs = [], []
+        losses, errors, costs = [], [], []
         for index, micro in enumerate(micro_batches):
             batch, cost = self._to_training_batch(micro, self.state.step * len(micro_batches) + index)
             costs.append(cost)
             last = index == len(micro_batches) - 1
             with (nullcontext() if last else accelerator.no_sync(self.model)), accelerator.autocast():
-                loss = self.objective.training_loss(self.models, batch).mean()
+                loss, error = self.objective.loss_and_error(self.models, batch)
+                loss = loss.mean()
             accelerator.backward(loss / len(micro_batches))
             losses.append(loss.detach().float())
+            if error is not None:
+                errors.append(error.mean().float())
         loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+        error = float(accelerator.reduce(torch.stack(errors).mean(), reduction="mean")) if errors else None
         max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         self._apply_or_skip(finite)
         ot_cost = None if costs[0] is None else float(sum(costs) / len(costs))
-        return StepResult(float(loss), float(grad_norm), not finite, lr, ot_cost)
+        return StepResult(float(loss), float(grad_norm), not finite, lr, ot_cost, error)
 
     def _apply_or_skip(self, finite: bool) -> None:
         """Step optimizer and EMA, or skip a non-finite step and stop after too many in a row."""
@@ -539,7 +546,8 @@ class Trainer:
             result.losses.append(step_result.loss)
             steps_since += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{step_result.loss:.4f}")
+            progress.set_postfix(loss=f"{step_result.loss:.4f}",
+                                 **({} if step_result.error is None else {"error": f"{step_result.error:.4g}"}))
             step = self.state.step
             straightness = None
             if config.sample.every and (step % config.sample.every == 0 or step == config.train.max_steps):
