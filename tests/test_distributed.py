@@ -17,7 +17,7 @@ from test_training import TINY, cache, free_port, fresh_accelerator_state, losse
 from latentflow.data.cache import LatentCache, make_latent_loader
 from latentflow.data.sources import open_source
 from latentflow.train.config import load_config
-from latentflow.train.logs import KeyRecord
+from latentflow.train.logs import CsvLog, KeyRecord
 
 pytestmark = pytest.mark.skipif(
     not (TAEF2.is_dir() and FLOWERS.is_dir()), reason=f"shared assets missing: need {TAEF2} and {FLOWERS}"
@@ -279,5 +279,33 @@ def test_fsdp2_shards_resumes_exactly_and_exports_the_whole_ema(cache: Path, tmp
     from latentflow.models import load_model
 
     exported, wanted = load_model(run / "model"), load_model(reference / "model")
+    for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_a_flow_map_with_its_jvp_as_one_process_does(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    """meanflow (the JVP through the sharded blocks, a new flow map's interval input) under FSDP2 on 2 gloo
+    processes (accumulation 2) against one process (accumulation 4): same losses, errors and exported weights."""
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    meanflow = ["objective.name=meanflow", "objective.flow_map_share=0.5", "train.max_steps=2"]
+    overrides = run_overrides(cache, run, *meanflow, "optim.grad_accumulation=2")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
+                           "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script),
+                           str(tmp_path / "report"), "-", *overrides], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "report.rank0.pt")["types"] == ["DTensor"]  # it was sharded
+    train_here(run_overrides(cache, reference, *meanflow, "optim.grad_accumulation=4", "data.streams=2"))
+    assert_same_run(run, reference, steps=2, streams=2, cache_dir=cache)
+    errors = [[float(row["error"]) for row in CsvLog.read(folder / "log.csv")] for folder in (run, reference)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-5) and min(errors[0]) > 0
+    from latentflow.models import load_model
+
+    exported, wanted = load_model(run / "model"), load_model(reference / "model")
+    assert exported.config.flow_map and exported.interval_embedder.time_scale == 1.0
     for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)

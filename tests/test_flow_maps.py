@@ -76,6 +76,29 @@ def test_the_identity_on_a_linear_ode():
     torch.testing.assert_close(target, average(x, t, r), rtol=1e-9, atol=1e-9)
 
 
+def test_a_batch_without_distinct_times_still_takes_one_jvp_and_keeps_v():
+    """Under FSDP each forward gathers sharded weights, so every process must run the JVP's forward: a batch whose
+    pairs all have r = t takes it on one row (unused); its target is v. With r != t somewhere, only those rows."""
+    calls = []
+
+    def average(x, t, r, labels=None):
+        calls.append(x.shape[0])
+        return 2.0 * x + _column(r - t) * x
+
+    x, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    target = mean_flow_regression_target(average, x, t, t.clone(), v, None)
+    assert calls == [1] and torch.equal(target, v)
+    calls.clear()
+    r = torch.tensor([0.1, 0.7, 0.3, 0.9], dtype=torch.float64)
+    target = mean_flow_regression_target(average, x, t, r, v, None)
+    assert calls == [2] and torch.equal(target[[0, 2]], v[[0, 2]])
+    # d/dt u along (v, 1, 0) = 2 v + (r - t) v - x for u = 2 x + (r - t) x
+    rows = [1, 3]
+    expected = v[rows] + _column(r[rows] - t[rows]) * (2 * v[rows] + _column(r[rows] - t[rows]) * v[rows] - x[rows])
+    torch.testing.assert_close(target[rows], expected)
+
+
 def test_the_loss_is_zero_for_the_exact_flow_map_taught_by_the_exact_field():
     objective = make_objective("meanflow", flow_map_velocity="teacher", flow_map_weight_power=0.0,
                                flow_map_share=0.5)

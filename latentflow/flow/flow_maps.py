@@ -136,9 +136,11 @@ def mean_flow_regression_target(model: AverageVelocity, x_t: torch.Tensor, t: to
     """
     target = v.detach().clone()
     distinct = (r > t).nonzero().flatten()
+    # A batch without r != t still takes the JVP, of its first row (the result unused): under FSDP every process
+    # must run the same forward passes, each gathering the sharded weights, and one that skipped it hung the others.
+    rows = distinct if distinct.numel() else torch.zeros(1, dtype=torch.long, device=t.device)
+    derivative = total_derivative(model, x_t[rows], t[rows], r[rows], v[rows], None if labels is None else labels[rows])
     if distinct.numel():
-        picked_labels = None if labels is None else labels[distinct]
-        derivative = total_derivative(model, x_t[distinct], t[distinct], r[distinct], v[distinct], picked_labels)
         target[distinct] = mean_flow_target(v[distinct], derivative.to(v.dtype), t[distinct], r[distinct])
     return target
 
