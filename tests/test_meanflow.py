@@ -159,6 +159,9 @@ def test_the_interval_embedding_scale_of_new_old_and_chosen_flow_maps(cache: Pat
     assert chosen.unwrapped.interval_embedder.time_scale == 1000.0
     scratch = Trainer(tiny_config(cache, tmp_path / "scratch", "objective.name=meanflow"))
     assert scratch.unwrapped.interval_embedder.time_scale == 1.0
+    like_t = Trainer(tiny_config(cache, tmp_path / "like_t", *MEANFLOW, f"train.init={teacher_run}",
+                                 "model.settings={interval_time_scale: null}"))
+    assert like_t.unwrapped.interval_embedder.time_scale == 1000.0
     with pytest.raises(LatentflowError, match=r"interval_time_scale=1000.0 \(start model: 1.0\)"):
         Trainer(tiny_config(cache, tmp_path / "changed", *MEANFLOW, f"train.init={meanflow_run}",
                             "model.settings={interval_time_scale: 1000.0}"))

@@ -98,8 +98,9 @@ def check_same_latents(initial: InitialModel, cache_manifest: dict[str, Any], no
 
 def new_flow_map_settings(requested: dict[str, Any]) -> dict[str, Any]:
     """The model settings that make a new flow map: its second time input on, r - t embedded at the config's
-    `interval_time_scale` or `INTERVAL_TIME_SCALE`."""
-    return {"flow_map": True, "interval_time_scale": float(requested.get("interval_time_scale", INTERVAL_TIME_SCALE))}
+    `interval_time_scale` (null: t's scale) or `INTERVAL_TIME_SCALE`."""
+    scale = requested.get("interval_time_scale", INTERVAL_TIME_SCALE)
+    return {"flow_map": True, "interval_time_scale": None if scale is None else float(scale)}
 
 
 def merged_settings(initial: InitialModel, requested: dict[str, Any], flow_map: bool) -> dict[str, Any]:
