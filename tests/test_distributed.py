@@ -248,21 +248,33 @@ FSDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+def launch_fsdp(tmp_path: Path, report: str, resume: str, overrides: list[str]) -> None:
+    """FSDP_SCRIPT on 2 gloo processes with configs/accelerate/fsdp_8gpu.yaml; reports to tmp_path/REPORT.rankR.pt."""
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
+                           "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script),
+                           str(tmp_path / report), resume, *overrides], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_exported_weights(run: Path, reference: Path) -> None:
+    from latentflow.models import load_model
+
+    exported, wanted = load_model(run / "model"), load_model(reference / "model")
+    for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_fsdp2_shards_resumes_exactly_and_exports_the_whole_ema(cache: Path, tmp_path: Path) -> None:  # noqa: F811
     """FSDP2 on 2 gloo processes (accumulation 2) against one process with accumulation 4: same micro-batches."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    script = tmp_path / "fsdp_train.py"
-    script.write_text(FSDP_SCRIPT)
-    fsdp_launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
-                   "--mixed_precision", "no", "--main_process_port"]
     for report, steps, resume in (("first", 2, "-"), ("second", 4, "latest")):
-        overrides = run_overrides(cache, run, f"train.max_steps={steps}", "optim.grad_accumulation=2")
-        done = subprocess.run([*fsdp_launch, str(free_port()), str(script), str(tmp_path / report), resume,
-                               *overrides], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
+        launch_fsdp(tmp_path, report, resume,
+                    run_overrides(cache, run, f"train.max_steps={steps}", "optim.grad_accumulation=2"))
     ranks = [torch.load(tmp_path / f"second.rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["types"] == ["DTensor"] and ranks[0]["blocks"] == ["FSDPDiTBlock", "FSDPDiTBlock"]
     for index, shape in enumerate(ranks[0]["shapes"]):
@@ -276,11 +288,7 @@ def test_fsdp2_shards_resumes_exactly_and_exports_the_whole_ema(cache: Path, tmp
         assert sorted(p.name for p in (checkpoint / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     train_here(run_overrides(cache, reference, "train.max_steps=4", "optim.grad_accumulation=4", "data.streams=2"))
     assert_same_run(run, reference, steps=4, streams=2, cache_dir=cache)
-    from latentflow.models import load_model
-
-    exported, wanted = load_model(run / "model"), load_model(reference / "model")
-    for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_exported_weights(run, reference)
 
 
 @pytest.mark.slow
@@ -288,16 +296,8 @@ def test_fsdp2_trains_a_flow_map_with_its_jvp_as_one_process_does(cache: Path, t
     """meanflow (the JVP through the sharded blocks, a new flow map's interval input) under FSDP2 on 2 gloo
     processes (accumulation 2) against one process (accumulation 4): same losses, errors and exported weights."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    script = tmp_path / "fsdp_train.py"
-    script.write_text(FSDP_SCRIPT)
     meanflow = ["objective.name=meanflow", "objective.flow_map_share=0.5", "train.max_steps=2"]
-    overrides = run_overrides(cache, run, *meanflow, "optim.grad_accumulation=2")
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
-                           "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script),
-                           str(tmp_path / "report"), "-", *overrides], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_fsdp(tmp_path, "report", "-", run_overrides(cache, run, *meanflow, "optim.grad_accumulation=2"))
     assert torch.load(tmp_path / "report.rank0.pt")["types"] == ["DTensor"]  # it was sharded
     train_here(run_overrides(cache, reference, *meanflow, "optim.grad_accumulation=4", "data.streams=2"))
     assert_same_run(run, reference, steps=2, streams=2, cache_dir=cache)
@@ -305,7 +305,6 @@ def test_fsdp2_trains_a_flow_map_with_its_jvp_as_one_process_does(cache: Path, t
     assert errors[0] == pytest.approx(errors[1], rel=1e-5) and min(errors[0]) > 0
     from latentflow.models import load_model
 
-    exported, wanted = load_model(run / "model"), load_model(reference / "model")
+    exported = load_model(run / "model")
     assert exported.config.flow_map and exported.interval_embedder.time_scale == 1.0
-    for (name, value), expected in zip(exported.state_dict().items(), wanted.state_dict().values()):
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_exported_weights(run, reference)
