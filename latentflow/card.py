@@ -35,7 +35,7 @@ def card_metadata(scheduler_config: dict[str, Any], manifest: dict[str, Any] | N
 
 def pairing_text(objective: dict[str, Any]) -> str:
     """How training paired noise with latents, from the run's `objective` config section."""
-    from latentflow.flow.objectives import OT_OBJECTIVES
+    from latentflow.flow.objectives import pairs_by_ot
 
     per_class = " within each class" if objective.get("class_aware") else ""
     if objective.get("coupling") == "stored":
@@ -43,7 +43,7 @@ def pairing_text(objective: dict[str, Any]) -> str:
     if objective.get("ot_scope") == "dataset":
         return (f"every noise draw with its optimal latent of the whole cache{per_class} (dataset OT through the "
                 f"semidiscrete potential `{objective.get('ot_potential')}` of `latentflow ot-fit`)")
-    if objective.get("name") in OT_OBJECTIVES:
+    if pairs_by_ot(objective.get("name"), objective.get("flow_map_pairing", "independent")):
         where = "the global batch across processes" if objective.get("ot_scope") == "global" else "each batch"
         return f"minibatch OT: one OT plan for {where}{per_class}"
     return "independent draws"
@@ -51,9 +51,9 @@ def pairing_text(objective: dict[str, Any]) -> str:
 
 def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] | None,
                     training: dict[str, Any] | None) -> list[str]:
+    steps = scheduler_config.get("num_inference_steps")
     lines = [f"- objective: `{scheduler_config.get('objective')}` ({scheduler_config.get('prediction_type')} "
-             f"prediction); default sampler `{scheduler_config.get('solver')}`, "
-             f"{scheduler_config.get('num_inference_steps')} steps"
+             f"prediction); default sampler `{scheduler_config.get('solver')}`, {steps} step{'' if steps == 1 else 's'}"
              + ("" if scheduler_config.get("time_shift", 1.0) == 1 else
                 f", shifted towards the noise by {scheduler_config['time_shift']:g} (`time_shift`)")]
     if manifest:

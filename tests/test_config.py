@@ -77,6 +77,16 @@ def test_impossible_values_are_refused() -> None:
         validate_config(config, num_processes=8)
     with pytest.raises(LatentflowError, match="ot_scope 'global' needs an OT objective"):
         validate_config(load_config(None, ["data.cache=x", "objective.name=rf", "objective.ot_scope=global"]))
+    flow_map = ["data.cache=x", "objective.name=meanflow", "objective.ot_scope=global", "sample.solver=flowmap"]
+    with pytest.raises(LatentflowError, match="or meanflow with flow_map_pairing 'ot'"):
+        validate_config(load_config(None, flow_map))
+    validate_config(load_config(None, [*flow_map, "objective.flow_map_pairing=ot"]))
+    with pytest.raises(LatentflowError, match="flow_map_pairing"):
+        load_config(None, ["objective.flow_map_pairing=sinkhorn"])
+    # YAML reads an unquoted no as False: a choice named "no" takes it back
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(LatentflowError, match="train.mixed_precision: True is not valid"):
+        load_config(None, ["train.mixed_precision=yes"])
     with pytest.raises(LatentflowError, match="data.cache"):
         validate_config(Config())
     validate_config(load_config(None, ["data.cache=x", "train.max_steps=10", "train.guide_step=9"]))

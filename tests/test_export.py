@@ -338,13 +338,17 @@ def test_the_model_card_says_how_noise_was_paired():
     assert pairing_text({"name": "otcfm", "ot_scope": "local"}) == "minibatch OT: one OT plan for each batch"
     assert pairing_text({"name": "otcfm-sinkhorn", "ot_scope": "global"}).endswith("the global batch across processes")
     assert pairing_text({"name": "rf", "ot_scope": "local"}) == "independent draws"
+    assert pairing_text({"name": "meanflow", "flow_map_pairing": "ot"}) == "minibatch OT: one OT plan for each batch"
+    assert pairing_text({"name": "meanflow", "flow_map_pairing": "independent"}) == "independent draws"
     assert "couplings cache" in pairing_text({"name": "rf", "coupling": "stored"})
 
 
-def test_the_model_card_names_a_default_time_shift():
+def test_the_model_card_names_the_default_sampler_and_time_shift():
     from latentflow.card import _training_lines
 
     plain = {"objective": "otcfm", "prediction_type": "velocity", "solver": "euler", "num_inference_steps": 8}
     assert _training_lines(plain, None, None)[0].endswith("default sampler `euler`, 8 steps")
+    flow_map = {**plain, "solver": "flowmap", "num_inference_steps": 1}
+    assert _training_lines(flow_map, None, None)[0].endswith("default sampler `flowmap`, 1 step")
     shifted = _training_lines({**plain, "time_shift": 2.0}, None, None)[0]
     assert shifted.endswith("8 steps, shifted towards the noise by 2 (`time_shift`)")

@@ -223,3 +223,28 @@ def test_the_flowmap_sampler_fits_only_flow_maps():
     with pytest.raises(LatentflowError, match="ddim"):
         check_solver("flowmap", "noise")
     assert nfe_of("flowmap", 2) == 2
+
+
+def test_meanflow_with_ot_pairing_pairs_each_batch_by_its_exact_plan():
+    """flow_map_pairing 'ot': a batch whose noise is a planted permutation of its data, slightly moved, is paired
+    back to it (the plan otcfm finds), within each class when class-aware; 'independent' keeps the draw order."""
+    generator = torch.Generator().manual_seed(3)
+    x1 = torch.randn(32, 6, generator=generator)
+    planted = torch.randperm(32, generator=generator)
+    noise = x1[planted] + 0.01 * torch.randn(32, 6, generator=generator)
+    paired = make_objective("meanflow", flow_map_pairing="ot").prepare(x1, generator=generator, noise=noise)
+    assert paired.target.square().sum(1).max() < 0.01**2 * 6 * 9  # x1 - x0: only the planted offset remains
+    assert paired.ot_cost == pytest.approx(float(paired.target.square().sum(1).mean()), rel=1e-5)
+    assert paired.r is not None and torch.all(paired.r >= paired.t)
+    independent = make_objective("meanflow").prepare(x1, generator=generator, noise=noise)
+    assert independent.target.square().sum(1).mean() > 1 and independent.ot_cost is None
+    labels = torch.arange(32) % 2  # class-aware: the noise rows split in order, one block per class (as otcfm)
+    aware = make_objective("meanflow", flow_map_pairing="ot", class_aware=True).prepare(
+        x1, labels, torch.Generator().manual_seed(4), noise=noise)
+    otcfm = make_objective("otcfm", class_aware=True).prepare(x1, labels, torch.Generator().manual_seed(4),
+                                                              noise=noise)
+    assert torch.equal(aware.x0, otcfm.x0) and torch.equal(aware.x1, x1) and torch.equal(aware.labels, labels)
+    noise_rows = torch.cdist(aware.x0, noise).argmin(1)
+    assert sorted(noise_rows[labels == 0].tolist()) == list(range(16))
+    with pytest.raises(LatentflowError, match="meanflow pairing 'sinkhorn' unknown"):
+        make_objective("meanflow", flow_map_pairing="sinkhorn")

@@ -306,6 +306,10 @@ def test_stored_coupling_refusals(couplings: Path, plain_cache: Path, tmp_path: 
         validate_config(student(couplings, *STUDENT, "objective.name=otcfm"))
     with pytest.raises(LatentflowError, match="would re-pair"):
         validate_config(student(couplings, *STUDENT, "objective.name=otcfm", "objective.ot_scope=global"))
+    with pytest.raises(LatentflowError, match="would re-pair"):
+        validate_config(student(couplings, *STUDENT, "objective.name=meanflow", "objective.flow_map_pairing=ot",
+                                "sample.solver=flowmap"))
+    validate_config(student(couplings, *STUDENT, "objective.name=meanflow", "sample.solver=flowmap"))
     with_std = tmp_path / "with_std"  # reflow never stores stds: a manifest that claims them
     shutil.copytree(couplings, with_std)
     manifest = json.loads((with_std / "manifest.json").read_text())

@@ -163,6 +163,16 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bf16(cache: Pat
     assert Trainer(tiny_config(cache, tmp_path, "train.mixed_precision=auto")).accelerator.mixed_precision == expected
 
 
+def test_trainings_of_different_precisions_follow_each_other_in_one_process(cache: Path, tmp_path: Path) -> None:
+    """accelerate keeps one precision per process; `latentflow demo --few-step` trains its model (bf16 where
+    native) and then the flow map (float32) in one process."""
+    from latentflow.train.trainer import make_accelerator
+
+    for precision in ("bf16", "no", "bf16"):
+        config = tiny_config(cache, tmp_path / precision, f"train.mixed_precision={precision}")
+        assert make_accelerator(config).mixed_precision == precision
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_job(cache: Path, tmp_path: Path, capsys) -> None:
     from latentflow.train.trainer import Trainer
 

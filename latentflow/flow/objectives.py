@@ -250,6 +250,8 @@ class MeanFlowObjective(FlowMatchingObjective):
 
 
 FLOW_MAP_VELOCITIES = ("data", "teacher")
+FLOW_MAP_PAIRINGS = ("independent", "ot")
+"""How meanflow pairs noise with data: independent draws (the paper) or exact minibatch OT (as otcfm)."""
 
 
 @dataclass
@@ -264,6 +266,7 @@ class ObjectiveSettings:
     flow_map_velocity: str = "data"
     flow_map_guidance: float = 1.0
     flow_map_weight_power: float = 1.0
+    flow_map_pairing: str = "independent"
 
 
 def _path_sigma(settings: ObjectiveSettings) -> float:
@@ -297,8 +300,13 @@ def _ddpm(settings: ObjectiveSettings, times) -> Objective:
 def _meanflow(settings: ObjectiveSettings, times) -> Objective:
     if settings.sigma not in (None, 0, 0.0):
         raise LatentflowError(f"objective 'meanflow' uses the straight path (sigma 0); got sigma={settings.sigma}")
-    return MeanFlowObjective(make_coupling("independent"), FlowMapTimes(times, settings.flow_map_share),
-                             settings.flow_map_velocity, settings.flow_map_guidance, settings.flow_map_weight_power)
+    if settings.flow_map_pairing not in FLOW_MAP_PAIRINGS:
+        raise LatentflowError(f"meanflow pairing {settings.flow_map_pairing!r} unknown; choose one of "
+                              f"{FLOW_MAP_PAIRINGS}")
+    coupling = (make_coupling("exact", class_aware=settings.class_aware, solver=settings.ot_solver)
+                if settings.flow_map_pairing == "ot" else make_coupling("independent"))
+    return MeanFlowObjective(coupling, FlowMapTimes(times, settings.flow_map_share), settings.flow_map_velocity,
+                             settings.flow_map_guidance, settings.flow_map_weight_power)
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
@@ -316,6 +324,12 @@ OT_OBJECTIVES = ("otcfm", "otcfm-sinkhorn")
 
 FLOW_MAP_OBJECTIVES = ("meanflow",)
 """The objectives whose model is a flow map u(x_t, t, r) (its second time input switched on)."""
+
+
+def pairs_by_ot(name: str, flow_map_pairing: str = "independent") -> bool:
+    """Whether objective `name` pairs each batch by an OT plan: the OT objectives, and a flow map with pairing 'ot'
+    (so it may pair across processes, and it would re-pair stored couplings)."""
+    return name in OT_OBJECTIVES or (name in FLOW_MAP_OBJECTIVES and flow_map_pairing == "ot")
 
 DEFAULT_TIME_SAMPLERS = {"meanflow": ("logit_normal", {"mean": -PAPER_TIME_MEAN, "std": PAPER_TIME_STD})}
 """Objectives whose default time sampler is not uniform: meanflow's is the paper's logit-normal(-0.4, 1), which
@@ -338,6 +352,7 @@ def make_objective(
     flow_map_velocity: str = "data",
     flow_map_guidance: float = 1.0,
     flow_map_weight_power: float = 1.0,
+    flow_map_pairing: str = "independent",
     **time_sampler_kwargs,
 ) -> Objective:
     """Build an objective by name.
@@ -356,6 +371,7 @@ def make_objective(
         flow_map_velocity: meanflow: 'data' or 'teacher' (see MeanFlowObjective).
         flow_map_guidance: meanflow: the guidance scale the learnt velocity carries.
         flow_map_weight_power: meanflow: the adaptive loss weight's power p.
+        flow_map_pairing: meanflow: 'independent' or 'ot' (exact minibatch OT with `ot_solver`, `class_aware`).
     """
     if name not in OBJECTIVES:
         raise LatentflowError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
@@ -364,5 +380,5 @@ def make_objective(
         time_sampler_kwargs = {**defaults, **time_sampler_kwargs}
     times = make_time_sampler(time_sampler, **time_sampler_kwargs)
     settings = ObjectiveSettings(sigma, reg, class_aware, ot_solver, flow_map_share, flow_map_velocity,
-                                 flow_map_guidance, flow_map_weight_power)
+                                 flow_map_guidance, flow_map_weight_power, flow_map_pairing)
     return OBJECTIVES[name](settings, times)

@@ -20,7 +20,14 @@ import yaml
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import EXACT_SOLVERS
 from latentflow.flow.flow_maps import PAPER_DISTINCT_SHARE
-from latentflow.flow.objectives import FLOW_MAP_OBJECTIVES, FLOW_MAP_VELOCITIES, OBJECTIVES, OT_OBJECTIVES
+from latentflow.flow.objectives import (
+    FLOW_MAP_OBJECTIVES,
+    FLOW_MAP_PAIRINGS,
+    FLOW_MAP_VELOCITIES,
+    OBJECTIVES,
+    OT_OBJECTIVES,
+    pairs_by_ot,
+)
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
 from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import write_text_atomic
@@ -30,6 +37,7 @@ ObjectiveName = Literal[tuple(OBJECTIVES)]
 ExactSolverName = Literal[tuple(EXACT_SOLVERS)]
 TimeSamplerName = Literal[tuple(TIME_SAMPLERS)]
 FlowMapVelocity = Literal[tuple(FLOW_MAP_VELOCITIES)]
+FlowMapPairing = Literal[tuple(FLOW_MAP_PAIRINGS)]
 
 
 @dataclass
@@ -88,7 +96,9 @@ class ObjectiveConfig:
     meanflow (`latentflow.flow.objectives.MeanFlowObjective`): `flow_map_share` the share of (t, r) pairs with
     r != t (paper: 0.25); `flow_map_velocity` 'data' (x1 - x0, the paper) or 'teacher' (the --init run's field);
     `flow_map_guidance` the guidance scale baked into the learnt velocity (sample it with guidance 1);
-    `flow_map_weight_power` the adaptive loss weight's power (paper: 1; 0 is plain MSE).
+    `flow_map_weight_power` the adaptive loss weight's power (paper: 1; 0 is plain MSE); `flow_map_pairing`
+    'independent' (the paper) or 'ot' (exact minibatch OT as otcfm's, with `ot_solver`, `class_aware` and
+    `ot_scope` local or global; `ot_scope: dataset` pairs over the whole cache whatever this says).
     """
 
     name: ObjectiveName = "otcfm"
@@ -103,6 +113,7 @@ class ObjectiveConfig:
     flow_map_velocity: FlowMapVelocity = "data"
     flow_map_guidance: float = 1.0
     flow_map_weight_power: float = 1.0
+    flow_map_pairing: FlowMapPairing = "independent"
     ot_scope: Literal["local", "global", "dataset"] = "local"
     ot_potential: str = "potential"
     ot_max_imbalance: float = 0.05
@@ -219,6 +230,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no, off, yes or on as a boolean
+            value = next((a for a in args if isinstance(a, str) and yaml.safe_load(a) is value), value)
         if value not in args:
             raise LatentflowError(f"{where}: {value!r} is not valid; expected {_type_name(annotation)}")
         return value
@@ -337,8 +350,10 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
              f"objective.flow_map_share must be in [0, 1], got {objective.flow_map_share}")
     _require(objective.flow_map_guidance >= 0 and objective.flow_map_weight_power >= 0,
              "objective.flow_map_guidance and objective.flow_map_weight_power must be >= 0")
-    _require(objective.ot_scope != "global" or objective.name in OT_OBJECTIVES,
-             f"objective.ot_scope 'global' needs an OT objective {list(OT_OBJECTIVES)}, not {objective.name!r}")
+    by_ot = pairs_by_ot(objective.name, objective.flow_map_pairing)
+    _require(objective.ot_scope != "global" or by_ot,
+             f"objective.ot_scope 'global' needs an OT objective {list(OT_OBJECTIVES)} (or meanflow with "
+             f"flow_map_pairing 'ot'), not {objective.name!r}")
     _check_dataset_scope(config)
     _require(config.checkpoint.every >= 0 and config.checkpoint.keep >= 1,
              "checkpoint.every must be >= 0 and checkpoint.keep >= 1")
@@ -351,7 +366,7 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     unknown_trackers = sorted(set(config.log.trackers) - {"tensorboard", "wandb", "csv"})
     _require(not unknown_trackers, f"log.trackers {unknown_trackers} unknown; choose from tensorboard, wandb, csv")
     stored = objective.coupling == "stored"
-    _require(not stored or (objective.name not in OT_OBJECTIVES and objective.ot_scope == "local"),
+    _require(not stored or (not by_ot and objective.ot_scope == "local"),
              f"objective.coupling 'stored' keeps the couplings' pairs, but objective.name {objective.name!r} with "
              f"ot_scope {objective.ot_scope!r} would re-pair them; use objective.name rf or cfm, ot_scope local")
     _require(not stored or not data.random_flip,

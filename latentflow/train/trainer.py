@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -152,7 +153,8 @@ def objective_from_config(objective: ObjectiveConfig) -> Objective:
                           time_sampler=sampler, ot_solver=objective.ot_solver,
                           flow_map_share=objective.flow_map_share, flow_map_velocity=objective.flow_map_velocity,
                           flow_map_guidance=objective.flow_map_guidance,
-                          flow_map_weight_power=objective.flow_map_weight_power, **time_settings)
+                          flow_map_weight_power=objective.flow_map_weight_power,
+                          flow_map_pairing=objective.flow_map_pairing, **time_settings)
 
 
 def _with_end_time(model: torch.nn.Module):
@@ -180,10 +182,16 @@ def resolve_precision(name: str, cuda: bool | None = None) -> str:
 
 
 def make_accelerator(config: Config) -> Accelerator:
-    """The run's Accelerator: CPU (gloo) without a GPU, precision from the config, FSDP when launched with it."""
+    """The run's Accelerator: CPU (gloo) without a GPU, precision from the config, FSDP when launched with it.
+
+    accelerate keeps one precision per process: a training before this one in the process (the demo's model in
+    bf16, then its flow map in float32) is forgotten, the process group kept."""
+    precision = resolve_precision(config.train.mixed_precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=resolve_precision(config.train.mixed_precision),
+        mixed_precision=precision,
         log_with=[t for t in config.log.trackers if t != "csv"] or None,
         project_dir=config.output_dir,
     )
