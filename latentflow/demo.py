@@ -1,5 +1,6 @@
 """The main job end to end: encode -> fit the dataset OT potential (when the config pairs over the whole cache)
--> train (OT-CFM, accelerate) -> export -> sample -> evaluate.
+-> train (OT-CFM, accelerate) -> export -> sample -> evaluate; with `few_step`, then a flow map fine-tuned from the
+trained model on its own samples (couplings -> train -> export and sample in 1 and 2 steps -> evaluate).
 
 Every stage resumes: a finished cache is not re-encoded, a finished potential is not refitted (an interrupted fit
 continues), training continues from its latest checkpoint, and the later stages are cheap to redo.
@@ -36,6 +37,8 @@ def shipped_config(name: str) -> Path:
 
 
 DEFAULT_CONFIG = shipped_config("flowers64_demo.yaml")
+FEW_STEP_CONFIG = shipped_config("flowers64_meanflow_reflow.yaml")
+FEW_STEP_SWEEP = ["flowmap:1,2"]
 
 
 @dataclass
@@ -62,6 +65,14 @@ class DemoSettings:
     # ascent steps of the potential when the config pairs with dataset OT (objective.ot_scope: dataset); 300 fit
     # the demo's cache in 31 s to the same FIDs as ot-fit's default 1,000 (cpu2_flowers_dataset_ot_fit300.txt)
     ot_fit_steps: int = 300
+    # few steps: a flow map fine-tuned from the trained model on `few_step_couplings` of its own samples (the
+    # grid's sampler and guidance), sampled and evaluated in 1 and 2 evaluations per image; from the demo's model
+    # 116.4 at 1 NFE and 107.1 at 2 for about 7 minutes more (cpu2_meanflow_interval_scale_s21.txt)
+    few_step: bool = False
+    few_step_config: Path = FEW_STEP_CONFIG
+    few_step_couplings: int = 4000
+    few_step_train_steps: int | None = None
+    few_step_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -176,11 +187,22 @@ def train_stage(stages: Stages, config) -> Path:
     return run_dir
 
 
-def export_stage(settings: DemoSettings, stages: Stages, run_dir: Path) -> Path:
+def few_step_config(settings: DemoSettings, couplings: Path, run_dir: Path):
+    """The flow map's training config: the few-step file fine-tuning `run_dir` on `couplings`, its overrides set."""
+    from latentflow.train.config import load_config
+
+    overrides = [f"data.cache={couplings}", f"output_dir={settings.out / 'flow_map_run'}", f"train.init={run_dir}",
+                 f"sample.vae={settings.vae}", *settings.few_step_overrides]
+    if settings.few_step_train_steps is not None:
+        overrides.append(f"train.max_steps={settings.few_step_train_steps}")
+    return load_config(settings.few_step_config, overrides)
+
+
+def export_stage(settings: DemoSettings, stages: Stages, run_dir: Path, name: str = "pipeline") -> Path:
     from latentflow.export import export_run
 
-    done = stages.start("export the EMA model and the VAE as a diffusers pipeline")
-    pipe_dir = export_run(run_dir, settings.out / "pipeline", vae=settings.vae,
+    done = stages.start(f"export {run_dir}'s EMA model and the VAE as a diffusers pipeline")
+    pipe_dir = export_run(run_dir, settings.out / name, vae=settings.vae,
                           grid_images=0)  # the sample stage writes the card's grid
     guide = pipe_dir / "guide"
     print(f"   pipeline: {pipe_dir}" + (f" (guidance's unconditional branch from {guide}: the run's EMA at "
@@ -189,53 +211,100 @@ def export_stage(settings: DemoSettings, stages: Stages, run_dir: Path) -> Path:
     return pipe_dir
 
 
-def sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path:
+def demo_guidance(settings: DemoSettings, pipe) -> float:
+    """The guidance the demo samples `pipe` with: its scale for class-conditional models, else 1."""
+    return settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
+
+
+def write_grids(settings: DemoSettings, pipe, pipe_dir: Path, solver: str, steps: int, guidance: float,
+                name: str) -> Path:
+    """`OUT/NAME.png` (`grid_images` samples; also the model card's picture) and, for a class-conditional model,
+    `OUT/NAME_by_class.png` (a row of 8 per class)."""
     import torch
 
     from latentflow.eval.sweep import SamplerSetting, generate_batches
-    from latentflow.export import load_pipeline
     from latentflow.io import image_grid, save_image
 
-    done = stages.start(f"sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps, "
-                        f"guidance {settings.guidance_scale:g} (class-conditional models)")
-    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
-    setting = SamplerSetting("euler", settings.grid_steps, None)
-    guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
+    setting = SamplerSetting(solver, steps, None)
     batches = generate_batches(pipe, settings.grid_images, setting, 16, settings.seed, None, guidance, None,
                                settings.guidance_interval)
-    images = torch.cat([torch.as_tensor(batch.images) for batch in batches])
-    picture = image_grid(images)
-    grid = save_image(picture, settings.out / "samples.png")
-    save_image(picture, pipe_dir / GRID_NAME)  # the model card's picture
+    picture = image_grid(torch.cat([torch.as_tensor(batch.images) for batch in batches]))
+    grid = save_image(picture, settings.out / f"{name}.png")
+    save_image(picture, pipe_dir / GRID_NAME)
     print(f"   grid: {grid}")
-    names = pipe.scheduler.config.label_names or []
     if pipe.scheduler.config.num_classes:
         rows = [torch.cat([batch.images for batch in generate_batches(pipe, 8, setting, 8, settings.seed, label,
                                                                         guidance, None, settings.guidance_interval)])
                 for label in range(pipe.scheduler.config.num_classes)]
-        by_class = save_image(image_grid(torch.cat(rows), columns=8), settings.out / "samples_by_class.png")
+        by_class = save_image(image_grid(torch.cat(rows), columns=8), settings.out / f"{name}_by_class.png")
+        names = pipe.scheduler.config.label_names or []
         print(f"   one row per class ({', '.join(names)}), guidance {guidance:g}: {by_class}")
+    return grid
+
+
+def sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path:
+    from latentflow.export import load_pipeline
+
+    done = stages.start(f"sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps, "
+                        f"guidance {settings.guidance_scale:g} (class-conditional models)")
+    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    grid = write_grids(settings, pipe, pipe_dir, "euler", settings.grid_steps, demo_guidance(settings, pipe),
+                       "samples")
     done()
     return grid
 
 
-def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, splits: DataSplits) -> Path:
+def few_step_sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path:
+    """Grids of the flow map in 1 and 2 steps (guidance 1: the couplings carry the teacher's); the card shows 2."""
+    from latentflow.export import load_pipeline
+
+    done = stages.start(f"sample grids of {settings.grid_images} images from the flow map in 1 and 2 steps")
+    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    grids = [write_grids(settings, pipe, pipe_dir, "flowmap", steps, 1.0, f"samples_flow_map_{steps}step")
+             for steps in (1, 2)]
+    done()
+    return grids[-1]
+
+
+def couplings_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path:
+    """`few_step_couplings` of the model's own samples, made as the grid is (euler `grid_steps`, the demo's
+    guidance), as a couplings cache (`latentflow reflow`) for the flow map to learn."""
+    from latentflow.export import load_pipeline
+    from latentflow.reflow import ReflowConfig, make_couplings
+
+    guidance = demo_guidance(settings, load_pipeline(pipe_dir, "cpu", progress=False))
+    done = stages.start(f"few steps: {settings.few_step_couplings} samples of the model (euler {settings.grid_steps}"
+                        f" steps, guidance {guidance:g}) as the flow map's couplings")
+    result = make_couplings(ReflowConfig(teacher=pipe_dir, n=settings.few_step_couplings, out=settings.out /
+                                         "couplings", solver="euler", steps=settings.grid_steps,
+                                         guidance_scale=guidance, seed=settings.seed, progress=False,
+                                         command=["latentflow", "demo", "--few-step"]))
+    print(f"   couplings: {result.out} ({result.made} made{', reused' if result.already_complete else ''})")
+    done()
+    return result.out
+
+
+def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, splits: DataSplits,
+                   sweep: list[str] | None = None, guidance: float | None = None, name: str = "evaluation") -> Path:
+    """FID and KID of `pipe_dir` at the `sweep` settings (default the demo's), with the floors, into `OUT/NAME`;
+    `guidance` None: the demo's guidance for class-conditional models."""
     from latentflow.card import write_model_card
     from latentflow.eval.references import list_images
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
 
+    sweep = list(sweep or settings.sweep)
     reference = splits.reference or write_reference_images(splits.train, settings.out / "reference", 2000)
     n = settings.eval_images or len(list_images(reference))
     train_folder = Path(splits.train) if Path(splits.train).is_dir() else None
     floors = train_folder if settings.floors else None
-    done = stages.start(f"FID against {reference} with {n} images per setting: {' '.join(settings.sweep)}"
+    done = stages.start(f"FID against {reference} with {n} images per setting: {' '.join(sweep)}"
                         + (f", floors from {n} images of {train_folder}" if floors else ""))
-    out = settings.out / "evaluation"
+    out = settings.out / name
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
-    guidance = settings.guidance_scale if pipe.scheduler.config.num_classes else 1.0
-    evaluation = EvaluationSettings(reference=reference, n=n, sweep=list(settings.sweep), seed=settings.seed,
-                                    kid_subset_size=min(1000, n), floors=floors, guidance_scale=guidance,
+    evaluation = EvaluationSettings(reference=reference, n=n, sweep=sweep, seed=settings.seed,
+                                    kid_subset_size=min(1000, n), floors=floors,
+                                    guidance_scale=demo_guidance(settings, pipe) if guidance is None else guidance,
                                     guidance_interval=settings.guidance_interval)
     paths = evaluate_pipeline(pipe, pipe_dir, evaluation, out)
     write_model_card(pipe_dir, evaluation_file=paths["json"])
@@ -247,24 +316,38 @@ def run_demo(settings: DemoSettings) -> dict[str, Path]:
     """Run the stages; returns where each result lies."""
     if (settings.eval_images is not None and settings.eval_images < 2) or settings.grid_images < 1:
         raise LatentflowError("--eval-images must be >= 2 and --grid-images >= 1")
+    if settings.few_step and settings.few_step_couplings < 1:
+        raise LatentflowError(f"--few-step-couplings must be >= 1, got {settings.few_step_couplings}")
     if Path(settings.vae).exists():  # record local VAEs by absolute path, so later stages find them anywhere
         settings.vae = str(Path(settings.vae).resolve())
     splits = find_splits(settings.data)
     settings.out.mkdir(parents=True, exist_ok=True)
     cache = settings.out / "cache"
     config = demo_config(settings, cache)  # read before encoding: a bad config or override fails at once
+    if settings.few_step:  # likewise the flow map's
+        few_step_config(settings, settings.out / "couplings", Path(config.output_dir))
     fit = None
     if config.objective.ot_scope == "dataset":
         from latentflow.flow.semidiscrete import FitSettings
 
         fit = FitSettings(steps=settings.ot_fit_steps)
         fit.validate()  # the fit's own check (steps >= 1), before any encoding
-    stages = Stages(5 if fit is None else 6)
+    stages = Stages((5 if fit is None else 6) + (5 if settings.few_step else 0))
     encode_stage(settings, stages, splits, cache)
     potential = None if fit is None else ot_fit_stage(stages, config, fit)
     run_dir = train_stage(stages, config)
     pipe_dir = export_stage(settings, stages, run_dir)
     grid = sample_stage(settings, stages, pipe_dir)
     evaluation = evaluate_stage(settings, stages, pipe_dir, splits)
-    return {"cache": cache, **({"potential": potential} if potential else {}), "run": run_dir,
-            "pipeline": pipe_dir, "samples": grid, "evaluation": evaluation}
+    results = {"cache": cache, **({"potential": potential} if potential else {}), "run": run_dir,
+               "pipeline": pipe_dir, "samples": grid, "evaluation": evaluation}
+    if settings.few_step:
+        couplings = couplings_stage(settings, stages, pipe_dir)
+        flow_map_run = train_stage(stages, few_step_config(settings, couplings, run_dir))
+        flow_map_pipe = export_stage(settings, stages, flow_map_run, "flow_map_pipeline")
+        flow_map_grid = few_step_sample_stage(settings, stages, flow_map_pipe)
+        flow_map_evaluation = evaluate_stage(settings, stages, flow_map_pipe, splits, FEW_STEP_SWEEP, 1.0,
+                                             "flow_map_evaluation")
+        results.update(couplings=couplings, flow_map_run=flow_map_run, flow_map_pipeline=flow_map_pipe,
+                       flow_map_samples=flow_map_grid, flow_map_evaluation=flow_map_evaluation)
+    return results

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from latentflow.cli import main
@@ -46,11 +47,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
             "--eval-images", "4", "--sweep", "euler:1", "--grid-images", "4",
             "--set", "data.batch_size=8", "--set", "sample.every=0", "--set", "checkpoint.every=1",
             "--set", "train.guide_step=1", "--ot-fit-steps", "20",
-            "--set", "objective.ot_max_imbalance=1"]  # 20 steps leave 16 points unbalanced; the wiring is tested
+            "--set", "objective.ot_max_imbalance=1",  # 20 steps leave 16 points unbalanced; the wiring is tested
+            "--few-step", "--few-step-couplings", "6", "--few-step-train-steps", "2", "--few-step-set",
+            "data.batch_size=2", "--few-step-set", "sample.every=0", "--few-step-set", "checkpoint.every=1"]
     assert main(args) == 0
     stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
-    assert [line.split()[1] for line in stages] == [f"{k}/6" for k in range(1, 7)]
-    assert stages[1].startswith("== 2/6 fit the dataset OT potential 'demo'")
+    assert [line.split()[1] for line in stages] == [f"{k}/11" for k in range(1, 12)]
+    assert stages[1].startswith("== 2/11 fit the dataset OT potential 'demo'")
     potential = json.loads((out / "cache" / "ot" / "demo.json").read_text())  # the shipped config pairs through it
     assert potential["finished"] and potential["class_aware"] and potential["step"] == 20
     balance = potential["balance"]
@@ -69,12 +72,29 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     card = (out / "pipeline" / "README.md").read_text()
     assert "library_name: diffusers" in card and "floor: VAE round trip" in card and "![samples](samples.png)" in card
     assert "optimal latent of the whole cache within each class" in card
-    # a second run resumes: nothing re-encoded, the potential reused, training already at its last step
+    # few steps: the model's own samples as it draws its grid, a flow map fine-tuned from its run on them
+    assert stages[6].startswith("== 7/11 few steps: 6 samples of the model (euler 8 steps, guidance 4)")
+    couplings = json.loads((out / "couplings" / "manifest.json").read_text())["couplings"]
+    assert (couplings["n"], couplings["solver"], couplings["steps"], couplings["guidance_scale"]) == (6, "euler", 8, 4)
+    assert couplings["teacher"]["path"] == str((out / "pipeline").resolve())
+    flow_map_config = yaml.safe_load((out / "flow_map_run" / "config.yaml").read_text())
+    assert flow_map_config["objective"]["name"] == "meanflow" and flow_map_config["train"]["init"] == str(out / "run")
+    assert flow_map_config["data"]["cache"] == str(out / "couplings")
+    scheduler = json.loads((out / "flow_map_pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "average_velocity"
+    flow_map_evaluation = json.loads((out / "flow_map_evaluation" / "evaluation.json").read_text())
+    assert [row["nfe"] for row in flow_map_evaluation["results"]] == [1, 2]
+    assert flow_map_evaluation["guidance_scale"] == 1 and len(flow_map_evaluation["floors"]) == 2
+    for steps in (1, 2):
+        assert Image.open(out / f"samples_flow_map_{steps}step.png").size == (2 * 66 + 2, 2 * 66 + 2)
+    assert "flowmap" in (out / "flow_map_pipeline" / "README.md").read_text()
+    # a second run resumes: nothing re-encoded, the potential and couplings reused, training already at its last step
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "(0 newly encoded" in printed and ", reused;" in printed
-    log = (out / "run" / "log.csv").read_text().splitlines()
-    assert len(log) == len(set(log))
+    assert "(0 newly encoded" in printed and ", reused;" in printed and "(0 made, reused)" in printed
+    for run in ("run", "flow_map_run"):
+        log = (out / run / "log.csv").read_text().splitlines()
+        assert len(log) == len(set(log))
 
 
 @pytest.mark.slow

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from latentflow.demo import DEFAULT_CONFIG, DemoSettings
+from latentflow.demo import DEFAULT_CONFIG, FEW_STEP_CONFIG, DemoSettings
 
 
 def register(subparsers) -> None:
     defaults = DemoSettings()
     parser = subparsers.add_parser("demo", help="encode, fit the dataset OT potential, train (OT-CFM), export, "
-                                   "sample and evaluate, end to end",
+                                   "sample and evaluate, end to end (--few-step: then a 1-2 step flow map)",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=defaults.data,
                         help="image folder (with train/ and val/ if any), shards or hf:NAME")
@@ -36,6 +36,16 @@ def register(subparsers) -> None:
     parser.add_argument("--ot-fit-steps", type=int, default=defaults.ot_fit_steps,
                         help="ascent steps of the dataset OT potential (configs with objective.ot_scope: dataset)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    few = parser.add_argument_group("few steps", "then a flow map fine-tuned from the trained model on its own "
+                                    "samples, sampled and evaluated in 1 and 2 evaluations per image")
+    few.add_argument("--few-step", action="store_true", help="add the few-step stages (about 7 minutes here)")
+    few.add_argument("--few-step-couplings", type=int, default=defaults.few_step_couplings,
+                     help="samples of the trained model (the grid's sampler and guidance) the flow map learns")
+    few.add_argument("--few-step-config", type=Path, default=FEW_STEP_CONFIG, help="the flow map's training config")
+    few.add_argument("--few-step-train-steps", type=int, default=None,
+                     help="default: the few-step config's train.max_steps")
+    few.add_argument("--few-step-set", dest="few_step_overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="few-step training config override (repeatable)")
     parser.set_defaults(func=run)
 
 
@@ -46,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
                             resolution=args.resolution, train_steps=args.train_steps, eval_images=args.eval_images,
                             sweep=args.sweep, grid_images=args.grid_images, seed=args.seed, overrides=args.overrides,
                             floors=args.floors, guidance_scale=args.guidance_scale, ot_fit_steps=args.ot_fit_steps,
-                            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
+                            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
+                            few_step=args.few_step, few_step_couplings=args.few_step_couplings,
+                            few_step_config=args.few_step_config, few_step_train_steps=args.few_step_train_steps,
+                            few_step_overrides=args.few_step_overrides)
     results = run_demo(settings)
     print("\nresults:")
     for name, path in results.items():
