@@ -268,7 +268,8 @@ def few_step_sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path
 
 def couplings_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path:
     """`few_step_couplings` of the model's own samples, made as the grid is (euler `grid_steps`, the demo's
-    guidance), as a couplings cache (`latentflow reflow`) for the flow map to learn."""
+    guidance; at every time, whatever `guidance_interval` says: reflow has none), as a couplings cache
+    (`latentflow reflow`) for the flow map to learn."""
     from latentflow.export import load_pipeline
     from latentflow.reflow import ReflowConfig, make_couplings
 
