@@ -331,6 +331,7 @@ def pairs_by_ot(name: str, flow_map_pairing: str = "independent") -> bool:
     (so it may pair across processes, and it would re-pair stored couplings)."""
     return name in OT_OBJECTIVES or (name in FLOW_MAP_OBJECTIVES and flow_map_pairing == "ot")
 
+
 DEFAULT_TIME_SAMPLERS = {"meanflow": ("logit_normal", {"mean": -PAPER_TIME_MEAN, "std": PAPER_TIME_STD})}
 """Objectives whose default time sampler is not uniform: meanflow's is the paper's logit-normal(-0.4, 1), which
 is logit-normal(0.4, 1) in our convention (see `latentflow.flow.flow_maps.from_meanflow_convention`)."""

@@ -368,7 +368,8 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     stored = objective.coupling == "stored"
     _require(not stored or (not by_ot and objective.ot_scope == "local"),
              f"objective.coupling 'stored' keeps the couplings' pairs, but objective.name {objective.name!r} with "
-             f"ot_scope {objective.ot_scope!r} would re-pair them; use objective.name rf or cfm, ot_scope local")
+             f"ot_scope {objective.ot_scope!r} would re-pair them; use objective.name rf, cfm or meanflow "
+             f"(flow_map_pairing independent), ot_scope local")
     _require(not stored or not data.random_flip,
              "objective.coupling 'stored': a flipped endpoint is not its stored noise's endpoint; set "
              "data.random_flip: false")
