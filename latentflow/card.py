@@ -77,7 +77,9 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
 
 
 def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
-    lines = [f"{evaluation.get('n')} generated images per setting against `{evaluation.get('reference')}` "
+    reference = evaluation.get("reference")
+    source = f" (statistics of {evaluation['reference_source']})" if evaluation.get("reference_source") else ""
+    lines = [f"{evaluation.get('n')} generated images per setting against `{reference}`{source} "
              f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}"
              + (f" at times {evaluation['guidance_interval']}" if evaluation.get("guidance_interval") else "")
              + (", unconditional branch from `guide/`" if evaluation.get("guide") else "")

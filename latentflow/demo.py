@@ -67,7 +67,7 @@ class DemoSettings:
     ot_fit_steps: int = 300
     # few steps: a flow map fine-tuned from the trained model on `few_step_couplings` of its own samples (the
     # grid's sampler and guidance), sampled and evaluated in 1 and 2 evaluations per image; from the demo's model
-    # 116.4 at 1 NFE and 107.1 at 2 for about 7 minutes more (cpu2_meanflow_interval_scale_s21.txt)
+    # 116.6 at 1 NFE and 106.8 at 2 for about 10 minutes more (cpu2_demo_s23_fresh.txt)
     few_step: bool = False
     few_step_config: Path = FEW_STEP_CONFIG
     few_step_couplings: int = 4000
@@ -285,6 +285,22 @@ def couplings_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> P
     return result.out
 
 
+def reference_statistics_file(settings: DemoSettings, reference: Path) -> Path:
+    """The reference folder's feature statistics at the demo's resolution, computed once into
+    `OUT/reference_statistics/` under a key of the folder's listing: the demo's evaluations share them, and with
+    them the floors' cache, which lies beside them."""
+    from tqdm.auto import tqdm
+
+    from latentflow.eval.features import make_extractors
+    from latentflow.eval.references import folder_identity, write_folder_statistics
+
+    path = settings.out / "reference_statistics" / f"{folder_identity(reference)[:16]}-{settings.resolution}px.npz"
+    if not path.is_file():
+        write_folder_statistics(reference, path, make_extractors("cpu"), progress=lambda it: tqdm(it, desc="reference"),
+                                resolution=settings.resolution)
+    return path
+
+
 def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, splits: DataSplits,
                    sweep: list[str] | None = None, guidance: float | None = None, name: str = "evaluation") -> Path:
     """FID and KID of `pipe_dir` at the `sweep` settings (default the demo's), with the floors, into `OUT/NAME`;
@@ -303,7 +319,8 @@ def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, split
                         + (f", floors from {n} images of {train_folder}" if floors else ""))
     out = settings.out / name
     pipe = load_pipeline(pipe_dir, "cpu", progress=False)
-    evaluation = EvaluationSettings(reference=reference, n=n, sweep=sweep, seed=settings.seed,
+    evaluation = EvaluationSettings(reference=reference_statistics_file(settings, reference), n=n, sweep=sweep,
+                                    seed=settings.seed,
                                     kid_subset_size=min(1000, n), floors=floors,
                                     guidance_scale=demo_guidance(settings, pipe) if guidance is None else guidance,
                                     guidance_interval=settings.guidance_interval)

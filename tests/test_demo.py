@@ -87,11 +87,17 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert flow_map_evaluation["guidance_scale"] == 1 and len(flow_map_evaluation["floors"]) == 2
     for steps in (1, 2):
         assert Image.open(out / f"samples_flow_map_{steps}step.png").size == (2 * 66 + 2, 2 * 66 + 2)
+    # both evaluations read the val photos' statistics computed once, and the floors computed once beside them
+    shared = out / "reference_statistics"
+    assert len(list(shared.glob("*.npz"))) == 1 and len(list(shared.glob("floors-*.json"))) == 1
+    assert flow_map_evaluation["floors"] == evaluation["floors"]
+    assert flow_map_evaluation["reference_source"] == f"{data / 'val'} (resolution 64)"
     assert "flowmap" in (out / "flow_map_pipeline" / "README.md").read_text()
     # a second run resumes: nothing re-encoded, the potential and couplings reused, training already at its last step
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "(0 newly encoded" in printed and ", reused;" in printed and "(0 made, reused)" in printed
+    assert "euler-1: measured before" in printed and "flowmap-2: measured before" in printed  # no FID measured again
     for run in ("run", "flow_map_run"):
         log = (out / run / "log.csv").read_text().splitlines()
         assert len(log) == len(set(log))

@@ -68,6 +68,21 @@ def pipe_dir(run_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+def perturbed_copy(pipe_dir: Path, out: Path) -> Path:
+    """A copy of the pipeline folder (or the folder itself when `out` is it) with seeded Gaussian noise (std 0.2)
+    added to every floating-point weight of its transformer."""
+    from safetensors.torch import load_file, save_file
+
+    if out != pipe_dir:
+        shutil.copytree(pipe_dir, out)
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: value + 0.2 * torch.randn(value.shape, generator=generator) if value.is_floating_point()
+               else value for name, value in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
 def test_export_writes_a_standard_pipeline_folder(pipe_dir: Path, run_dir: Path):
     index = json.loads((pipe_dir / "model_index.json").read_text())
     assert index["_class_name"] == "LatentFlowPipeline"
@@ -220,7 +235,7 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     assert cli.main(["sample", str(pipe_dir), "--class", "cactus", "--grid", str(grid)]) == 2
 
 
-def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path):
+def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path, capsys):
     ref = tmp_path / "ref.npz"
     assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10", "--resolution", "64"]) == 0
     with np.load(ref) as data:
@@ -243,17 +258,68 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
     assert document["image_size"] == 64 and document["reference_resolution"] is None
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(pipe_dir), "--ref", str(tmp_path / "missing.npz")]) == 2
+    assert f"reference not found: {tmp_path / 'missing.npz'}; give an image folder" in capsys.readouterr().err
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "ddim:10"]) == 2  # a velocity model
 
+    # two training steps leave the velocity nearly constant, which any time grid integrates alike: shifts are
+    # measured on a copy whose transformer weights are perturbed (a field that varies in x and t)
+    lively = perturbed_copy(pipe_dir, tmp_path / "lively")
+    args = ["evaluate", str(lively), *args[2:]]
+    assert cli.main(args[:args.index("--sweep")] + ["--sweep", "euler:2", "--kid-subsets", "3"]) == 0
+    plain = json.loads((out / "evaluation.json").read_text())["results"][0]
     shifted = tmp_path / "eval_shift"
     assert cli.main(args[:args.index("--out")] + ["--out", str(shifted), "--sweep", "euler:2", "dopri5:1e-2",
                                                    "--kid-subsets", "3", "--time-shift", "1", "2"]) == 0
     rows = {row["setting"]: row for row in json.loads((shifted / "evaluation.json").read_text())["results"]}
     assert list(rows) == ["euler-2", "euler-2-shift2", "dopri5-tol1e-02"]
     assert [row["time_shift"] for row in rows.values()] == [1.0, 2.0, None]
-    assert rows["euler-2"]["fid"] == pytest.approx(results["euler-2"]["fid"], rel=1e-6)  # shift 1: the same samples
+    assert rows["euler-2"]["fid"] == pytest.approx(plain["fid"], rel=1e-6)  # shift 1: the same samples
     assert rows["euler-2-shift2"]["fid"] != pytest.approx(rows["euler-2"]["fid"], rel=1e-6)
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--time-shift", "0"]) == 2
+
+
+def test_evaluate_keeps_each_setting_and_measures_only_what_is_new(pipe_dir: Path, photos: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    pipe = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, pipe)
+    ref = tmp_path / "ref.npz"
+    assert cli.main(["fid-stats", str(photos), "--out", str(ref), "--batch-size", "10", "--resolution", "64"]) == 0
+    out = tmp_path / "eval"
+    args = ["evaluate", str(pipe), "--ref", str(ref), "--n", "3", "--batch-size", "3", "--out", str(out),
+            "--kid-subsets", "3"]
+
+    def fids() -> dict[str, float]:
+        return {row["setting"]: row["fid"] for row in json.loads((out / "evaluation.json").read_text())["results"]}
+
+    def plant(value: float) -> None:  # a FID no measurement gives: reported back only if the file is read
+        stored = out / "settings" / "euler-1.json"
+        document = json.loads(stored.read_text())
+        document["result"]["fid"] = value
+        stored.write_text(json.dumps(document))
+
+    assert cli.main([*args, "--sweep", "euler:1"]) == 0
+    measured = fids()["euler-1"]
+    plant(1234.5)
+    capsys.readouterr()
+    assert cli.main([*args, "--sweep", "euler:1,2"]) == 0  # an interrupted or a longer sweep: only euler-2 is new
+    assert "euler-1: measured before" in capsys.readouterr().out
+    assert fids()["euler-1"] == 1234.5 and 0 < fids()["euler-2"] != 1234.5
+    assert json.loads((out / "settings" / "euler-2.json").read_text())["result"]["fid"] == fids()["euler-2"]
+
+    assert cli.main([*args, "--sweep", "euler:1", "--seed", "1"]) == 0  # another seed: measured again, replaced
+    assert fids()["euler-1"] not in (1234.5, measured)
+    assert cli.main([*args, "--sweep", "euler:1"]) == 0
+    assert fids()["euler-1"] == pytest.approx(measured, rel=1e-6)  # seed 0 again: the same samples, the same FID
+    plant(1234.5)
+    perturbed_copy(pipe, pipe)
+    assert cli.main([*args, "--sweep", "euler:1"]) == 0  # other weights: measured again
+    changed = fids()["euler-1"]
+    assert changed not in (1234.5, measured)
+    (out / "settings" / "euler-1.json").write_text('{"context": "trunc')  # a file cut short: measured again
+    assert cli.main([*args, "--sweep", "euler:1"]) == 0
+    assert fids()["euler-1"] == pytest.approx(changed, rel=1e-6)
 
 
 def test_exported_files_get_the_umask_permissions_and_load_without_warnings(pipe_dir: Path, capfd) -> None:

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     few = parser.add_argument_group("few steps", "then a flow map fine-tuned from the trained model on its own "
                                     "samples, sampled and evaluated in 1 and 2 evaluations per image")
-    few.add_argument("--few-step", action="store_true", help="add the few-step stages (about 8 minutes here)")
+    few.add_argument("--few-step", action="store_true", help="add the few-step stages (about 10 minutes here)")
     few.add_argument("--few-step-couplings", type=int, default=defaults.few_step_couplings,
                      help="samples of the trained model (the grid's sampler and guidance) the flow map learns")
     few.add_argument("--few-step-config", type=Path, default=FEW_STEP_CONFIG, help="the flow map's training config")

@@ -26,13 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from latentflow.eval.features import make_extractors
-    from latentflow.eval.references import folder_statistics, save_statistics
+    from latentflow.eval.references import write_folder_statistics
 
     extractors = make_extractors(args.device, args.dinov2)
-    stats = folder_statistics(args.images_dir, extractors, args.batch_size, lambda it: tqdm(it, desc="features"),
-                              args.resolution)
-    source = f"{args.images_dir} (resolution {args.resolution or 'as stored'})"
-    save_statistics(args.out, stats, source=source, resolution=args.resolution)
+    stats = write_folder_statistics(args.images_dir, args.out, extractors, args.batch_size,
+                                    lambda it: tqdm(it, desc="features"), args.resolution)
     counts = ", ".join(f"{name}: {stat.num_images} images, {stat.mu.shape[0]}-d" for name, stat in stats.items())
     print(f"wrote {args.out} ({counts})")
     return 0

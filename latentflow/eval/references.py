@@ -122,6 +122,21 @@ def save_statistics(
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def write_folder_statistics(
+    images_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    extractors: Sequence[FeatureExtractor],
+    batch_size: int = 50,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    resolution: int | None = None,
+) -> dict[str, FeatureStatistics]:
+    """`folder_statistics` of `images_dir` saved to the .npz `out`, naming the folder and resolution as its source
+    (what `latentflow fid-stats` writes); returns the statistics."""
+    stats = folder_statistics(images_dir, extractors, batch_size, progress, resolution)
+    save_statistics(out, stats, source=f"{images_dir} (resolution {resolution or 'as stored'})", resolution=resolution)
+    return stats
+
+
 def load_statistics(path: str | os.PathLike) -> dict[str, FeatureStatistics]:
     """Read an .npz written by `save_statistics` (no pickle)."""
     path = Path(path)
@@ -147,6 +162,24 @@ def statistics_resolution(path: str | os.PathLike) -> int | None:
     with np.load(path, allow_pickle=False) as data:
         value = int(data["resolution"]) if "resolution" in data.files else -1
     return None if value < 0 else value
+
+
+def statistics_source(path: str | os.PathLike) -> str | None:
+    """What an .npz's statistics were computed from (fid-stats' `source`), or None when not recorded."""
+    with np.load(path, allow_pickle=False) as data:
+        return str(data["source"]) if "source" in data.files and str(data["source"]) else None
+
+
+def folder_identity(images_dir: str | os.PathLike) -> str:
+    """sha256 of an image folder's listing (each image's relative name, size and modification time): it changes
+    when an image is added, removed or rewritten, and costs no image read."""
+    import hashlib
+    import json
+
+    root = Path(images_dir)
+    listing = [(path.relative_to(root).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
+               for path in list_images(root)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def reference_statistics(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
 from latentflow.flow.solvers import FIXED_STEP_METHODS, STEPPED_SOLVERS
-from latentflow.io import write_bytes_atomic
+from latentflow.io import read_json, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,10 @@ class SweepResult:
             "seconds": self.seconds,
         }
 
+    def record(self) -> dict[str, Any]:
+        """`row()` with the NFE of every batch: one entry of evaluation.json's results."""
+        return {**self.row(), "nfe_per_batch": self.nfe_per_batch}
+
 
 def evaluate_setting(
     pipe,
@@ -213,20 +217,19 @@ def evaluate_setting(
     return SweepResult(setting, float(np.mean(nfes)), nfes, metrics, time.perf_counter() - began)
 
 
-def write_sweep_results(results: Sequence[SweepResult], out_dir: str | os.PathLike, info: dict[str, Any],
+def write_sweep_results(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike, info: dict[str, Any],
                         floors: Floors | None = None) -> dict:
     """Write evaluation.json, evaluation.csv and fid_vs_nfe.png to `out_dir` (the floors beside the results when
-    given); returns the paths."""
+    given); `results` are `SweepResult.record()`s; returns the paths."""
     import csv
     import io
     import json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [result.row() for result in results]
+    rows = [{key: value for key, value in record.items() if key != "nfe_per_batch"} for record in results]
     floor_rows = floors.rows() if floors is not None else []
-    document = {**info, "results": [{**row, "nfe_per_batch": r.nfe_per_batch} for row, r in zip(rows, results)],
-                "floors": floor_rows}
+    document = {**info, "results": list(results), "floors": floor_rows}
     paths = {"json": out / "evaluation.json", "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
     write_bytes_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
     buffer = io.StringIO()
@@ -318,17 +321,24 @@ class EvaluationSettings:
         """Refuse settings that cannot work before any work; returns the parsed sweep."""
         if self.n < 2:
             raise LatentflowError(f"--n must be at least 2, got {self.n}")
+        if not Path(self.reference).exists():
+            raise LatentflowError(f"reference not found: {self.reference}; give an image folder or an .npz from "
+                                  "`latentflow fid-stats`")
         check_guidance_interval(self.guidance_interval)
         return parse_sweep(self.sweep, self.time_shifts)
 
 
 def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSettings,
                       out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Measure a loaded pipeline over the sweep and write evaluation.json/.csv and fid_vs_nfe.png to `out_dir`."""
+    """Measure a loaded pipeline over the sweep and write evaluation.json/.csv and fid_vs_nfe.png to `out_dir`.
+
+    Each setting's result is kept in `out_dir/settings/` as soon as it is measured, under a key of everything that
+    decides it (`evaluation_context`): a rerun after an interruption, or with more settings, measures only what is
+    not there yet."""
     from tqdm.auto import tqdm
 
     from latentflow.eval.features import make_extractors
-    from latentflow.eval.references import reference_statistics
+    from latentflow.eval.references import reference_statistics, statistics_source
 
     default_shift = float(pipe.scheduler.config.time_shift)
     sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
@@ -341,15 +351,28 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     resolution = (settings.reference_resolution or image_size) if reference.is_dir() else None
     if resolution is None:
         _check_reference_resolution(reference, image_size)
-    statistics = reference_statistics(reference, extractors, settings.batch_size,
-                                      lambda it: tqdm(it, desc="reference"), resolution)
+    computed: list[dict[str, FeatureStatistics]] = []
+
+    def statistics() -> dict[str, FeatureStatistics]:  # only when something is measured
+        if not computed:
+            computed.append(reference_statistics(reference, extractors, settings.batch_size,
+                                                 lambda it: tqdm(it, desc="reference"), resolution))
+        return computed[0]
+
+    store = SettingStore(Path(out_dir) / "settings", evaluation_context(pipe, pipe_dir, settings, extractors,
+                                                                        resolution))
     results = []
     for setting in tqdm(sweep, desc="settings"):
-        result = evaluate_setting(pipe, setting, statistics, extractors, settings.n, settings.batch_size, settings.seed,
-                                  settings.guidance_scale, settings.kid_subsets, settings.kid_subset_size,
-                                  settings.guidance_interval)
-        results.append(result)
-        tqdm.write(format_row(result.row()))
+        record = store.load(setting)
+        if record is None:
+            record = evaluate_setting(pipe, setting, statistics(), extractors, settings.n, settings.batch_size,
+                                      settings.seed, settings.guidance_scale, settings.kid_subsets,
+                                      settings.kid_subset_size, settings.guidance_interval).record()
+            store.save(setting, record)
+        else:
+            tqdm.write(f"{setting.label}: measured before, {store.path(setting)}")
+        results.append(record)
+        tqdm.write(format_row(record))
     floors = None
     if settings.floors is not None:
         floors = evaluation_floors(pipe, settings, statistics, extractors, image_size,
@@ -360,14 +383,82 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
             "image_size": image_size, "reference_resolution": resolution,
             "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep),
             "guide": getattr(pipe, "guide", None) is not None and settings.guidance_scale != 1.0}
+    if reference.is_file() and statistics_source(reference):
+        info["reference_source"] = statistics_source(reference)
     if settings.guidance_interval is not None:
         info["guidance_interval"] = list(settings.guidance_interval)
     return write_sweep_results(results, out_dir, info, floors)
 
 
-def evaluation_floors(pipe, settings: EvaluationSettings, reference: dict[str, FeatureStatistics],
+def evaluation_context(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSettings,
+                       extractors: Sequence[FeatureExtractor], reference_resolution: int | None) -> dict[str, Any]:
+    """Everything a setting's result depends on besides the setting: the pipeline's files (sha256; the guide's
+    only when guidance uses it), the reference (an .npz by sha256, a folder by its images' names, sizes and
+    modification times, and the size it is brought to), the sample count, seed, guidance, KID's subsets, the
+    feature extractors and latentflow's version."""
+    import latentflow
+    from latentflow.eval.references import folder_identity
+    from latentflow.vae import sha256_file
+
+    folder = Path(pipe_dir)
+    guided = getattr(pipe, "guide", None) is not None and settings.guidance_scale != 1.0
+    components = [name for name in read_json(folder / "model_index.json", "pipeline index")
+                  if not name.startswith("_") and (guided or name != "guide")]
+    parts = [path for name in sorted(components) if (folder / name).is_dir()
+             for path in sorted((folder / name).iterdir()) if path.is_file()]
+    reference = Path(settings.reference)
+    if reference.is_dir():
+        reference_id: Any = {"folder": str(reference.resolve()), "images": folder_identity(reference),
+                             "resolution": reference_resolution}
+    else:
+        reference_id = {"statistics": sha256_file(reference)}
+    return {"pipeline": {path.relative_to(folder).as_posix(): sha256_file(path) for path in parts}, "guided": guided,
+            "reference": reference_id, "n": settings.n, "seed": settings.seed,
+            "guidance_scale": settings.guidance_scale,
+            "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+            "kid_subsets": settings.kid_subsets, "kid_subset_size": settings.kid_subset_size,
+            "features": [extractor.name for extractor in extractors], "latentflow": latentflow.__version__}
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class SettingStore:
+    """One JSON file per measured setting, `folder/LABEL.json`, holding its result and the key of the context it
+    was measured in; a file of another context is measured again (and replaced)."""
+
+    def __init__(self, folder: Path, context: dict[str, Any]):
+        self.folder, self.key = folder, _digest(context)
+
+    def path(self, setting: SamplerSetting) -> Path:
+        return self.folder / f"{setting.label}.json"
+
+    def load(self, setting: SamplerSetting) -> dict[str, Any] | None:
+        import json
+
+        path = self.path(setting)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):  # absent, or unreadable: measure it (again)
+            return None
+        return stored.get("result") if isinstance(stored, dict) and stored.get("context") == self.key else None
+
+    def save(self, setting: SamplerSetting, record: dict[str, Any]) -> None:
+        import json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        document = {"context": self.key, "result": record}
+        write_bytes_atomic(self.path(setting), json.dumps(document, indent=2).encode() + b"\n")
+
+
+def evaluation_floors(pipe, settings: EvaluationSettings, reference: Callable[[], dict[str, FeatureStatistics]],
                       extractors: Sequence[FeatureExtractor], image_size: int, cache_dir: Path) -> Floors:
-    """Real-against-real and the VAE floor at the evaluation's n, cached in `cache_dir`."""
+    """Real-against-real and the VAE floor at the evaluation's n, cached in `cache_dir` (`reference()` gives the
+    reference's statistics when they are computed)."""
     from latentflow.eval.floors import cached_floors, compute_floors, floor_files, floors_cache_key, vae_round_trip
     from latentflow.vae import weights_sha256
 
@@ -375,7 +466,7 @@ def evaluation_floors(pipe, settings: EvaluationSettings, reference: dict[str, F
                            settings.reference, settings.kid_subset_size)
     files = floor_files(settings.floors, settings.n, settings.seed)
     return cached_floors(cache_dir / f"floors-{key}.json", lambda: compute_floors(
-        files, reference, extractors, vae_round_trip(pipe.vae), image_size, settings.batch_size,
+        files, reference(), extractors, vae_round_trip(pipe.vae), image_size, settings.batch_size,
         settings.kid_subsets, settings.kid_subset_size, settings.seed))
 
 
