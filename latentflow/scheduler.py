@@ -32,8 +32,8 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: default steps (fixed-step solvers and DDIM).
         atol, rtol: default tolerances of adaptive solvers.
         eta: default DDIM stochasticity (0 deterministic, 1 ancestral DDPM).
-        time_shift: default shift of fixed-step ODE solvers' grid towards the noise (1: evenly spaced steps;
-            `latentflow.flow.schedules.shift_times`).
+        time_shift: default shift of the grid of fixed-step ODE solvers and flow-map jumps towards the noise (1:
+            evenly spaced steps; `latentflow.flow.schedules.shift_times`).
         ddpm_num_train_timesteps, ddpm_beta_start, ddpm_beta_end: the DDPM schedule a noise model was trained with.
         latent_channels: C of the model-space latents.
         latent_size: [h, w] of the latents.

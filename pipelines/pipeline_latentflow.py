@@ -158,8 +158,9 @@ class LatentFlowPipeline(DiffusionPipeline):
             use_guide: with guidance and a `guide` component, take the unconditional branch from the guide,
                 v = g_null + w (v_class - g_null); False: from the model itself.
             eta: DDIM stochasticity for noise models (0 deterministic, 1 ancestral).
-            time_shift: fixed-step ODE solvers: the step grid warped towards the noise, t' = t / (s - (s - 1) t)
-                (SD3's shift; 1 evenly spaced, 2 puts the middle of the grid at t = 1/3; default: the scheduler's).
+            time_shift: fixed-step ODE solvers and flow-map jumps: the step grid warped towards the noise,
+                t' = t / (s - (s - 1) t) (SD3's shift; 1 evenly spaced, 2 puts the middle of the grid at t = 1/3;
+                default: the scheduler's).
             generator: torch generator(s) for the initial noise, labels and DDIM noise.
             latents: (B, C, h, w) initial noise x0 at t=0 instead of drawing it.
             output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], or "latent".
@@ -286,7 +287,7 @@ class LatentFlowPipeline(DiffusionPipeline):
                 output = ddim_sample(counted, x0, self.scheduler.ddpm_schedule(), steps, settings["eta"], first)
                 return output.x, output.nfe
             if solver in FLOW_MAP_SOLVERS:
-                output = sample_flow_map(counted, x0, steps)
+                output = sample_flow_map(counted, x0, steps, time_shift=settings["time_shift"])
                 return output.x, output.nfe
             if callback is not None:
                 return self._integrate_stepwise(counted, x0, solver, steps, callback, settings["time_shift"])

@@ -276,11 +276,11 @@ def test_parse_sweep():
         parse_sweep(["euler"])
 
 
-def test_parse_sweep_with_time_shifts_repeats_only_fixed_step_ode_settings():
-    settings = parse_sweep(["euler:2,8", "dopri5", "midpoint:4"], time_shifts=[1, 2.5])
+def test_parse_sweep_with_time_shifts_repeats_only_fixed_step_settings():
+    settings = parse_sweep(["euler:2,8", "dopri5", "midpoint:4", "flowmap:2"], time_shifts=[1, 2.5])
     assert [s.label for s in settings] == ["euler-2", "euler-2-shift2.5", "euler-8", "euler-8-shift2.5", "dopri5",
-                                           "midpoint-4", "midpoint-4-shift2.5"]
-    assert [s.time_shift for s in settings] == [1.0, 2.5, 1.0, 2.5, None, 1.0, 2.5]
+                                           "midpoint-4", "midpoint-4-shift2.5", "flowmap-2", "flowmap-2-shift2.5"]
+    assert [s.time_shift for s in settings] == [1.0, 2.5, 1.0, 2.5, None, 1.0, 2.5, 1.0, 2.5]
     assert curve_name(settings[1].__dict__) == "euler shift 2.5" and curve_name(settings[0].__dict__) == "euler"
     assert curve_name({"solver": "euler"}) == "euler"  # rows written before time shifts existed
     with pytest.raises(LatentflowError, match="time shift must be"):

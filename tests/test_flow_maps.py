@@ -17,7 +17,7 @@ from latentflow.flow.flow_maps import (
     total_derivative,
 )
 from latentflow.flow.objectives import MeanFlowObjective, TrainingModels, make_objective
-from latentflow.flow.solvers import check_solver, nfe_of, sample_flow_map
+from latentflow.flow.solvers import check_solver, check_solver_time_shift, nfe_of, sample_flow_map
 from latentflow.flow.time_samplers import UniformTime
 
 MU, SCALE = 1.5, 0.4  # the data N(MU, SCALE^2 I); noise N(0, I)
@@ -132,6 +132,23 @@ def test_one_step_of_the_exact_flow_map_is_exact():
     four = sample_flow_map(gaussian_average_velocity, x0, steps=4, return_trajectory=True)
     torch.testing.assert_close(four.x, MU + SCALE * x0)
     assert four.nfe == 4 and four.trajectory.shape == (5, 1000, 3)
+
+
+def test_flow_map_jumps_take_a_time_shift():
+    x0 = torch.randn(100, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    calls = []
+
+    def recording(x, t, r):
+        calls.append((float(t[0]), float(r[0])))
+        return gaussian_average_velocity(x, t, r)
+
+    out = sample_flow_map(recording, x0, steps=2, time_shift=2.0, return_trajectory=True)
+    assert [value for call in calls for value in call] == pytest.approx([0.0, 1 / 3, 1 / 3, 1.0])  # middle at 1/3
+    torch.testing.assert_close(out.times, torch.tensor([0.0, 1 / 3, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(out.x, MU + SCALE * x0)  # the exact map is exact on any grid
+    check_solver_time_shift("flowmap", 2.0)
+    with pytest.raises(LatentflowError, match="'dopri5' sets its own times"):
+        check_solver_time_shift("dopri5", 2.0)
 
 
 def test_the_paper_convention_converts_to_ours():

@@ -90,6 +90,12 @@ def test_meanflow_run_trains_exports_and_samples_in_k_evaluations(meanflow_run: 
     assert guided.nfe == 2
     euler = pipe(batch_size=2, solver="euler", num_inference_steps=3, output_type="latent")
     assert euler.nfe == 3  # the diagonal u(x, t, t) is a velocity field
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((float(args[1][0]), float(kwargs["r"][0]))), with_kwargs=True)
+    shifted = pipe(batch_size=2, num_inference_steps=2, time_shift=2.0, output_type="latent")
+    hook.remove()
+    assert shifted.nfe == 2 and [value for jump in seen for value in jump] == pytest.approx([0, 1 / 3, 1 / 3, 1])
     assert cli.main(["sample", str(tmp_path / "pipe"), "--n", "2", "--steps", "1", "--grid",
                      str(tmp_path / "grid.png")]) == 0
 

@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("--sweep", nargs="+", default=["euler:1,2,4,8", "midpoint:4", "dopri5"],
                         help="settings: SOLVER:STEPS,... for fixed-step solvers and ddim; SOLVER[:TOL,...] adaptive")
     parser.add_argument("--time-shift", type=float, nargs="+", default=None, metavar="S",
-                        help="fixed-step ODE settings once per shift S of their grid towards the noise, t' = t / "
-                             "(S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
+                        help="fixed-step settings (ODE solvers, flow-map jumps) once per shift S of their grid "
+                             "towards the noise, t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: "
+                             "the pipeline's)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (None: PIPE_DIR/evaluation)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)

@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     parser.add_argument("--solver", default=None, help="euler, midpoint, rk4, dopri5, ... or ddim (ddpm models)")
     parser.add_argument("--atol", type=float, default=None, help="adaptive solvers (atol and rtol)")
     parser.add_argument("--time-shift", type=float, default=None, metavar="S",
-                        help="fixed-step ODE solvers: steps shifted towards the noise, t' = t / (S - (S - 1) t) "
-                             "(SD3's shift; 1 evenly spaced; default: the pipeline's)")
+                        help="fixed-step ODE solvers and flow-map jumps: steps shifted towards the noise, "
+                             "t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)

@@ -18,7 +18,7 @@ from latentflow.eval.references import FeatureAccumulator
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
-from latentflow.flow.solvers import FIXED_STEP_METHODS, STEPPED_SOLVERS
+from latentflow.flow.solvers import SHIFTABLE_SOLVERS, STEPPED_SOLVERS
 from latentflow.io import read_json, write_bytes_atomic
 
 
@@ -51,20 +51,20 @@ def curve_name(row: dict) -> str:
 
 def parse_sweep(items: Sequence[str], time_shifts: Sequence[float] | None = None) -> list[SamplerSetting]:
     """Parse sweep items: "euler:1,2,4,8" (steps), "dopri5" or "dopri5:1e-3,1e-5" (tolerances); with
-    `time_shifts`, every fixed-step ODE setting once per shift (the others keep their own times). A one-step grid
-    is [0, 1] under any shift, so one-step settings appear once, evenly spaced."""
+    `time_shifts`, every fixed-step setting (ODE solvers, flow-map jumps) once per shift (the others keep their own
+    times). A one-step grid is [0, 1] under any shift, so one-step settings appear once, evenly spaced."""
     settings = _parse_items(items)
     if not time_shifts:
         return settings
     for shift in time_shifts:
         check_time_shift(shift)
-    return [replace(setting, time_shift=float(shift)) if setting.solver in FIXED_STEP_METHODS else setting
+    return [replace(setting, time_shift=float(shift)) if setting.solver in SHIFTABLE_SOLVERS else setting
             for setting in settings
             for shift in _shifts_of(setting, time_shifts)]
 
 
 def _shifts_of(setting: SamplerSetting, time_shifts: Sequence[float]) -> Sequence[float | None]:
-    if setting.solver not in FIXED_STEP_METHODS:
+    if setting.solver not in SHIFTABLE_SOLVERS:
         return [None]
     return [1.0] if setting.steps == 1 else time_shifts
 
@@ -342,7 +342,7 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
 
     default_shift = float(pipe.scheduler.config.time_shift)
     sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
-             and setting.solver in FIXED_STEP_METHODS else setting for setting in settings.check()]
+             and setting.solver in SHIFTABLE_SOLVERS else setting for setting in settings.check()]
     for setting in sweep:  # refuse e.g. euler for a ddpm model before any work
         pipe.check_solver(setting.solver)
     extractors = make_extractors(settings.device, settings.dinov2)

@@ -58,6 +58,8 @@ def _torchdiffeq_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
 FIXED_STEP_METHODS, ADAPTIVE_METHODS = _torchdiffeq_methods()
 STEPPED_SOLVERS = (*FIXED_STEP_METHODS, *NOISE_SOLVERS, *FLOW_MAP_SOLVERS)
 """Every solver that takes a step count (the rest take tolerances)."""
+SHIFTABLE_SOLVERS = (*FIXED_STEP_METHODS, *FLOW_MAP_SOLVERS)
+"""The solvers whose step grid a time shift warps: fixed-step ODE methods and flow-map jumps."""
 
 
 def check_solver(solver: str, prediction: str = "velocity") -> None:
@@ -116,11 +118,12 @@ class CountingField:
 
 def check_solver_time_shift(solver: str, shift: float) -> None:
     """Raise LatentflowError unless `shift` is valid and `solver` can take it (shift 1 suits every solver; another
-    only the fixed-step ODE solvers, whose step grid it warps: `shift_times`)."""
+    only the fixed-step ODE solvers and flow-map jumps, whose step grid it warps: `shift_times`)."""
     check_time_shift(shift)
-    if shift != 1.0 and solver not in FIXED_STEP_METHODS:
+    if shift != 1.0 and solver not in SHIFTABLE_SOLVERS:
         raise LatentflowError(f"a time shift ({shift}) warps the grid of a fixed-step ODE solver (euler, midpoint, "
-                              f"heun2, heun3, rk4, ...); {solver!r} sets its own times: drop the shift or pick one")
+                              f"heun2, heun3, rk4, ...) or of flow-map jumps; {solver!r} sets its own times: drop the "
+                              "shift or pick one")
 
 
 def step_grid(steps: int, device=None, dtype=torch.float32, time_shift: float = 1.0) -> torch.Tensor:
@@ -248,21 +251,23 @@ def ddim_sample(
 
 
 def sample_flow_map(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                    steps: int, return_trajectory: bool = False):
-    """Generate with a flow map in `steps` jumps on the uniform grid 0 = t_0 < ... < t_K = 1: exactly K calls.
+                    steps: int, return_trajectory: bool = False, time_shift: float = 1.0):
+    """Generate with a flow map in `steps` jumps on the grid 0 = t_0 < ... < t_K = 1 (`step_grid`: uniform, then
+    warped by `time_shift`): exactly K calls.
 
     Args:
         model: u(x (B, ...), t (B,), r (B,)) -> (B, ...), the average velocity (labels and guidance bound).
         x0: (B, ...) noise at t=0.
         steps: K >= 1.
         return_trajectory: also return the K + 1 states.
+        time_shift: the grid warped towards the noise (`shift_times`; 1: evenly spaced).
 
     Returns:
         SolverOutput with x at t=1 and nfe = K.
     """
     if steps < 1:
         raise LatentflowError(f"a flow-map sampler takes steps >= 1, got {steps}")
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x0.dtype, device=x0.device)
+    grid = step_grid(steps, x0.device, x0.dtype, time_shift)
     x, states = x0, [x0]
     with torch.no_grad():
         for start, end in zip(grid[:-1], grid[1:]):
