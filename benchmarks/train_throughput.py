@@ -137,7 +137,8 @@ def dataset_class_aware(cache: str, name: str) -> bool:
     return bool(json.loads(potential_paths(cache, name)[1].read_text())["class_aware"])
 
 
-def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: int = 256, share: float = 0.05) -> None:
+def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: int = 256, share: float = 0.05,
+                      sample_points: int | None = None) -> None:
     """Dataset OT's assignment at ImageNet-256 scale against a DiT-XL/2 training step.
 
     The assignment of one noise draw is one row of a (B, D) x (D, N) matrix product: 2 N D FLOPs. The step's
@@ -161,7 +162,7 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
           f"{assign_flops / 1e9:.1f} GFLOP for ImageNet's N = {points:,}: {assign_flops / step_flops:.3f} of the "
           f"step; under {share:.0%} up to N = {largest:,.0f} latents, at the step's share of the same peak")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sample_points = 200_000 if device.type == "cuda" else 20_000
+    sample_points = sample_points or (200_000 if device.type == "cuda" else 20_000)
     generator = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(sample_points, dim, device=device, generator=generator)
     noise = torch.randn(batch, dim, device=device, generator=generator)
@@ -395,6 +396,8 @@ def main() -> None:
     parser.add_argument("--dataset-ot", default=None, metavar="NAME",
                         help="also time ot_scope: dataset with the cache's potential NAME (latentflow ot-fit)")
     parser.add_argument("--ot-scale", action="store_true", help="dataset OT's cost at ImageNet scale (counted)")
+    parser.add_argument("--ot-scale-points", type=int, default=None,
+                        help="latents the --ot-scale assignment is timed on (default 20,000 on CPU, 200,000 on GPU)")
     parser.add_argument("--screen-sizes", default="", help="comma-separated point counts: the bf16 screen's "
                         "speed-up of the hard argmin, e.g. 600,1200,2000,2934,20000")
     parser.add_argument("--synthetic", default="", help="comma-separated model presets, e.g. DiT-B/2,DiT-XL/2")
@@ -407,7 +410,7 @@ def main() -> None:
         reader_vs_memory(args.cache, args.steps, args.warmup, args.workers, args.batch, args.repeats,
                          args.in_memory, tuple(args.overrides), args.dataset_ot)
     if args.ot_scale:
-        ot_scale_estimate()
+        ot_scale_estimate(sample_points=args.ot_scale_points)
     if args.screen_sizes:
         screen_speedups([int(size) for size in args.screen_sizes.split(",")])
     if args.ot_sizes:
