@@ -14,6 +14,9 @@
 # and the same commands for the rest run by hand right after it; cpu2_few_step_mid4.txt by the same commands as
 # the last stage, run by hand)
 # Usage: bash benchmarks/flowers_few_step.sh [DEMO_DIR] [OUT]   (about 1.5 hours on 2 quiet cores)
+# This script keeps issue 13's comparison as it was measured (the older teacher, midpoint-4 couplings). The
+# recipe shipped since (euler-8 couplings from the demo's own model, r - t at scale 1: 106.8 / 116.6 at 2 / 1 NFE)
+# runs as `latentflow demo ... --few-step`, stages 7-11 (benchmarks/results/cpu2_demo_s23_fresh.txt).
 set -euo pipefail
 DEMO=${1:-runs/flowers64_demo}
 OUT=${2:-runs/few_step}
