@@ -49,7 +49,10 @@ RUN_CONFIG = "config.yaml"
 def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu", progress: bool = True,
                   guide: bool = True):
     """Load a saved LatentFlowPipeline from a local folder (no network) and move it to `device`; `guide=False`
-    leaves out the folder's guide (guidance then takes its unconditional branch from the model itself)."""
+    leaves out the folder's guide (guidance then takes its unconditional branch from the model itself);
+    `progress=False` shows no bar, neither diffusers' while loading nor the pipeline's while sampling."""
+    from diffusers.utils import logging as diffusers_logging
+
     from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
 
     index = Path(pipe_dir) / "model_index.json"
@@ -58,7 +61,14 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
             f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`"
         )
     extra = {} if guide else {"guide": None}
-    pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **extra).to(device)
+    shown = diffusers_logging.is_progress_bar_enabled()
+    if not progress:
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **extra).to(device)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
 

@@ -335,6 +335,21 @@ def test_exported_files_get_the_umask_permissions_and_load_without_warnings(pipe
     assert "will be ignored" not in capfd.readouterr().err
 
 
+def test_a_quiet_load_and_an_early_error_print_no_progress_bars(pipe_dir: Path, tmp_path: Path, capfd) -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    capfd.readouterr()
+    load_pipeline(pipe_dir, progress=False)
+    assert "Loading pipeline components" not in capfd.readouterr().err
+    assert diffusers_logging.is_progress_bar_enabled()  # others' loads keep their bar
+    load_pipeline(pipe_dir)
+    assert "Loading pipeline components" in capfd.readouterr().err
+    assert cli.main(["sample", str(pipe_dir), "--class", "cactus", "--grid", str(tmp_path / "grid.png")]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "latentflow sample: error: unknown class 'cactus'; choose one of "
+        "['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']"]
+
+
 def test_the_model_card_parses_as_a_hub_card_and_names_files_that_exist(pipe_dir: Path) -> None:
     import re
 

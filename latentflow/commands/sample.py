@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                args.guidance_scale, args.eta, args.guidance_interval)
     images, nfes = [], []
-    with tqdm(total=args.n, desc="sampling", unit="img") as bar:
+    with tqdm(total=args.n, desc="sampling", unit="img", delay=1) as bar:  # an early error prints alone
         for batch in batches:
             if args.outdir is not None:
                 for offset, image in enumerate(batch.images):
