@@ -94,6 +94,13 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def json_sha256(value: Any) -> str:
+    """Hex sha256 of a JSON-able value (keys sorted): the key of a cache entry from what it depends on."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """Read a JSON object, with errors naming the file."""
     path = Path(path)

@@ -9,8 +9,6 @@ Computed once per (training folder, n, seed, resolution, VAE weights, reference)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from latentflow.errors import LatentflowError
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.references import FeatureAccumulator, iterate_image_batches, list_images
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
-from latentflow.io import read_json, write_json_atomic
+from latentflow.io import json_sha256, read_json, write_json_atomic
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 """uint8 images (B, 3, H, W) -> float images (B, 3, H, W) in [0, 1]."""
@@ -90,7 +88,7 @@ def floors_cache_key(train_dir: str | os.PathLike, n: int, seed: int, resolution
     """What the cached floors depend on, hashed."""
     parts = [str(Path(train_dir).resolve()), n, seed, resolution, vae_sha256, str(Path(reference).resolve()),
              kid_subset_size]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return json_sha256(parts)[:16]
 
 
 def cached_floors(cache_file: Path, compute: Callable[[], Floors]) -> Floors:

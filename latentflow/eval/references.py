@@ -15,7 +15,7 @@ from latentflow.data.sources import IMAGE_EXTENSIONS, find_image_files
 from latentflow.errors import LatentflowError
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.statistics import FeatureStatistics, feature_statistics
-from latentflow.io import to_uint8_images, write_bytes_atomic
+from latentflow.io import json_sha256, to_uint8_images, write_bytes_atomic
 
 
 def list_images(images_dir: str | os.PathLike) -> list[Path]:
@@ -173,13 +173,9 @@ def statistics_source(path: str | os.PathLike) -> str | None:
 def folder_identity(images_dir: str | os.PathLike) -> str:
     """sha256 of an image folder's listing (each image's relative name, size and modification time): it changes
     when an image is added, removed or rewritten, and costs no image read."""
-    import hashlib
-    import json
-
     root = Path(images_dir)
-    listing = [(path.relative_to(root).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
-               for path in list_images(root)]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return json_sha256([(path.relative_to(root).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
+                        for path in list_images(root)])
 
 
 def reference_statistics(

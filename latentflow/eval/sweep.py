@@ -3,6 +3,7 @@ reference (FID, KID, FD-DINOv2), written as JSON, CSV and a plot of FID against 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
 from latentflow.flow.solvers import SHIFTABLE_SOLVERS, STEPPED_SOLVERS
-from latentflow.io import read_json, write_bytes_atomic
+from latentflow.io import json_sha256, read_json, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -351,16 +352,10 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     resolution = (settings.reference_resolution or image_size) if reference.is_dir() else None
     if resolution is None:
         _check_reference_resolution(reference, image_size)
-    computed: list[dict[str, FeatureStatistics]] = []
-
-    def statistics() -> dict[str, FeatureStatistics]:  # only when something is measured
-        if not computed:
-            computed.append(reference_statistics(reference, extractors, settings.batch_size,
-                                                 lambda it: tqdm(it, desc="reference"), resolution))
-        return computed[0]
-
-    store = SettingStore(Path(out_dir) / "settings", evaluation_context(pipe, pipe_dir, settings, extractors,
-                                                                        resolution))
+    statistics = functools.cache(lambda: reference_statistics(  # computed only when something is measured
+        reference, extractors, settings.batch_size, lambda it: tqdm(it, desc="reference"), resolution))
+    context = evaluation_context(pipe, pipe_dir, settings, extractors, resolution)
+    store = SettingStore(Path(out_dir) / "settings", context)
     results = []
     for setting in tqdm(sweep, desc="settings"):
         record = store.load(setting)
@@ -382,9 +377,10 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     info = {"pipeline": str(pipe_dir), "reference": str(reference), "n": settings.n, "seed": settings.seed,
             "image_size": image_size, "reference_resolution": resolution,
             "guidance_scale": settings.guidance_scale, "sweep": list(settings.sweep),
-            "guide": getattr(pipe, "guide", None) is not None and settings.guidance_scale != 1.0}
-    if reference.is_file() and statistics_source(reference):
-        info["reference_source"] = statistics_source(reference)
+            "guide": context["guided"]}
+    source = statistics_source(reference) if reference.is_file() else None
+    if source:
+        info["reference_source"] = source
     if settings.guidance_interval is not None:
         info["guidance_interval"] = list(settings.guidance_interval)
     return write_sweep_results(results, out_dir, info, floors)
@@ -420,19 +416,12 @@ def evaluation_context(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSe
             "features": [extractor.name for extractor in extractors], "latentflow": latentflow.__version__}
 
 
-def _digest(value: Any) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 class SettingStore:
     """One JSON file per measured setting, `folder/LABEL.json`, holding its result and the key of the context it
     was measured in; a file of another context is measured again (and replaced)."""
 
     def __init__(self, folder: Path, context: dict[str, Any]):
-        self.folder, self.key = folder, _digest(context)
+        self.folder, self.key = folder, json_sha256(context)
 
     def path(self, setting: SamplerSetting) -> Path:
         return self.folder / f"{setting.label}.json"
