@@ -4,6 +4,7 @@ another process count. The training runs use the real flowers cache of test_trai
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -308,3 +309,69 @@ def test_fsdp2_trains_a_flow_map_with_its_jvp_as_one_process_does(cache: Path, t
     exported = load_model(run / "model")
     assert exported.config.flow_map and exported.interval_embedder.time_scale == 1.0
     assert_same_exported_weights(run, reference)
+
+
+SHARD_SCRIPT = textwrap.dedent('''
+    """Pair noise with a cache's points sharded over the processes, and with every point in this process; save
+    both to REPORT.rankR.pt."""
+    import sys
+    import torch
+    from accelerate import Accelerator
+    from latentflow.data.cache import LatentCache
+    from latentflow.data.potential import load_dataset_cells
+    from latentflow.train.pairing import dataset_pairing, sharded_dataset_pairing
+
+    cache, report = sys.argv[1], sys.argv[2]
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    found = {}
+    for name in ("potential", "aware"):
+        cells = load_dataset_cells(LatentCache(cache), name, normalized=True, random_flip=False, screen=False)
+        shard = cells.shard(rank, world, "cpu")
+        generator = torch.Generator().manual_seed(100 + rank)
+        x0 = torch.randn(6, *cells.points.shape[1:], generator=generator)
+        labels = torch.randint(0, 5, (6,), generator=generator)
+        sharded = sharded_dataset_pairing(shard, x0, labels, accelerator.gather,
+                                          lambda tensor: accelerator.reduce(tensor, "sum"), rank)
+        whole = dataset_pairing(cells, x0, labels)
+        found[name] = {"sharded": (sharded.x1_index, sharded.x1, sharded.labels, sharded.cost),
+                       "whole": (whole.x1_index, whole.x1, whole.labels, whole.cost),
+                       "held": [[] if c is None else c.points for c in shard.cells]}
+    torch.save(found, f"{report}.rank{rank}.pt")
+''')
+
+
+@pytest.mark.slow
+def test_points_sharded_over_two_processes_pair_and_train_as_one_process_holding_them_all(
+        cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    """objective.ot_dataset_on: sharded on 2 gloo processes: each holds half of every class's points, and the
+    pairs (points, latents, labels, costs) and the training run are those of one process pairing against all."""
+    from latentflow import cli
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    fit = ["--steps", "300", "--batch", "512", "--balance-draws", "400", "--no-progress"]
+    assert cli.main(["ot-fit", str(copy), *fit]) == 0
+    assert cli.main(["ot-fit", str(copy), "--name", "aware", "--class-aware", *fit]) == 0
+    script = tmp_path / "shard_and_pair.py"
+    script.write_text(SHARD_SCRIPT)
+    launch(script, [str(copy), str(tmp_path / "pairs")])
+    reports = [torch.load(tmp_path / f"pairs.rank{rank}.pt") for rank in (0, 1)]
+    for name in ("potential", "aware"):
+        for report in reports:
+            for found, wanted in zip(report[name]["sharded"], report[name]["whole"]):
+                assert torch.equal(torch.as_tensor(found), torch.as_tensor(wanted)), name
+        held = [[len(part) for part in report[name]["held"]] for report in reports]
+        assert held == ([[20], [20]] if name == "potential" else [[4] * 5, [4] * 5])  # half of every group each
+    both = torch.cat([reports[0]["aware"]["sharded"][0], reports[1]["aware"]["sharded"][0]])
+    assert both.unique().numel() > 6  # the 12 draws went to many cells, on both shares
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    dataset = ["objective.name=rf", "objective.ot_scope=dataset", "objective.ot_potential=aware",
+               "objective.class_aware=true", "data.normalize=true", "data.sample_posterior=false",
+               "train.max_steps=3"]
+    train_launched(tmp_path, "trained", run_overrides(copy, run, *dataset, "objective.ot_dataset_on=sharded"))
+    train_here(run_overrides(copy, reference, *dataset, "objective.ot_dataset_on=device",
+                             "optim.grad_accumulation=2", "data.streams=2"))
+    assert_same_run(run, reference, steps=3, streams=2, cache_dir=copy)
+    costs = [[float(row["ot_cost"]) for row in CsvLog.read(folder / "log.csv")] for folder in (run, reference)]
+    assert costs[0] == pytest.approx(costs[1], rel=1e-6) and min(costs[0]) > 0

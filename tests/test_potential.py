@@ -265,7 +265,8 @@ def test_the_pairing_transform_pairs_each_draw_with_its_laguerre_cell(fitted: Pa
     assert (dropped(batch, torch.Generator().manual_seed(0)).labels == 5).all()  # CFG's null class after pairing
 
 
-@pytest.mark.parametrize("objective, where", [("otcfm", "loader"), ("meanflow", "loader"), ("rf", "device")])
+@pytest.mark.parametrize("objective, where", [("otcfm", "loader"), ("meanflow", "loader"), ("rf", "device"),
+                                              ("cfm", "sharded")])
 def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objective: str, where: str) -> None:
     from accelerate.state import AcceleratorState
 

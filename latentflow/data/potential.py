@@ -302,6 +302,74 @@ class DatasetCells:
                             points, labels, potential, self.record, screen)
 
 
+    def shard(self, rank: int, world: int, device: torch.device | str, screen: bool | None = None) -> "CellShard":
+        """This process's share of the cells for `objective.ot_dataset_on: sharded`: part `rank` of `world`
+        contiguous parts of every group, copied to `device` (screened there where it pays if `screen`; None: as
+        these cells), so that these cells' full points can be let go."""
+        screen = self.screen if screen is None else screen
+        flat = self.points.reshape(self.points.shape[0], -1)
+        cells, firsts = [], []
+        for index, old in zip(self.group_index, self.cells):
+            part = torch.tensor_split(index, world)[rank]  # contiguous: each group's points are a span
+            if part.numel() == 0:  # a group of fewer points than processes
+                cells.append(None)
+                firsts.append(-1)
+                continue
+            span = slice(int(part[0]), int(part[-1]) + 1)
+            cells.append(LaguerreCells(flat[span].to(device, copy=True), self.potential[span].to(device, copy=True),
+                                       old.epsilon, screen))
+            firsts.append(span.start)
+        labels = None if self.labels is None else self.labels.to(device)
+        return CellShard(cells, firsts, self.group_classes, labels, tuple(self.points.shape[1:]), self.record)
+
+
+@dataclass
+class CellShard:
+    """One process's share of a fitted potential (`objective.ot_dataset_on: sharded`; build with
+    `DatasetCells.shard`): every group's points split into contiguous parts, one per process, so that a cache
+    larger than one device's memory pairs exactly; `latentflow.train.pairing.sharded_dataset_pairing` merges the
+    processes' choices.
+
+    Attributes:
+        cells: per group, cells over this process's part of the group (None where the part is empty: a group of
+            fewer points than processes).
+        firsts: per group, the index among all points (`DatasetCells.points`' order) of the part's first point.
+        group_classes: the class id of each group (class-aware), else None.
+        labels: (P,) every point's label (small beside the points; a pair takes its point's), or None.
+        point_shape: (C, h, w) of a point.
+        record: the fit's JSON.
+    """
+
+    cells: list[LaguerreCells | None]
+    firsts: list[int]
+    group_classes: list[int] | None
+    labels: torch.Tensor | None
+    point_shape: tuple[int, ...]
+    record: dict[str, Any]
+
+    def best(self, flat: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This share's choice for flat noise rows (B, D) (class-aware: within each row's class from `labels`
+        (B,)): its value (B,) (`LaguerreCells.drawn_min`; inf where this share holds no point of the row's class),
+        its index among all points (B,) (-1 there) and the point itself (B, D) (zeros there)."""
+        if self.group_classes is not None and labels is None:
+            raise LatentflowError("a class-aware OT potential needs the batch's labels; the cache gave none")
+        values = torch.full((flat.shape[0],), math.inf, dtype=flat.dtype, device=flat.device)
+        index = torch.full((flat.shape[0],), -1, dtype=torch.long, device=flat.device)
+        chosen = torch.zeros_like(flat)
+        for group, (cells, first) in enumerate(zip(self.cells, self.firsts)):
+            if cells is None:
+                continue
+            if self.group_classes is None:
+                rows = torch.arange(flat.shape[0], device=flat.device)
+            else:
+                rows = torch.nonzero(labels.to(flat.device) == self.group_classes[group]).flatten()
+            if rows.numel():
+                values[rows], local = cells.drawn_min(flat[rows], generator)
+                index[rows], chosen[rows] = first + local, cells.points[local]
+        return values, index, chosen
+
+
 def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any], torch.Tensor]:
     """The finished fit's JSON and potential (P,), checked against `cache`; errors name the file and the fix."""
     potential_path, json_path, _ = potential_paths(cache.path, name)

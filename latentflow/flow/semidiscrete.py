@@ -94,17 +94,27 @@ class LaguerreCells:
         if flat.shape[1] != self.points.shape[1]:
             raise LatentflowError(f"noise of {flat.shape[1]} dimensions cannot be paired with points of "
                                   f"{self.points.shape[1]}")
+        return self.drawn_min(flat, generator)[1]
+
+    def drawn_min(self, flat: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, point), each (B,), of the pairing's choice for flat noise rows (B, D), in chunks: hard, the
+        minimal score and its point; entropic, the minimum of score_j - eps * G_j (G_j independent Gumbel(0, 1)
+        draws from `generator`) and its point. Minima of disjoint sets of points compare across sets: the
+        smallest of them is the choice over their union (hard: the argmin; entropic: a draw from the softmax over
+        all of them), which is how points sharded across processes pair (`latentflow.train.pairing`)."""
+        values = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
         for rows in self.chunks(flat.shape[0]):
             if self.epsilon == 0:
-                out[rows] = self.hard_min(flat[rows])[1]
+                values[rows], out[rows] = self.hard_min(flat[rows])
                 continue
             scores = self.scores(flat[rows])  # (b, N)
             where = scores.device if generator is None else generator.device
             uniform = torch.rand(scores.shape, generator=generator, device=where).to(scores.device)
             scores -= self.epsilon * -torch.log(-torch.log(uniform.clamp_min(1e-20)))  # Gumbel(0, 1)
-            out[rows] = scores.argmin(dim=1)
-        return out
+            values[rows], out[rows] = scores.min(dim=1)
+        return values, out
 
     def hard_min(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(min_j score_j, argmin_j score_j), each (b,), for flat noise x0 (b, D): through the screen when the

@@ -83,9 +83,11 @@ class ObjectiveConfig:
     meanflow its flow map), refusing one whose balance excess is above `ot_max_imbalance`
     (`latentflow.data.potential.MAX_IMBALANCE`); `ot_dataset_on` 'loader' pairs in the loader workers (small
     caches, CPU), 'device' in the step on the training device (large caches on GPUs: one chunked matrix product
-    against every cached latent per batch); `ot_screen` runs that product's first pass in bfloat16 where the
-    device has bf16 matrix units, with a certified float32 rescoring (`latentflow.flow.screening`: the same
-    pairs, faster; false: float32 throughout).
+    against every cached latent per batch), 'sharded' there too with each process holding 1/W of the points (the
+    global batch's noise is scored by every process against its share and the best of the shares wins: the same
+    pairs as 'device' for 1/W of its memory; `latentflow.train.pairing.sharded_dataset_pairing`); `ot_screen`
+    runs that product's first pass in bfloat16 where the device has bf16 matrix units, with a certified float32
+    rescoring (`latentflow.flow.screening`: the same pairs, faster; false: float32 throughout).
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
     `coupling`: 'sampled' draws fresh noise for each batch; 'stored' trains on the (noise, endpoint) pairs of a
     couplings cache from `latentflow reflow` as they are (reflow, e.g. with rf; no OT objective, no flips).
@@ -117,7 +119,7 @@ class ObjectiveConfig:
     ot_scope: Literal["local", "global", "dataset"] = "local"
     ot_potential: str = "potential"
     ot_max_imbalance: float = 0.05
-    ot_dataset_on: Literal["loader", "device"] = "loader"
+    ot_dataset_on: Literal["loader", "device", "sharded"] = "loader"
     ot_screen: bool = True
     label_dropout: float = 0.1
     coupling: Literal["sampled", "stored"] = "sampled"

@@ -18,7 +18,7 @@ from latentflow.flow.objectives import Objective, TrainingBatch
 
 if TYPE_CHECKING:
     from latentflow.data.cache import LatentCache
-    from latentflow.data.potential import DatasetCells
+    from latentflow.data.potential import CellShard, DatasetCells
     from latentflow.train.config import Config
 
 
@@ -138,6 +138,43 @@ def dataset_pairing(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tenso
     return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
 
 
+def sharded_dataset_pairing(shard: "CellShard", x0: torch.Tensor, labels: torch.Tensor | None,
+                            gather: Callable[[torch.Tensor], torch.Tensor],
+                            reduce_sum: Callable[[torch.Tensor], torch.Tensor], rank: int,
+                            generator: torch.Generator | None = None) -> Pairing:
+    """`dataset_pairing` with the points sharded across the W processes (`objective.ot_dataset_on: sharded`).
+
+    Every process gathers the global batch's noise (W*b rows) and labels, finds its share's choice for every
+    row (`CellShard.best`), and gathers the shares' values; a row goes to the share of lowest value (the lowest
+    rank on a tie), which is the choice over all points: for the hard pairing the same argmin as one process
+    holding every point (up to ties within float32's rounding), for the entropic one a draw from the same
+    softmax (each share's Gumbel noise from its process's `generator`). The chosen latents reach the processes
+    that drew their noise by one sum over processes of (W*b, D), zero but for the rows each share won. Per
+    process: 2 (W b) (P / W) D FLOPs, as one process pairing its b rows against all P points, for 1/W of the
+    points' memory. Every process must call it for every micro-batch, with the same b.
+
+    Args:
+        x0: (b, ...) this process's noise.
+        labels: (b,) the class each row is drawn for, or None.
+        gather: concatenates a tensor over processes along dim 0 (`Accelerator.gather`).
+        reduce_sum: sums a tensor over processes (`Accelerator.reduce(t, "sum")`).
+    """
+    local = x0.shape[0]
+    flat = x0.reshape(local, -1)
+    flat_all = gather(flat.contiguous())  # (W*b, D)
+    labels_all = None if labels is None else gather(labels.contiguous())
+    values, index, chosen = shard.best(flat_all, labels_all, generator)
+    world = flat_all.shape[0] // local
+    winner = gather(values).view(world, -1).argmin(dim=0)  # (W*b,) the first minimum: the lowest rank on ties
+    global_index = gather(index).view(world, -1).gather(0, winner.unsqueeze(0)).squeeze(0)  # (W*b,)
+    chosen[winner != rank] = 0.0
+    x1_all = reduce_sum(chosen)  # (W*b, D): each row from the one share that won it
+    rows = slice(rank * local, (rank + 1) * local)
+    x1, point = x1_all[rows].view_as(x0), global_index[rows]
+    point_labels = None if labels is None or shard.labels is None else shard.labels[point]
+    return Pairing(x0, x1, point_labels, torch.arange(local, device=x0.device), point, mean_squared_distance(x0, x1))
+
+
 def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells | None":
     """The cache's fitted potential for `objective.ot_scope: dataset` (None for other scopes), checked before
     any step: present, finished, of this cache, finite, balanced, fitted in the space training uses, and class-
@@ -151,7 +188,7 @@ def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells |
     objective = config.objective
     if objective.ot_scope != "dataset":
         return None
-    on_loader = objective.ot_dataset_on == "loader"  # else the trainer moves the cells, screening them there
+    on_loader = objective.ot_dataset_on == "loader"  # else the trainer moves or shards the cells, screening there
     cells = load_dataset_cells(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
                                objective.ot_max_imbalance, objective.ot_screen and on_loader)
     if bool(cells.record["class_aware"]) != objective.class_aware:

@@ -65,6 +65,7 @@ from latentflow.train.pairing import (
     drop_labels,
     global_ot_pairing,
     seed_for,
+    sharded_dataset_pairing,
 )
 from latentflow.train.previews import load_preview_vae, preview_latents, write_preview
 
@@ -91,7 +92,7 @@ class StepResult:
         grad_norm: total gradient norm before clipping.
         skipped: the step was not applied because the loss or gradients were not finite.
         lr: the learning rate used.
-        ot_cost: mean squared noise-data distance of the pairs (global in global OT), or None.
+        ot_cost: mean squared noise-data distance of the pairs over all processes, or None.
         error: mean unweighted squared error over the global batch where the loss weights it (meanflow's
             adaptive weight), else None.
     """
@@ -230,6 +231,10 @@ class Trainer:
         self.dataset_cells = dataset_cells_for(config, self.cache)
         if self.dataset_cells is not None and config.objective.ot_dataset_on == "device":
             self.dataset_cells = self.dataset_cells.to(self.accelerator.device, config.objective.ot_screen)
+        elif self.dataset_cells is not None and config.objective.ot_dataset_on == "sharded":
+            self.dataset_cells = self.dataset_cells.shard(self.accelerator.process_index,
+                                                          self.accelerator.num_processes, self.accelerator.device,
+                                                          config.objective.ot_screen)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
@@ -308,7 +313,8 @@ class Trainer:
         transform = PairingTransform(
             self.objective, config.train.seed, self.accelerator.process_index, self.num_classes,
             config.objective.label_dropout, pair=self._pairs_in_loader(), keep_endpoints=False,
-            stored_noise=config.objective.coupling == "stored", dataset_cells=self.dataset_cells,
+            stored_noise=config.objective.coupling == "stored",
+            dataset_cells=self.dataset_cells if self._pairs_in_loader() else None,
         )
         return make_step_loader(
             self.cache, self.layout(), seed=config.train.seed, start_step=self.state.step,
@@ -357,9 +363,17 @@ class Trainer:
     def _pair_with_dataset(self, micro: dict[str, Any], labels: torch.Tensor | None) -> tuple[TrainingBatch, float]:
         """Dataset OT on the training device: fresh noise from the micro-batch's seed, each row paired with its
         optimal cached latent by one chunked matrix product against the whole cache."""
+        from latentflow.data.potential import CellShard
+
         generator = torch.Generator().manual_seed(micro["seed"])
         x0 = torch.randn(micro["latents"].shape, generator=generator).to(self.accelerator.device)
-        pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
+        if isinstance(self.dataset_cells, CellShard):  # its own Gumbel stream: the step's draws stay the same
+            gumbel = torch.Generator().manual_seed(seed_for(micro["seed"], 3))
+            pairing = sharded_dataset_pairing(self.dataset_cells, x0, labels, self.accelerator.gather,
+                                              lambda t: self.accelerator.reduce(t, "sum"),
+                                              self.accelerator.process_index, gumbel)
+        else:
+            pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
         batch = self.objective.prepare_paired(pairing, generator)
         batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
         batch.x0 = batch.x1 = None  # the step needs only x_t, t, target and labels
@@ -392,6 +406,9 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         self._apply_or_skip(finite)
         ot_cost = None if costs[0] is None else float(sum(costs) / len(costs))
+        if ot_cost is not None and accelerator.num_processes > 1:  # over every process's pairs, as the loss is
+            mean = accelerator.reduce(torch.tensor(ot_cost, dtype=torch.float64, device=accelerator.device), "mean")
+            ot_cost = float(mean)
         return StepResult(float(loss), float(grad_norm), not finite, lr, ot_cost, error)
 
     def _apply_or_skip(self, finite: bool) -> None:
