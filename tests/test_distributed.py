@@ -337,6 +337,16 @@ SHARD_SCRIPT = textwrap.dedent('''
         found[name] = {"sharded": (sharded.x1_index, sharded.x1, sharded.labels, sharded.cost),
                        "whole": (whole.x1_index, whole.x1, whole.labels, whole.cost),
                        "held": [[] if c is None else c.points for c in shard.cells]}
+    # entropic: many draws for the same noise rows, against the softmax over all points
+    cells = load_dataset_cells(LatentCache(cache), "soft", normalized=True, random_flip=False)
+    shard, gumbel = cells.shard(rank, world, "cpu"), torch.Generator().manual_seed(7 + rank)
+    x0 = torch.randn(4, *cells.points.shape[1:], generator=torch.Generator().manual_seed(200 + rank))
+    repeated = x0.repeat(4000, 1, 1, 1)  # each row 4,000 times, with Gumbel draws of its own
+    draws = sharded_dataset_pairing(shard, repeated, None, accelerator.gather,
+                                    lambda tensor: accelerator.reduce(tensor, "sum"), rank, gumbel).x1_index
+    draws = draws.view(4000, 4)
+    softmax = torch.softmax(-cells.cells[0].scores(x0.flatten(1)) / cells.cells[0].epsilon, dim=1)  # (4, P)
+    found["soft"] = {"draws": draws, "softmax": softmax}
     torch.save(found, f"{report}.rank{rank}.pt")
 ''')
 
@@ -353,6 +363,7 @@ def test_points_sharded_over_two_processes_pair_and_train_as_one_process_holding
     fit = ["--steps", "300", "--batch", "512", "--balance-draws", "400", "--no-progress"]
     assert cli.main(["ot-fit", str(copy), *fit]) == 0
     assert cli.main(["ot-fit", str(copy), "--name", "aware", "--class-aware", *fit]) == 0
+    assert cli.main(["ot-fit", str(copy), "--name", "soft", "--epsilon", "20", *fit]) == 0
     script = tmp_path / "shard_and_pair.py"
     script.write_text(SHARD_SCRIPT)
     launch(script, [str(copy), str(tmp_path / "pairs")])
@@ -363,6 +374,11 @@ def test_points_sharded_over_two_processes_pair_and_train_as_one_process_holding
                 assert torch.equal(torch.as_tensor(found), torch.as_tensor(wanted)), name
         held = [[len(part) for part in report[name]["held"]] for report in reports]
         assert held == ([[20], [20]] if name == "potential" else [[4] * 5, [4] * 5])  # half of every group each
+    for report in reports:  # entropic: each share's Gumbel draws make the merged choice a draw from the softmax
+        draws, softmax = report["soft"]["draws"], report["soft"]["softmax"]
+        frequencies = torch.stack([torch.bincount(row, minlength=40) for row in draws.T]).double() / len(draws)
+        assert (softmax.amax(dim=1) < 0.9).all()  # spread over several points: the hard argmin would fail below
+        assert ((frequencies - softmax).abs().sum(dim=1) / 2).max() < 0.05  # sampling alone: about 0.01-0.03
     both = torch.cat([reports[0]["aware"]["sharded"][0], reports[1]["aware"]["sharded"][0]])
     assert both.unique().numel() > 6  # the 12 draws went to many cells, on both shares
     run, reference = tmp_path / "run", tmp_path / "reference"
