@@ -165,8 +165,10 @@ def sharded_dataset_pairing(shard: "CellShard", x0: torch.Tensor, labels: torch.
     labels_all = None if labels is None else gather(labels.contiguous())
     values, index, chosen = shard.best(flat_all, labels_all, generator)
     world = flat_all.shape[0] // local
-    winner = gather(values).view(world, -1).argmin(dim=0)  # (W*b,) the first minimum: the lowest rank on ties
-    global_index = gather(index).view(world, -1).gather(0, winner.unsqueeze(0)).squeeze(0)  # (W*b,)
+    choices = gather(torch.stack([values.double(), index.double()], dim=1))  # (W*W*b, 2), both exact in float64
+    choices = choices.view(world, -1, 2)
+    winner = choices[..., 0].argmin(dim=0)  # (W*b,) the first minimum: the lowest rank on ties
+    global_index = choices[..., 1].gather(0, winner.unsqueeze(0)).squeeze(0).long()  # (W*b,)
     chosen[winner != rank] = 0.0
     x1_all = reduce_sum(chosen)  # (W*b, D): each row from the one share that won it
     rows = slice(rank * local, (rank + 1) * local)
