@@ -10,7 +10,9 @@
 #   indep    = independent pairs (the paper's), from the minibatch OT-CFM teacher
 # The teachers are run folders of the shipped demo recipe, e.g. from `RECIPE=guide RUNS="otcfm dataset" SEED=N bash
 # benchmarks/flowers_dataset_ot.sh` (benchmarks/results/cpu2_flowers_dataset_ot_flowmap_pairs_s22.txt: seeds 0-3).
-# Usage: [RUNS="dataset otcfm indep"] [TAG=s0] bash benchmarks/flowers_flow_map_pairs.sh DATASET_RUN OTCFM_RUN CACHE [OUT]
+# GUIDANCES="4": sample with the teachers' guidance only.
+# EXTRA="--set optim.lr=2.5e-4": more settings for every flow map (session 24: half the learning rate).
+# Usage: [RUNS="dataset otcfm indep"] [TAG=s0] [EXTRA=...] bash benchmarks/flowers_flow_map_pairs.sh DATASET_RUN OTCFM_RUN CACHE [OUT]
 #   (about 10 minutes per run on 2 quiet cores)
 set -euo pipefail
 DATASET_RUN=$1
@@ -22,6 +24,7 @@ TAG=${TAG:-s0}
 LF=.venv/bin/latentflow
 FLOWERS=../shared/data/tf_flowers/images_128
 read -r -a RUNS <<< "${RUNS:-dataset otcfm}"
+read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT"
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 
@@ -39,10 +42,10 @@ for run in "${RUNS[@]}"; do
     start=$(date +%s)
     $LF train --config configs/flowers64_meanflow.yaml --init "$init" --set data.cache="$CACHE" \
         --set output_dir="$OUT/$name" --set log.progress_bar=false --set objective.flow_map_velocity=data \
-        --set objective.time_sampler=uniform --set objective.flow_map_guidance=1.0 "${pairing[@]}"
+        --set objective.time_sampler=uniform --set objective.flow_map_guidance=1.0 "${pairing[@]}" "${EXTRA[@]}"
     echo "$name training seconds: $(( $(date +%s) - start ))"
     $LF export "$OUT/$name" --out "$OUT/${name}_pipe"
-    for guidance in 1 4; do  # the flow maps carry no guidance: sampled without, and with the teachers' 4
+    for guidance in ${GUIDANCES:-1 4}; do  # the flow maps carry no guidance: sampled without, and with the teachers' 4
         $LF evaluate "$OUT/${name}_pipe" --ref "$OUT/ref/val64.npz" --n 736 --seed 0 --floors "$FLOWERS/train" \
             --guidance-scale $guidance --sweep flowmap:1,2 --out "$OUT/eval_${name}_g$guidance"
         cat "$OUT/eval_${name}_g$guidance/evaluation.csv"
