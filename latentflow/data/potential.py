@@ -301,7 +301,6 @@ class DatasetCells:
         return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
                             points, labels, potential, self.record, screen)
 
-
     def shard(self, rank: int, world: int, device: torch.device | str, screen: bool | None = None) -> "CellShard":
         """This process's share of the cells for `objective.ot_dataset_on: sharded`: part `rank` of `world`
         contiguous parts of every group, copied to `device` (screened there where it pays if `screen`; None: as
@@ -320,7 +319,7 @@ class DatasetCells:
                                        old.epsilon, screen))
             firsts.append(span.start)
         labels = None if self.labels is None else self.labels.to(device)
-        return CellShard(cells, firsts, self.group_classes, labels, tuple(self.points.shape[1:]), self.record)
+        return CellShard(cells, firsts, self.group_classes, labels, self.record)
 
 
 @dataclass
@@ -336,7 +335,6 @@ class CellShard:
         firsts: per group, the index among all points (`DatasetCells.points`' order) of the part's first point.
         group_classes: the class id of each group (class-aware), else None.
         labels: (P,) every point's label (small beside the points; a pair takes its point's), or None.
-        point_shape: (C, h, w) of a point.
         record: the fit's JSON.
     """
 
@@ -344,7 +342,6 @@ class CellShard:
     firsts: list[int]
     group_classes: list[int] | None
     labels: torch.Tensor | None
-    point_shape: tuple[int, ...]
     record: dict[str, Any]
 
     def best(self, flat: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
