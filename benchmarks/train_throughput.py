@@ -149,7 +149,7 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
     are timed here, on the GPU when there is one, each against its precision's measured peak.
     """
     from latentflow.flow.screening import Screen
-    from latentflow.flow.semidiscrete import LaguerreCells
+    from latentflow.flow.semidiscrete import BLOCK_POINTS, LaguerreCells
 
     model = make_model("DiT-XL/2", in_channels=4, sample_size=32, num_classes=1000)
     x = torch.randn(1, 4, 32, 32)
@@ -170,8 +170,11 @@ def ot_scale_estimate(points: int = 1_281_167, dim: int = 4 * 32 * 32, batch: in
     flops = 2 * sample_points * dim * batch
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # as training pairs: float32 products without TF32
-    for name, screen, dtype in (("float32", False, torch.float32), ("screened bf16", Screen.of(latents),
-                                                                     torch.bfloat16)):
+    # the screen even where torch would emulate bf16: one per block of points past BLOCK_POINTS
+    screens = [Screen.of(latents[start:start + BLOCK_POINTS]) for start in range(0, sample_points, BLOCK_POINTS)]
+    for name, screen, dtype in (("float32", False, torch.float32),
+                                ("screened bf16", screens if sample_points > BLOCK_POINTS else screens[0],
+                                 torch.bfloat16)):
         cells = LaguerreCells(latents, potential, screen=screen)
         ms = best_ms(lambda cells=cells: (cells.assign(noise), synchronize(device)), 3)
         peak = matmul_peak_tflops(device, dtype, size=2048 if device.type == "cpu" else 8192, repeats=3) * 1000

@@ -13,6 +13,8 @@ from scipy.stats import norm
 
 from latentflow.errors import LatentflowError
 from latentflow.flow.semidiscrete import (
+    BLOCK_POINTS,
+    BLOCK_ROWS,
     FitSettings,
     LaguerreCells,
     PotentialFit,
@@ -162,3 +164,34 @@ def test_bad_shapes_and_settings_are_refused() -> None:
     fitted = PotentialFit(torch.zeros(3, 2), FitSettings(steps=5))
     with pytest.raises(LatentflowError, match="belongs to another cache"):
         fitted.load_state_dict(PotentialFit(torch.zeros(4, 2), FitSettings(steps=5)).state_dict())
+
+
+def test_cells_in_blocks_pair_as_one_argmin_over_every_point() -> None:
+    """More points than BLOCK_POINTS: the hard pairing runs in blocks of points (each screened where it pays) and
+    in chunks of BLOCK_ROWS rows, and finds the argmin over every point; a fit's steps and the balance run on the
+    blocks too."""
+    generator = torch.Generator().manual_seed(0)
+    count, dim = BLOCK_POINTS + 3000, 256
+    points = 0.9 * torch.randn(count, dim, generator=generator) + 0.1
+    potential = 30 * torch.randn(count, generator=generator)
+    cells = LaguerreCells(points, potential)
+    assert [block.points.shape[0] for block in cells.blocks] == [BLOCK_POINTS, 3000]
+    assert isinstance(cells.screen, list) and len(cells.screen) == 2
+    x0 = torch.randn(BLOCK_ROWS + 300, dim, generator=generator)  # two chunks of rows
+    offsets = points.double().square().sum(1) - potential.double()
+    exact = torch.cat([torch.addmm(offsets, x0[rows].double(), points.double().T, alpha=-2.0)
+                       for rows in (slice(0, 700), slice(700, None))])  # (B, N) float64 scores
+    values, index = cells.hard_min(x0)
+    best = exact.min(dim=1)
+    assert (exact.gather(1, index[:, None]).squeeze(1) - best.values).max() < 1e-2  # the minimum, up to float32
+    assert (index == best.indices).double().mean() > 0.99 and (index >= BLOCK_POINTS).any()
+    torch.testing.assert_close(values.double(), best.values, rtol=0, atol=1e-2)
+    assert torch.equal(cells.assign(x0), index)
+    fit = PotentialFit(points, FitSettings(steps=2, batch_size=2048))
+    assert isinstance(fit.screen, list)  # one screen per block, built once for every step
+    fit.step()
+    fit.step()
+    shares, _ = LaguerreCells(points, fit.potential, screen=fit.screen).cell_shares(x0)
+    assert torch.isfinite(fit.potential).all() and shares.sum().item() == pytest.approx(1.0)
+    balance = measure_balance(LaguerreCells(points, fit.potential, screen=fit.screen), 1, seed=0)
+    assert balance.max_over_mean > 1 and 0 < balance.pair_cost < balance.independent_cost

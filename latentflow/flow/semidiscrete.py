@@ -19,7 +19,7 @@ last half, `FitSettings.average_from`).
 
 Everything works on flattened points (N, D); ||x||^2 is the same for every j and is dropped from the argmin:
 score_j(x) = ||y_j||^2 - 2 <x, y_j> - g_j. Work is chunked over noise rows so a chunk's scores (rows, N) stay
-within `CHUNK_ELEMENTS`.
+within `CHUNK_ELEMENTS`; the hard pairing of many points is also split over blocks of points (`BLOCK_ROWS`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ from latentflow.flow.screening import Screen
 
 CHUNK_ELEMENTS = 1 << 24
 """Scores held at once (rows x points, float32: 64 MiB)."""
+
+BLOCK_ROWS = 1024
+"""The hard pairing of more than CHUNK_ELEMENTS / BLOCK_ROWS points (16,384) scores chunks of this many noise rows
+against blocks of that many points, keeping each row's minimum over the blocks (each block with its own bf16
+screen). Chunking rows alone would leave CHUNK_ELEMENTS / N rows per product (13 for ImageNet's 1.28M latents),
+and every such product reads every point for those few rows: 13 FLOPs per bfloat16 value read, where a GPU's
+matrix units need about 300 and this CPU's float32 product halved its rate at 83 rows (200,000 points). With
+blocks a product has up to 1,024 rows and reads each block once per chunk of rows."""
+BLOCK_POINTS = CHUNK_ELEMENTS // BLOCK_ROWS
 
 
 def flatten_points(points: torch.Tensor) -> torch.Tensor:
@@ -57,13 +66,16 @@ class LaguerreCells:
         epsilon: entropic blur; 0 pairs by the hard argmin, > 0 draws from the softmax.
         screen: the hard argmin's bfloat16 first pass (`latentflow.flow.screening`; same pairing, faster): True
             builds one where it pays (`Screen.pays`), False never screens, a `Screen` of these points is used as
-            is (a fit shares one over its steps).
+            is (a fit shares one over its steps); for cells in blocks (`blocks`), one such entry per block, which
+            `screen` then holds (True or a `Screen` over all the points builds each block's where it pays).
+        blocks: the hard pairing's blocks of at most BLOCK_POINTS consecutive points, each cells of its own, when
+            there are more points than that (set on construction; None otherwise and for entropic pairing).
     """
 
     points: torch.Tensor
     potential: torch.Tensor
     epsilon: float = 0.0
-    screen: Screen | bool = True
+    screen: Screen | bool | list[Screen | bool] = True
 
     def __post_init__(self) -> None:
         if self.points.dim() != 2 or self.potential.shape != (self.points.shape[0],):
@@ -72,7 +84,15 @@ class LaguerreCells:
         if self.epsilon < 0:
             raise LatentflowError(f"semidiscrete OT epsilon must be >= 0, got {self.epsilon}")
         self.offsets = self.points.square().sum(1) - self.potential  # (N,) ||y_j||^2 - g_j
-        if self.screen is True:
+        self.blocks: list[LaguerreCells] | None = None
+        if self.epsilon == 0 and self.points.shape[0] > BLOCK_POINTS:
+            starts = range(0, self.points.shape[0], BLOCK_POINTS)
+            screens = self.screen if isinstance(self.screen, list) else [bool(self.screen)] * len(starts)
+            self.blocks = [LaguerreCells(self.points[start:start + BLOCK_POINTS],
+                                         self.potential[start:start + BLOCK_POINTS], 0.0, screen)
+                           for start, screen in zip(starts, screens)]
+            self.screen = [block.screen for block in self.blocks]
+        elif self.screen is True:
             self.screen = screen_for(self.points, self.epsilon)
 
     def scores(self, x0: torch.Tensor) -> torch.Tensor:
@@ -80,8 +100,9 @@ class LaguerreCells:
         return torch.addmm(self.offsets.unsqueeze(0), x0, self.points.T, alpha=-2.0)
 
     def chunks(self, rows: int) -> list[slice]:
-        """Row slices whose score blocks stay within CHUNK_ELEMENTS."""
-        size = max(1, CHUNK_ELEMENTS // max(1, self.points.shape[0]))
+        """Row slices whose scores against every point (or, for cells in blocks, against one block) stay within
+        CHUNK_ELEMENTS."""
+        size = BLOCK_ROWS if self.blocks else max(1, CHUNK_ELEMENTS // max(1, self.points.shape[0]))
         return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
     def assign(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,7 +139,18 @@ class LaguerreCells:
 
     def hard_min(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(min_j score_j, argmin_j score_j), each (b,), for flat noise x0 (b, D): through the screen when the
-        cells have one (the same answer, faster)."""
+        cells have one (the same answer, faster); for cells in blocks, the minimum over the blocks' (the first
+        block's on a tie, as one argmin over every point takes the first)."""
+        if self.blocks is not None:
+            best = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
+            index = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+            start = 0
+            for block in self.blocks:
+                value, found = block.hard_min(x0)
+                better = value < best
+                best, index = torch.where(better, value, best), torch.where(better, found + start, index)
+                start += block.points.shape[0]
+            return best, index
         if isinstance(self.screen, Screen):
             found = self.screen.argmin(self.points, self.offsets, x0)
             return found.values, found.indices
@@ -201,8 +233,9 @@ def cost_scale(points: torch.Tensor, x0: torch.Tensor) -> float:
     if points.shape[0] < 2:
         return 1.0
     centred = points - points.mean(0)
-    cells = LaguerreCells(centred, torch.zeros(points.shape[0], device=points.device))
-    spreads = [cells.scores(x0[rows]).std(dim=1) for rows in cells.chunks(x0.shape[0])]
+    cells = LaguerreCells(centred, torch.zeros(points.shape[0], device=points.device), screen=False)
+    size = max(1, CHUNK_ELEMENTS // points.shape[0])  # every score of a row at once, in chunks of rows
+    spreads = [cells.scores(x0[start:start + size]).std(dim=1) for start in range(0, x0.shape[0], size)]
     return max(float(torch.cat(spreads).median()), 1e-12)
 
 
@@ -228,7 +261,8 @@ class PotentialFit:
         self.recent_shares = torch.full_like(self.iterate, 1.0 / count)
         self.step_count, self.averaged, self.scale = 0, 0, None
         self.last_dual = float("nan")
-        self.screen = screen_for(self.points, settings.epsilon)  # the points stay: one screen for every step
+        # the points stay: one screen (or one per block) for every step
+        self.screen = LaguerreCells(self.points, self.iterate.float(), settings.epsilon).screen
 
     @property
     def finished(self) -> bool:
