@@ -78,8 +78,8 @@ fi
 part 270 "model throughput" "$PYTHON" benchmarks/train_throughput.py --skip-reader --ot-sizes 256,1024 \
     --ot-repeats 3 --synthetic DiT-B/2,DiT-XL/2 --synthetic-batch 128 --precision bf16 --compile both \
     --steps 15 --warmup 4
-part 90 "dataset OT's assignment at ImageNet scale, float32 and screened bf16" "$PYTHON" \
-    benchmarks/train_throughput.py --skip-reader --ot-sizes "" --ot-scale
+part 90 "dataset OT's assignment at ImageNet scale (1.28M latents), float32 and screened bf16" "$PYTHON" \
+    benchmarks/train_throughput.py --skip-reader --ot-sizes "" --ot-scale --ot-scale-points 1281167
 part 40 "meanflow step against an FM step (demo DiT, batch 256)" "$PYTHON" benchmarks/meanflow_step.py \
     --device cuda --batch 256 --repeats 20
 if [ -z "${FLOWERS:-}" ]; then

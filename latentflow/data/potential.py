@@ -69,9 +69,9 @@ def load_points(cache: LatentCache, normalized: bool, flips: bool, class_aware: 
                               "without --class-aware")
     arrays = cache.load()
     parts = [arrays.mean] + ([arrays.flip_mean] if flips else [])
-    points = torch.cat(parts).float()  # (P, C, h, w)
+    points = torch.cat(parts).float()  # (P, C, h, w), a new tensor: normalised in place, without a second copy
     if normalized:
-        points = (points - cache.channel_mean.view(1, -1, 1, 1)) / cache.channel_std.view(1, -1, 1, 1)
+        points.sub_(cache.channel_mean.view(1, -1, 1, 1)).div_(cache.channel_std.view(1, -1, 1, 1))
     labels = None if arrays.labels is None else arrays.labels.repeat(len(parts))
     if class_aware:
         groups = [torch.nonzero(labels == value).flatten() for value in range(cache.num_classes)]
@@ -132,7 +132,8 @@ class _GroupFits:
     def __init__(self, points: CachePoints, settings: FitSettings, device: str) -> None:
         flat = points.points.reshape(points.points.shape[0], -1).to(device)
         self.groups = points.groups
-        self.fits = [PotentialFit(flat[group.to(device)], settings) for group in points.groups]
+        whole = len(points.groups) == 1  # every point in one group, in order: a view, not a copy
+        self.fits = [PotentialFit(flat if whole else flat[group.to(device)], settings) for group in points.groups]
         self.total = points.points.shape[0]
 
     @property
@@ -173,7 +174,8 @@ def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitC
     flat = points.points.reshape(points.points.shape[0], -1).to(config.device)
     balances: list[Balance] = []
     for index, group in enumerate(points.groups):
-        cells = LaguerreCells(flat[group.to(config.device)], potential[group].to(config.device),
+        whole = len(points.groups) == 1  # every point in order: a view, not a copy
+        cells = LaguerreCells(flat if whole else flat[group.to(config.device)], potential[group].to(config.device),
                               config.fit.epsilon)
         balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1)))
     worst = max(balances, key=lambda balance: balance.excess)

@@ -50,6 +50,19 @@ def flatten_points(points: torch.Tensor) -> torch.Tensor:
     return points.reshape(points.shape[0], -1).float().contiguous()
 
 
+def row_chunks(count: int, width: int) -> list[slice]:
+    """Slices of `count` rows of `width` values each, at most CHUNK_ELEMENTS values per slice."""
+    size = max(1, CHUNK_ELEMENTS // max(1, width))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def squared_norms(points: torch.Tensor) -> torch.Tensor:
+    """(N,) ||y_j||^2 of flat points (N, D), in chunks of rows: no (N, D) temporary, which for ImageNet's latents
+    would be another 21 GB beside the points."""
+    parts = [points[rows].square().sum(1) for rows in row_chunks(points.shape[0], points.shape[1])]
+    return torch.cat(parts) if parts else points.new_zeros(0)
+
+
 def screen_for(points: torch.Tensor, epsilon: float) -> Screen | bool:
     """The hard argmin's screen over flat points (N, D) where it pays (`Screen.pays`), else False (entropic
     pairing draws from every score and is never screened)."""
@@ -68,6 +81,7 @@ class LaguerreCells:
             builds one where it pays (`Screen.pays`), False never screens, a `Screen` of these points is used as
             is (a fit shares one over its steps); for cells in blocks (`blocks`), one such entry per block, which
             `screen` then holds (True or a `Screen` over all the points builds each block's where it pays).
+        norms: (N,) ||y_j||^2 when the caller has them (a fit's steps share them), else computed.
         blocks: the hard pairing's blocks of at most BLOCK_POINTS consecutive points, each cells of its own, when
             there are more points than that (set on construction; None otherwise and for entropic pairing).
     """
@@ -76,6 +90,7 @@ class LaguerreCells:
     potential: torch.Tensor
     epsilon: float = 0.0
     screen: Screen | bool | list[Screen | bool] = True
+    norms: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.points.dim() != 2 or self.potential.shape != (self.points.shape[0],):
@@ -83,14 +98,16 @@ class LaguerreCells:
                                   f"{tuple(self.points.shape)} and {tuple(self.potential.shape)}")
         if self.epsilon < 0:
             raise LatentflowError(f"semidiscrete OT epsilon must be >= 0, got {self.epsilon}")
-        self.offsets = self.points.square().sum(1) - self.potential  # (N,) ||y_j||^2 - g_j
+        if self.norms is None:
+            self.norms = squared_norms(self.points)
+        self.offsets = self.norms - self.potential  # (N,) ||y_j||^2 - g_j
         self.blocks: list[LaguerreCells] | None = None
         if self.epsilon == 0 and self.points.shape[0] > BLOCK_POINTS:
             starts = range(0, self.points.shape[0], BLOCK_POINTS)
             screens = self.screen if isinstance(self.screen, list) else [bool(self.screen)] * len(starts)
-            self.blocks = [LaguerreCells(self.points[start:start + BLOCK_POINTS],
-                                         self.potential[start:start + BLOCK_POINTS], 0.0, screen)
-                           for start, screen in zip(starts, screens)]
+            spans = [slice(start, start + BLOCK_POINTS) for start in starts]
+            self.blocks = [LaguerreCells(self.points[span], self.potential[span], 0.0, screen, self.norms[span])
+                           for span, screen in zip(spans, screens)]
             self.screen = [block.screen for block in self.blocks]
         elif self.screen is True:
             self.screen = screen_for(self.points, self.epsilon)
@@ -102,8 +119,7 @@ class LaguerreCells:
     def chunks(self, rows: int) -> list[slice]:
         """Row slices whose scores against every point (or, for cells in blocks, against one block) stay within
         CHUNK_ELEMENTS."""
-        size = BLOCK_ROWS if self.blocks else max(1, CHUNK_ELEMENTS // max(1, self.points.shape[0]))
-        return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+        return row_chunks(rows, BLOCK_POINTS if self.blocks else self.points.shape[0])
 
     def assign(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The point paired with each noise row x0 (B, ...): (B,) long indices into `points`.
@@ -224,18 +240,21 @@ def translation_potential(points: torch.Tensor) -> torch.Tensor:
     the centred points z under a potential h are the cells of y under h + 2 <mean, z>: starting the ascent
     here leaves it only the centred problem to solve.
     """
-    mean = points.double().mean(0)
-    return 2.0 * (points.double() - mean) @ mean
+    mean = points.mean(0, dtype=torch.float64)
+    parts = [2.0 * (points[rows].double() - mean) @ mean for rows in row_chunks(*points.shape)]  # no (N, D) copy
+    return torch.cat(parts) if parts else mean.new_zeros(0)
 
 
 def cost_scale(points: torch.Tensor, x0: torch.Tensor) -> float:
     """Median over noise rows x0 (B, D) of the spread (std over points) of ||x - y_j||^2, centred points."""
     if points.shape[0] < 2:
         return 1.0
-    centred = points - points.mean(0)
-    cells = LaguerreCells(centred, torch.zeros(points.shape[0], device=points.device), screen=False)
-    size = max(1, CHUNK_ELEMENTS // points.shape[0])  # every score of a row at once, in chunks of rows
-    spreads = [cells.scores(x0[start:start + size]).std(dim=1) for start in range(0, x0.shape[0], size)]
+    # ||x - (y_j - m)||^2 = ||y_j - m||^2 - 2 <x, y_j> + (terms of x alone, which leave the spread over j alone)
+    mean = points.mean(0, dtype=torch.float64)
+    centred_norms = torch.cat([(points[rows].double() - mean).square().sum(1)
+                               for rows in row_chunks(*points.shape)]).float()
+    spreads = [torch.addmm(centred_norms.unsqueeze(0), x0[rows], points.T, alpha=-2.0).std(dim=1)
+               for rows in row_chunks(x0.shape[0], points.shape[0])]  # every score of a row at once
     return max(float(torch.cat(spreads).median()), 1e-12)
 
 
@@ -255,6 +274,7 @@ class PotentialFit:
         self.points, self.settings = flatten_points(points), settings
         count = self.points.shape[0]
         self.iterate = translation_potential(self.points)
+        self.norms = squared_norms(self.points)  # every step's cells share them
         self.average = torch.zeros_like(self.iterate)
         self.first_moment = torch.zeros_like(self.iterate)
         self.second_moment = torch.zeros_like(self.iterate)
@@ -262,7 +282,7 @@ class PotentialFit:
         self.step_count, self.averaged, self.scale = 0, 0, None
         self.last_dual = float("nan")
         # the points stay: one screen (or one per block) for every step
-        self.screen = LaguerreCells(self.points, self.iterate.float(), settings.epsilon).screen
+        self.screen = LaguerreCells(self.points, self.iterate.float(), settings.epsilon, norms=self.norms).screen
 
     @property
     def finished(self) -> bool:
@@ -295,7 +315,7 @@ class PotentialFit:
             x0 = self.noise()
         if self.scale is None:
             self.scale = cost_scale(self.points, x0)
-        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen)
+        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen, self.norms)
         shares, transport = cells.cell_shares(x0)
         count = self.points.shape[0]
         ascent = 1.0 - count * shares  # (N,) N x the semi-dual's gradient
@@ -395,5 +415,5 @@ def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch
         max_over_mean=float(counts.max() / mean),
         min_over_mean=float(counts.min() / mean),
         pair_cost=cost / (draws_per_point * count),
-        independent_cost=cells.points.shape[1] + float(cells.points.double().square().sum(1).mean()),
+        independent_cost=cells.points.shape[1] + float(cells.norms.double().mean()),
     )
