@@ -245,10 +245,17 @@ def translation_potential(points: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else mean.new_zeros(0)
 
 
+SCALE_ROWS = 4096
+"""`cost_scale` reads at most this many noise rows: a median needs no more, and a large cache's fit step may draw
+hundreds of thousands (each scored against every point at once, in thin chunks)."""
+
+
 def cost_scale(points: torch.Tensor, x0: torch.Tensor) -> float:
-    """Median over noise rows x0 (B, D) of the spread (std over points) of ||x - y_j||^2, centred points."""
+    """Median over noise rows x0 (B, D) (the first SCALE_ROWS) of the spread (std over points) of ||x - y_j||^2,
+    centred points."""
     if points.shape[0] < 2:
         return 1.0
+    x0 = x0[:SCALE_ROWS]
     # ||x - (y_j - m)||^2 = ||y_j - m||^2 - 2 <x, y_j> + (terms of x alone, which leave the spread over j alone)
     mean = points.mean(0, dtype=torch.float64)
     centred_norms = torch.cat([(points[rows].double() - mean).square().sum(1)
