@@ -86,10 +86,10 @@ def main() -> None:
         raise SystemExit(subprocess.call(command))
     from accelerate import Accelerator
 
-    from latentflow.train.trainer import share_cpu_threads
+    from latentflow.processes import share_cpu_threads
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # a CPU job joins its processes only so
-    share_cpu_threads(accelerator)
+    share_cpu_threads(accelerator.device, accelerator.num_processes)
     accelerator.print(f"{accelerator.num_processes} processes on {accelerator.device} ({torch.get_num_threads()} "
                       f"threads each), micro-batch {args.batch} rows per process, D = {args.dim}")
     accelerator.print("points | float32 points per process: all, share | ms per micro-batch: all, sharded | "

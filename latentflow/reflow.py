@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from latentflow.data.encoder import Distributed
 from latentflow.data.manifest import SETTINGS_FILE, build_manifest, write_settings
 from latentflow.data.writer import (
     INDEX_DIR,
@@ -47,6 +46,7 @@ from latentflow.export import (
 )
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
 from latentflow.io import LOCK_NAME, read_json, write_json_atomic
+from latentflow.processes import Distributed
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
 
 REFLOW_KIND = "reflow"

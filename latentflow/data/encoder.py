@@ -27,7 +27,8 @@ from latentflow.data.preprocess import PreprocessConfig, check_resolution, prepr
 from latentflow.data.sources import Record, Source, open_source
 from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
 from latentflow.errors import LatentflowError
-from latentflow.io import folder_lock, write_json_atomic
+from latentflow.io import write_json_atomic
+from latentflow.processes import Distributed
 from latentflow.vae import FrozenVAE, load_vae
 
 
@@ -68,40 +69,6 @@ class EncodeResult:
     already_complete: bool
     manifest: dict[str, Any] | None
     seconds: float = 0.0  # wall time of this run's read-encode-write loop (0 when nothing was pending)
-
-
-class Distributed:
-    """Rank, world size, device and barriers: accelerate's state when launched with several processes."""
-
-    def __init__(self, device: str | None):
-        self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines
-            if self.state.num_processes != int(os.environ["WORLD_SIZE"]):
-                raise LatentflowError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up "
-                                      f"{self.state.num_processes} process(es); check the accelerate config")
-        self.rank = self.state.process_index if self.state else 0
-        self.world_size = self.state.num_processes if self.state else 1
-        default = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device) if device else default
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-    def share(self, value: Any) -> Any:
-        """Rank 0's `value`, on every rank (a broadcast under several processes)."""
-        if self.state is None:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value], from_process=0)[0]
-
-    def lock(self, out: Path, owner: str):
-        """Context holding the lock of the output folder `out` on rank 0; every rank stops if it is refused."""
-        return folder_lock(out, owner, "another --out", main=self.rank == 0, share=self.share)
 
 
 class _BatchReader(Dataset):

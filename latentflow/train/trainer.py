@@ -16,7 +16,6 @@ prepared micro-batches of one optimizer step and `train_step(...)` performs that
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -43,6 +42,7 @@ from latentflow.flow.objectives import (
 from latentflow.flow.screening import native_bf16
 from latentflow.io import folder_lock, tree_size, write_folder_atomic, write_json_atomic, write_text_atomic, writing
 from latentflow.models import make_model
+from latentflow.processes import share_cpu_threads
 from latentflow.train import checkpoint as ckpt
 from latentflow.train.checkpoint import EMA_FILE, GUIDE_DIR, MODEL_CONFIG_FILE, STATE_FILE
 from latentflow.train.config import Config, ObjectiveConfig, flat_config, save_config, validate_config
@@ -166,12 +166,6 @@ def _with_end_time(model: torch.nn.Module):
     return call
 
 
-def share_cpu_threads(accelerator: Accelerator) -> None:
-    """On CPU, give each of N processes 1/N of the cores: oversubscribed OpenMP threads stall each other."""
-    if accelerator.device.type == "cpu" and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-
-
 def resolve_precision(name: str, cuda: bool | None = None) -> str:
     """The accelerate precision for `train.mixed_precision`: "auto" is "bf16" where the device has native bf16
     kernels (a CUDA GPU that supports it; on CPU, oneDNN's bf16 support: AVX512-BF16 or AMX) and "no" elsewhere,
@@ -224,7 +218,7 @@ class Trainer:
         self.config = config
         self.accelerator = accelerator or make_accelerator(config)
         validate_config(config, self.accelerator.num_processes)
-        share_cpu_threads(self.accelerator)
+        share_cpu_threads(self.accelerator.device, self.accelerator.num_processes)
         self.output_dir = Path(config.output_dir)
         self.cache = _open_cache(config.data.cache)
         check_coupling(config, self.cache)
