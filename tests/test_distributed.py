@@ -3,6 +3,7 @@ another process count. The training runs use the real flowers cache of test_trai
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -391,3 +392,62 @@ def test_points_sharded_over_two_processes_pair_and_train_as_one_process_holding
     assert_same_run(run, reference, steps=3, streams=2, cache_dir=copy)
     costs = [[float(row["ot_cost"]) for row in CsvLog.read(folder / "log.csv")] for folder in (run, reference)]
     assert costs[0] == pytest.approx(costs[1], rel=1e-6) and min(costs[0]) > 0
+
+
+FIT_SCRIPT = textwrap.dedent('''
+    """ot-fit of CACHE as NAME (class-aware, 40 steps of 129 draws, saved every 10), stopped after step STOP."""
+    import sys
+    from latentflow.data.potential import OTFitConfig, fit_cache_potential
+    from latentflow.flow.semidiscrete import FitSettings
+
+    cache, name, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def stop_at(step, status):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    config = OTFitConfig(cache, name=name, fit=FitSettings(steps=40, batch_size=129), class_aware=True,
+                         balance_draws=50, save_every=10, device=None, progress=False)
+    try:
+        fit_cache_potential(config, stop_at)
+    except KeyboardInterrupt:
+        pass
+''')
+
+
+@pytest.mark.slow
+def test_a_fit_split_over_two_processes_is_the_fit_of_one_and_resumes_on_another_count(
+        cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`accelerate launch -m latentflow.cli ot-fit` on 2 gloo processes: each scores half of every step's draws
+    (an odd batch: 65 and 64 rows) and the summed counts make the potential and balance of one process's fit;
+    a 2-process fit stopped at step 25 resumes from its step-20 state on one process to the same potential."""
+    from safetensors.torch import load_file
+
+    from latentflow import cli
+    from latentflow.data.potential import potential_paths
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("ot"))
+    fit = ["--class-aware", "--steps", "40", "--batch", "129", "--balance-draws", "50", "--no-progress"]
+    launch("-m", ["latentflow.cli", "ot-fit", str(copy), "--name", "two", *fit])
+    assert cli.main(["ot-fit", str(copy), "--name", "one", *fit]) == 0
+
+    def fitted(name: str) -> tuple[torch.Tensor, dict]:
+        potential_path, json_path, state_path = potential_paths(copy, name)
+        assert not state_path.exists()
+        return load_file(str(potential_path))["potential"], json.loads(json_path.read_text())
+
+    (two, two_record), (one, one_record) = fitted("two"), fitted("one")
+    assert (two_record["processes"], one_record["processes"]) == (2, 1)
+    assert torch.equal(two, one) and two.std() > 0
+    for key in ("total_variation", "chi_square_per_dof", "max_over_mean", "min_over_mean", "per_group_excess"):
+        assert two_record["balance"][key] == one_record["balance"][key], key  # the same integer counts
+    assert two_record["balance"]["pair_cost"] == pytest.approx(one_record["balance"]["pair_cost"], rel=1e-9)
+    script = tmp_path / "fit_and_stop.py"
+    script.write_text(FIT_SCRIPT)
+    launch(script, [str(copy), "resumed", "25"])
+    assert json.loads(potential_paths(copy, "resumed")[1].read_text())["step"] == 20
+    assert potential_paths(copy, "resumed")[2].exists()
+    assert cli.main(["ot-fit", str(copy), "--name", "resumed", *fit]) == 0
+    resumed, record = fitted("resumed")
+    assert torch.equal(resumed, one) and record["processes"] == 1

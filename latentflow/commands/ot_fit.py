@@ -27,13 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", dest="normalized", action="store_false",
                         help="fit on raw latents (default: normalised as data.normalize: true trains on them)")
     parser.add_argument("--balance-draws", type=int, default=100, help="noise draws per point to measure balance")
-    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if present (under accelerate launch: each "
+                        "process its own card), else cpu")
     parser.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import os
+
     from tqdm.auto import tqdm
 
     from latentflow.data.potential import OTFitConfig, fit_cache_potential
@@ -41,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = FitSettings(steps=args.steps, batch_size=args.batch, epsilon=args.epsilon, lr=args.lr, seed=args.seed,
                            average_from=args.average_from)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = OTFitConfig(cache=args.cache, name=args.name, fit=settings, class_aware=args.class_aware,
                          flips=args.flips, normalized=args.normalized, balance_draws=args.balance_draws,
-                         device=device, save_every=args.save_every, progress=args.progress)
-    bar = tqdm(total=args.steps, desc="ot-fit", disable=not args.progress)
+                         device=args.device, save_every=args.save_every, progress=args.progress)
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch: the first process reports
+    bar = tqdm(total=args.steps, desc="ot-fit", disable=not (args.progress and main))
 
     def on_step(step: int, status: dict[str, float]) -> None:
         bar.n = step
@@ -54,11 +56,15 @@ def run(args: argparse.Namespace) -> int:
 
     result = fit_cache_potential(config, on_step)
     bar.close()
+    if not main:
+        return 0
     balance = result.report["balance"]
     if result.already_complete:
         print(f"{result.path}: complete, nothing to do ({result.points} points)")
         return 0
-    print(f"{result.path}: {result.points} points, {result.steps_run} steps in {result.seconds:.1f} s; balance: "
+    processes = result.report["processes"]
+    print(f"{result.path}: {result.points} points, {result.steps_run} steps in {result.seconds:.1f} s"
+          f"{f' on {processes} processes' if processes > 1 else ''}; balance: "
           f"total variation {balance['total_variation']:.4f} (sampling floor {balance['sampling_floor']:.4f}, "
           f"excess {balance['excess']:.4f}), fullest cell {balance['max_over_mean']:.2f}x, emptiest "
           f"{balance['min_over_mean']:.2f}x the mean; pairs: mean squared distance {balance['pair_cost']:.4g}, "

@@ -26,8 +26,16 @@ from safetensors.torch import load_file, save
 
 from latentflow.data.cache import LatentCache
 from latentflow.errors import LatentflowError
-from latentflow.flow.semidiscrete import Balance, FitSettings, LaguerreCells, PotentialFit, measure_balance
-from latentflow.io import folder_lock, read_json, write_bytes_atomic, write_json_atomic
+from latentflow.flow.semidiscrete import (
+    Balance,
+    DrawSplit,
+    FitSettings,
+    LaguerreCells,
+    PotentialFit,
+    measure_balance,
+)
+from latentflow.io import read_json, write_bytes_atomic, write_json_atomic
+from latentflow.processes import Distributed, share_cpu_threads
 
 FORMAT = 1
 DEFAULT_NAME = "potential"
@@ -92,7 +100,7 @@ class OTFitConfig:
     flips: bool = False
     normalized: bool = True
     balance_draws: int = 100
-    device: str = "cpu"
+    device: str | None = "cpu"
     save_every: int = 200
     progress: bool = True
 
@@ -129,11 +137,12 @@ class OTFitResult:
 class _GroupFits:
     """One `PotentialFit` per class group, stepped in turn; the state of all of them in one dict."""
 
-    def __init__(self, points: CachePoints, settings: FitSettings, device: str) -> None:
+    def __init__(self, points: CachePoints, settings: FitSettings, device: torch.device, split: DrawSplit) -> None:
         flat = points.points.reshape(points.points.shape[0], -1).to(device)
         self.groups = points.groups
         whole = len(points.groups) == 1  # every point in one group, in order: a view, not a copy
-        self.fits = [PotentialFit(flat if whole else flat[group.to(device)], settings) for group in points.groups]
+        self.fits = [PotentialFit(flat if whole else flat[group.to(device)], settings, split)
+                     for group in points.groups]
         self.total = points.points.shape[0]
 
     @property
@@ -168,16 +177,18 @@ class _GroupFits:
                 "recent_imbalance": max(fit.recent_imbalance for fit in self.fits)}
 
 
-def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitConfig) -> dict[str, Any]:
+def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitConfig, device: torch.device,
+                    split: DrawSplit) -> dict[str, Any]:
     """Balance of each group's cells: the worst group's figures, every group's excess, and the pairs' mean
     squared distance (with independent pairing's) over all groups."""
-    flat = points.points.reshape(points.points.shape[0], -1).to(config.device)
+    flat = points.points.reshape(points.points.shape[0], -1).to(device)
     balances: list[Balance] = []
     for index, group in enumerate(points.groups):
         whole = len(points.groups) == 1  # every point in order: a view, not a copy
-        cells = LaguerreCells(flat if whole else flat[group.to(config.device)], potential[group].to(config.device),
+        cells = LaguerreCells(flat if whole else flat[group.to(device)], potential[group].to(device),
                               config.fit.epsilon)
-        balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1)))
+        balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1),
+                                        split=split))
     worst = max(balances, key=lambda balance: balance.excess)
     sizes = [group.numel() for group in points.groups]
 
@@ -206,14 +217,22 @@ def _check_existing(json_path: Path, identity: dict[str, Any]) -> dict[str, Any]
 def fit_cache_potential(config: OTFitConfig, on_step: Callable[[int, dict[str, float]], None] | None = None
                         ) -> OTFitResult:
     """Fit (or resume, or reuse) the potential of `config.cache`; see the module docstring for the files. One
-    fit at a time writes CACHE/ot/ (a second is refused, naming the first)."""
+    fit at a time writes CACHE/ot/ (a second is refused, naming the first).
+
+    Under `accelerate launch` every process holds every point on its device (`config.device` None: its own card)
+    and scores its share of each step's draws (`DrawSplit`): the same fit, about world times faster; the main
+    process writes the files, and a fit may resume on another process count. `on_step` runs on every process."""
     cache = LatentCache(config.cache)
-    with folder_lock(cache.path / "ot", "latentflow ot-fit", "wait for it to finish"):
-        return _fit(config, cache, on_step)
+    dist = Distributed(config.device)
+    share_cpu_threads(dist.device, dist.world_size)
+    with dist.lock(cache.path / "ot", "latentflow ot-fit", "wait for it to finish"):
+        result = _fit(config, cache, on_step, dist)
+        dist.barrier()  # the main process's files are written before any process goes on
+        return result
 
 
-def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[str, float]], None] | None
-         ) -> OTFitResult:
+def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[str, float]], None] | None,
+         dist: Distributed) -> OTFitResult:
     start = time.perf_counter()
     identity = _identity(config, cache)
     potential_path, json_path, state_path = potential_paths(cache.path, config.name)
@@ -221,24 +240,27 @@ def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[s
     if existing is not None and existing.get("finished") and potential_path.exists():
         return OTFitResult(potential_path, True, int(existing["points"]), 0, 0.0, existing)
     points = load_points(cache, config.normalized, config.flips, config.class_aware)
-    fits = _GroupFits(points, config.fit, config.device)
+    split = DrawSplit(dist.rank, dist.world_size, dist.reduce_sum)
+    fits = _GroupFits(points, config.fit, dist.device, split)
     if state_path.exists() and existing is not None:
         fits.load_state_dict(load_file(str(state_path)))
-    first = fits.step_count
+    first, main = fits.step_count, dist.rank == 0
     while fits.step_count < config.fit.steps:
         fits.step()
         if on_step is not None:
             on_step(fits.step_count, fits.status())
-        if fits.step_count % config.save_every == 0 and fits.step_count < config.fit.steps:
+        if main and fits.step_count % config.save_every == 0 and fits.step_count < config.fit.steps:
             _save_state(fits, identity, points, state_path, json_path)
     potential = fits.potential()
     report = {**identity, "points": points.points.shape[0], "dim": int(points.points[0].numel()),
               "groups": [int(group.numel()) for group in points.groups], "finished": True,
-              "step": fits.step_count, **fits.status(), "balance": _balance_report(points, potential, config),
-              "fit_seconds": time.perf_counter() - start, "device": config.device}
-    _save_tensors(potential_path, {"potential": potential})
-    write_json_atomic(json_path, report)
-    state_path.unlink(missing_ok=True)
+              "step": fits.step_count, **fits.status(),
+              "balance": _balance_report(points, potential, config, dist.device, split),
+              "fit_seconds": time.perf_counter() - start, "device": str(dist.device), "processes": dist.world_size}
+    if main:
+        _save_tensors(potential_path, {"potential": potential})
+        write_json_atomic(json_path, report)
+        state_path.unlink(missing_ok=True)
     return OTFitResult(potential_path, False, points.points.shape[0], fits.step_count - first,
                        time.perf_counter() - start, report)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -227,6 +228,43 @@ class FitSettings:
                                   f"got {self.average_from}")
 
 
+@dataclass(frozen=True)
+class DrawSplit:
+    """How one fit's noise draws are split over processes (`accelerate launch ... ot-fit`): every process holds
+    every point and draws each step's whole batch (the same, from the seed and step), scores only its own
+    contiguous rows, and `reduce_sum` adds the processes' cell counts, so that every process takes the same
+    step, the one a single process would take. The hard pairing's counts are integers, so the fit is that of one
+    process up to float rounding of the matrix products' ties; `measure_balance` splits its batches likewise.
+
+    Attributes:
+        rank, world: this process and how many there are.
+        reduce_sum: a tensor summed over the processes, on every process (identity for one).
+    """
+
+    rank: int = 0
+    world: int = 1
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
+
+    def rows(self, count: int) -> slice:
+        """This process's contiguous share of `count` rows (the first processes take one more where they differ)."""
+        size, extra = divmod(count, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (self.rank < extra))
+
+    def counted(self, cells: "LaguerreCells", x0: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`cells.cell_shares` of the whole batch x0, each process scoring its share of the rows."""
+        mine = x0[self.rows(x0.shape[0])]
+        if mine.shape[0]:
+            shares, transport = cells.cell_shares(mine)
+        else:  # more processes than rows
+            shares, transport = torch.zeros(cells.points.shape[0], dtype=torch.float64, device=x0.device), 0.0
+        if self.world == 1:
+            return shares, transport
+        local = torch.cat([shares * mine.shape[0], shares.new_tensor([transport * mine.shape[0]])])
+        total = self.reduce_sum(local) / x0.shape[0]
+        return total[:-1], float(total[-1])
+
+
 def noise_for_step(seed: int, step: int, rows: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The fit's noise batch (rows, dim) of `step`: N(0, I) from a generator seeded by (seed, step) only."""
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
@@ -276,9 +314,9 @@ class PotentialFit:
     RECENT_DRAWS = 20
     """`recent_imbalance` averages the shares of about this many recent draws per point."""
 
-    def __init__(self, points: torch.Tensor, settings: FitSettings) -> None:
+    def __init__(self, points: torch.Tensor, settings: FitSettings, split: DrawSplit = DrawSplit()) -> None:
         settings.validate()
-        self.points, self.settings = flatten_points(points), settings
+        self.points, self.settings, self.split = flatten_points(points), settings, split
         count = self.points.shape[0]
         self.iterate = translation_potential(self.points)
         self.norms = squared_norms(self.points)  # every step's cells share them
@@ -323,7 +361,7 @@ class PotentialFit:
         if self.scale is None:
             self.scale = cost_scale(self.points, x0)
         cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen, self.norms)
-        shares, transport = cells.cell_shares(x0)
+        shares, transport = self.split.counted(cells, x0)
         count = self.points.shape[0]
         ascent = 1.0 - count * shares  # (N,) N x the semi-dual's gradient
         self.last_dual = transport + float(self.iterate.mean())
@@ -399,20 +437,25 @@ class Balance:
         return max(0.0, self.total_variation - self.sampling_floor)
 
 
-def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch_size: int = 4096) -> Balance:
+def measure_balance(cells: LaguerreCells, draws_per_point: int, seed: int, batch_size: int = 4096,
+                    split: DrawSplit = DrawSplit()) -> Balance:
     """Pair draws_per_point x N fresh noise rows (seeded by `seed`) with `cells`: each point's share, and the
-    pairs' mean squared distance beside independent pairing's."""
+    pairs' mean squared distance beside independent pairing's. Under several processes (`split`) each pairs every
+    world-th batch and the counts are summed (the entropic draws then differ from one process's)."""
     count = cells.points.shape[0]
-    counts = torch.zeros(count, dtype=torch.float64, device=cells.points.device)
-    total, batch, cost = draws_per_point * count, 0, 0.0
-    generator = torch.Generator(device=cells.points.device).manual_seed(seed)
+    counts = torch.zeros(count + 1, dtype=torch.float64, device=cells.points.device)  # the cost summed last
+    total, batch = draws_per_point * count, 0
+    generator = torch.Generator(device=cells.points.device).manual_seed(seed + 1_000_003 * split.rank)
     while total > 0:
         rows = min(batch_size, total)
-        x0 = noise_for_step(seed, 10**9 + batch, rows, cells.points.shape[1], cells.points.device)
-        paired = cells.assign(x0, generator)
-        counts += torch.bincount(paired, minlength=count).double()
-        cost += float((x0 - cells.points[paired]).square().sum(1).double().sum())
+        if batch % split.world == split.rank:
+            x0 = noise_for_step(seed, 10**9 + batch, rows, cells.points.shape[1], cells.points.device)
+            paired = cells.assign(x0, generator)
+            counts[:count] += torch.bincount(paired, minlength=count).double()
+            counts[count] += (x0 - cells.points[paired]).square().sum(1).double().sum()
         total, batch = total - rows, batch + 1
+    counts = split.reduce_sum(counts)
+    counts, cost = counts[:count], float(counts[count])
     mean = counts.mean()
     return Balance(
         draws_per_point=draws_per_point,
