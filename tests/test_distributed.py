@@ -319,7 +319,7 @@ SHARD_SCRIPT = textwrap.dedent('''
     import torch
     from accelerate import Accelerator
     from latentflow.data.cache import LatentCache
-    from latentflow.data.potential import load_dataset_cells
+    from latentflow.data.potential import load_cell_shard, load_dataset_cells
     from latentflow.train.pairing import dataset_pairing, sharded_dataset_pairing
 
     cache, report = sys.argv[1], sys.argv[2]
@@ -335,9 +335,13 @@ SHARD_SCRIPT = textwrap.dedent('''
         sharded = sharded_dataset_pairing(shard, x0, labels, accelerator.gather,
                                           lambda tensor: accelerator.reduce(tensor, "sum"), rank)
         whole = dataset_pairing(cells, x0, labels)
+        read = load_cell_shard(LatentCache(cache), name, True, False, rank, world, "cpu", screen=False)
+        held = lambda shard: [[] if c is None else (c.points, c.potential) for c in shard.cells]
         found[name] = {"sharded": (sharded.x1_index, sharded.x1, sharded.labels, sharded.cost),
                        "whole": (whole.x1_index, whole.x1, whole.labels, whole.cost),
-                       "held": [[] if c is None else c.points for c in shard.cells]}
+                       "held": [[] if c is None else c.points for c in shard.cells],
+                       "read": (held(read), read.firsts, read.labels, read.group_classes),
+                       "cut": (held(shard), shard.firsts, shard.labels, shard.group_classes)}
     # entropic: many draws for the same noise rows, against the softmax over all points
     cells = load_dataset_cells(LatentCache(cache), "soft", normalized=True, random_flip=False)
     shard, gumbel = cells.shard(rank, world, "cpu"), torch.Generator().manual_seed(7 + rank)
@@ -374,6 +378,11 @@ def test_points_sharded_over_two_processes_pair_and_train_as_one_process_holding
             for found, wanted in zip(report[name]["sharded"], report[name]["whole"]):
                 assert torch.equal(torch.as_tensor(found), torch.as_tensor(wanted)), name
         held = [[len(part) for part in report[name]["held"]] for report in reports]
+        for report in reports:  # a process reading its part from the cache holds what cutting all points gives
+            (read, *others), (cut, *wanted) = report[name]["read"], report[name]["cut"]
+            assert len(read) == len(cut) and all(torch.equal(a, b) for r, c in zip(read, cut) for a, b in zip(r, c))
+            for a, b in zip(others, wanted):  # firsts, labels, group classes (None class-blind)
+                assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
         assert held == ([[20], [20]] if name == "potential" else [[4] * 5, [4] * 5])  # half of every group each
     for report in reports:  # entropic: each share's Gumbel draws make the merged choice a draw from the softmax
         draws, softmax = report["soft"]["draws"], report["soft"]["softmax"]

@@ -135,11 +135,32 @@ def test_a_class_aware_fit_is_each_class_fitted_on_its_own(fitted: Path) -> None
     points = load_points(LatentCache(fitted), normalized=True, flips=False, class_aware=True)
     settings = FitSettings(steps=300, batch_size=512)
     potential = load_file(str(potential_paths(fitted, "aware")[0]))["potential"]
-    for group in points.groups:
-        alone = PotentialFit(points.points[group], settings)
+    for group, span in zip(points.groups, points.spans):
+        alone = PotentialFit(points.points[span], settings)
         while not alone.finished:
             alone.step()
         assert torch.equal(alone.potential, potential[group])
+
+
+def test_points_are_read_shard_by_shard_class_by_class_whole_or_in_parts(fitted: Path) -> None:
+    cache = LatentCache(fitted)  # 20 latents in shards of 8, 5 classes of 4
+    arrays = cache.load()
+    expected = (arrays.mean.float() - cache.channel_mean.view(1, -1, 1, 1)) / cache.channel_std.view(1, -1, 1, 1)
+    whole = load_points(cache, normalized=True, flips=False, class_aware=True)
+    assert torch.equal(whole.points, expected[whole.order]) and torch.equal(whole.labels, arrays.labels[whole.order])
+    assert whole.sizes == [PER_CLASS] * 5 and whole.labels.tolist() == sorted(arrays.labels.tolist())
+    for group in whole.groups:  # each class in load order
+        assert group.tolist() == torch.nonzero(arrays.labels == arrays.labels[group[0]]).flatten().tolist()
+    blind = load_points(cache, normalized=False, flips=False, class_aware=False)
+    assert torch.equal(blind.order, torch.arange(20)) and torch.equal(blind.points, arrays.mean.float())
+    assert torch.equal(blind.labels, arrays.labels)
+    parts = [load_points(cache, normalized=True, flips=False, class_aware=True, part=(rank, 3)) for rank in range(3)]
+    assert [[span.stop - span.start for span in part.spans] for part in parts] == [[2] * 5, [1] * 5, [1] * 5]
+    for index, span in enumerate(whole.spans):  # the parts of every class, one after another, are the class
+        held = torch.cat([part.points[part.spans[index]] for part in parts])
+        assert torch.equal(held, whole.points[span])
+        assert [part.firsts[index] for part in parts] == [span.start, span.start + 2, span.start + 3]
+        assert torch.equal(torch.cat([part.groups[index] for part in parts]), whole.groups[index])
 
 
 def test_a_second_fit_into_the_same_cache_is_refused_while_the_first_runs(cache: Path, tmp_path: Path) -> None:

@@ -146,6 +146,19 @@ class LatentCache:
         return LatentArrays.decode([raw for shard in self.shards for raw in self.read_shard(shard)],
                                    self.latent_shape)
 
+    def shard_arrays(self) -> Iterator["LatentArrays"]:
+        """Each shard's samples decoded (float16), shard after shard in load order: what `load` returns, without
+        holding every shard's bytes and arrays at once (a caller keeping part of each holds only that)."""
+        for shard in self.shards:
+            yield LatentArrays.decode(list(self.read_shard(shard)), self.latent_shape)
+
+    def labels(self) -> torch.Tensor | None:
+        """(N,) long: every sample's label in load order (only the labels decoded), or None when unlabelled."""
+        labels = [raw.get("cls") for shard in self.shards for raw in self.read_shard(shard)]
+        if not labels or labels[0] is None:
+            return None
+        return torch.tensor([int(label) for label in labels], dtype=torch.long)
+
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)

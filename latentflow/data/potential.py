@@ -52,41 +52,87 @@ def cache_fingerprint(cache: LatentCache) -> str:
 
 @dataclass
 class CachePoints:
-    """The points a potential is fitted over, in the model's space.
+    """The points a potential is fitted over, in the model's space, ordered group by group (class-aware: class by
+    class, each in load order; class-blind: load order itself), so that each group is a slice of one tensor.
 
     Attributes:
-        points: (P, C, h, w) float32: cached means (normalised if `normalized`), then flip variants if `flips`.
-        labels: (P,) long, or None for an unlabelled cache.
-        groups: index tensors of the points of each class (class-aware), or one group of all points.
+        points: (P', C, h, w) float32: every point (P' = P), or one process's part of every group
+            (`load_points(part=...)`), group by group.
+        labels: (P,) long, every point's label in group order, or None for an unlabelled cache.
+        order: (P,) long, every point's place in load order (the cached means shard by shard, then their flip
+            variants: the order of a potential's values in its file), in group order.
+        spans: per group, its rows in `points`.
+        firsts: per group, the group-order index of its first row in `points` (-1 where a part holds none).
+        sizes: per group, how many points it has in all.
     """
 
     points: torch.Tensor
     labels: torch.Tensor | None
-    groups: list[torch.Tensor]
+    order: torch.Tensor
+    spans: list[slice]
+    firsts: list[int]
+    sizes: list[int]
     normalized: bool
     flips: bool
 
+    @property
+    def groups(self) -> list[torch.Tensor]:
+        """Per group, the load-order places of the points held (every point of the group unless a part)."""
+        return [self.order[first:first + span.stop - span.start] for first, span in zip(self.firsts, self.spans)]
 
-def load_points(cache: LatentCache, normalized: bool, flips: bool, class_aware: bool) -> CachePoints:
-    """The cache's latents as OT points (see `CachePoints`); refuses flips or classes the cache lacks."""
+
+def load_points(cache: LatentCache, normalized: bool, flips: bool, class_aware: bool,
+                part: tuple[int, int] | None = None) -> CachePoints:
+    """The cache's latents as OT points (see `CachePoints`), read shard by shard into one float32 tensor (the
+    peak is that tensor and one shard); refuses flips or classes the cache lacks.
+
+    Args:
+        part: (rank, world): keep only part rank of world contiguous parts of every group
+            (`objective.ot_dataset_on: sharded`), so a process holds 1/world of the points.
+    """
     if flips and not cache.has_flip:
         raise LatentflowError(f"{cache.path}: the cache holds no flip variants; fit without --flips, or re-encode "
                               "with --flip")
     if class_aware and cache.num_classes == 0:
         raise LatentflowError(f"{cache.path}: class-aware OT needs labels, and this cache is unlabelled; fit "
                               "without --class-aware")
-    arrays = cache.load()
-    parts = [arrays.mean] + ([arrays.flip_mean] if flips else [])
-    points = torch.cat(parts).float()  # (P, C, h, w), a new tensor: normalised in place, without a second copy
-    if normalized:
-        points.sub_(cache.channel_mean.view(1, -1, 1, 1)).div_(cache.channel_std.view(1, -1, 1, 1))
-    labels = None if arrays.labels is None else arrays.labels.repeat(len(parts))
+    count, copies = len(cache), 2 if flips else 1
+    total = copies * count
+    labels = cache.labels() if class_aware else None  # the groups need them before any point is read
+    if labels is not None:
+        labels = labels.repeat(copies)
     if class_aware:
         groups = [torch.nonzero(labels == value).flatten() for value in range(cache.num_classes)]
         groups = [group for group in groups if group.numel() > 0]
     else:
-        groups = [torch.arange(points.shape[0])]
-    return CachePoints(points, labels, groups, normalized, flips)
+        groups = [torch.arange(total)]
+    sizes = [group.numel() for group in groups]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    pieces = [torch.arange(size) if part is None else torch.tensor_split(torch.arange(size), part[1])[part[0]]
+              for size in sizes]
+    kept = torch.cat([group[piece] for group, piece in zip(groups, pieces)])  # load places of the rows held
+    firsts = [start + int(piece[0]) if piece.numel() else -1 for start, piece in zip(starts, pieces)]
+    bounds = torch.tensor([0, *[piece.numel() for piece in pieces]]).cumsum(0).tolist()
+    spans = [slice(low, high) for low, high in zip(bounds[:-1], bounds[1:])]
+    destination = torch.full((total,), -1, dtype=torch.long)
+    destination[kept] = torch.arange(kept.numel())
+    points = torch.empty(kept.numel(), *cache.latent_shape, dtype=torch.float32)
+    read_labels, row = [], 0
+    for arrays in cache.shard_arrays():
+        size = arrays.mean.shape[0]
+        for variant, latents in enumerate([arrays.mean, arrays.flip_mean][:copies]):
+            target = destination[variant * count + row:variant * count + row + size]
+            held = target >= 0
+            points[target[held]] = latents[held].float()
+        read_labels.append(arrays.labels)
+        row += size
+    if labels is None and read_labels and read_labels[0] is not None:
+        labels = torch.cat(read_labels).repeat(copies)
+    if normalized:
+        points.sub_(cache.channel_mean.view(1, -1, 1, 1)).div_(cache.channel_std.view(1, -1, 1, 1))
+    order = torch.cat(groups)
+    return CachePoints(points, None if labels is None else labels[order], order, spans, firsts, sizes, normalized,
+                       flips)
 
 
 @dataclass
@@ -138,12 +184,9 @@ class _GroupFits:
     """One `PotentialFit` per class group, stepped in turn; the state of all of them in one dict."""
 
     def __init__(self, points: CachePoints, settings: FitSettings, device: torch.device, split: DrawSplit) -> None:
-        flat = points.points.reshape(points.points.shape[0], -1).to(device)
-        self.groups = points.groups
-        whole = len(points.groups) == 1  # every point in one group, in order: a view, not a copy
-        self.fits = [PotentialFit(flat if whole else flat[group.to(device)], settings, split)
-                     for group in points.groups]
-        self.total = points.points.shape[0]
+        flat = points.points.reshape(points.points.shape[0], -1).to(device)  # each group's fit views its slice
+        self.order = points.order
+        self.fits = [PotentialFit(flat[span], settings, split) for span in points.spans]
 
     @property
     def step_count(self) -> int:
@@ -157,9 +200,9 @@ class _GroupFits:
             fit.step(x0)
 
     def potential(self) -> torch.Tensor:
-        out = torch.zeros(self.total, dtype=torch.float32)
-        for group, fit in zip(self.groups, self.fits):
-            out[group] = fit.potential.cpu()
+        """(P,) float32 in load order (the file's)."""
+        out = torch.zeros(self.order.numel(), dtype=torch.float32)
+        out[self.order] = torch.cat([fit.potential.cpu() for fit in self.fits])
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -182,15 +225,14 @@ def _balance_report(points: CachePoints, potential: torch.Tensor, config: OTFitC
     """Balance of each group's cells: the worst group's figures, every group's excess, and the pairs' mean
     squared distance (with independent pairing's) over all groups."""
     flat = points.points.reshape(points.points.shape[0], -1).to(device)
+    potential = potential[points.order].to(device)  # group order, as the points
     balances: list[Balance] = []
-    for index, group in enumerate(points.groups):
-        whole = len(points.groups) == 1  # every point in order: a view, not a copy
-        cells = LaguerreCells(flat if whole else flat[group.to(device)], potential[group].to(device),
-                              config.fit.epsilon)
+    for index, span in enumerate(points.spans):
+        cells = LaguerreCells(flat[span], potential[span], config.fit.epsilon)
         balances.append(measure_balance(cells, config.balance_draws, seed=config.fit.seed + 7919 * (index + 1),
                                         split=split))
     worst = max(balances, key=lambda balance: balance.excess)
-    sizes = [group.numel() for group in points.groups]
+    sizes = points.sizes
 
     def over_groups(name: str) -> float:  # weighted by group size: a draw's class is drawn with its share
         return sum(size * getattr(balance, name) for size, balance in zip(sizes, balances)) / sum(sizes)
@@ -253,7 +295,7 @@ def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[s
             _save_state(fits, identity, points, state_path, json_path)
     potential = fits.potential()
     report = {**identity, "points": points.points.shape[0], "dim": int(points.points[0].numel()),
-              "groups": [int(group.numel()) for group in points.groups], "finished": True,
+              "groups": points.sizes, "finished": True,
               "step": fits.step_count, **fits.status(),
               "balance": _balance_report(points, potential, config, dist.device, split),
               "fit_seconds": time.perf_counter() - start, "device": str(dist.device), "processes": dist.world_size}
@@ -410,15 +452,10 @@ def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any]
     return record, potential
 
 
-def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_flip: bool,
-                       max_imbalance: float = MAX_IMBALANCE, screen: bool = True) -> DatasetCells:
-    """The potential `name` of `cache`, checked for this training setup, as `DatasetCells` (whose hard pairing
-    is screened in bfloat16 where that pays, unless `screen` is False: `LaguerreCells.screen`).
-
-    Raises:
-        LatentflowError: no potential, an unfinished one, one of another cache, NaN values, another point space
-            (normalisation, flips) than training uses, or a balance excess above `max_imbalance`.
-    """
+def _checked_potential(cache: LatentCache, name: str, normalized: bool, random_flip: bool, max_imbalance: float
+                       ) -> tuple[dict[str, Any], torch.Tensor]:
+    """`read_potential_record`, and checked for this training setup: the point space (normalisation, flips)
+    training uses, and a balance excess within `max_imbalance`."""
     record, potential = read_potential_record(cache, name)
     where = f"{potential_paths(cache.path, name)[1]}"
     if bool(record["normalized"]) != normalized:
@@ -432,17 +469,51 @@ def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_f
     if not math.isfinite(excess) or excess > max_imbalance:
         raise LatentflowError(f"{where}: balance excess {excess:.3f} is above {max_imbalance} (noise is not spread "
                               "evenly over the cache); refit with more --steps or a larger --batch")
+    return record, potential
+
+
+def _group_classes(points: CachePoints, record: dict[str, Any]) -> list[int] | None:
+    """The class of each group of a class-aware potential's points, else None."""
+    if not record["class_aware"]:
+        return None
+    starts = torch.tensor([0, *points.sizes[:-1]]).cumsum(0).tolist()
+    return [int(points.labels[start]) for start in starts]
+
+
+def load_dataset_cells(cache: LatentCache, name: str, normalized: bool, random_flip: bool,
+                       max_imbalance: float = MAX_IMBALANCE, screen: bool = True) -> DatasetCells:
+    """The potential `name` of `cache`, checked for this training setup, as `DatasetCells` (whose hard pairing
+    is screened in bfloat16 where that pays, unless `screen` is False: `LaguerreCells.screen`).
+
+    Raises:
+        LatentflowError: no potential, an unfinished one, one of another cache, NaN values, another point space
+            (normalisation, flips) than training uses, or a balance excess above `max_imbalance`.
+    """
+    record, potential = _checked_potential(cache, name, normalized, random_flip, max_imbalance)
     points = load_points(cache, bool(record["normalized"]), bool(record["flips"]), bool(record["class_aware"]))
-    classes = [int(points.labels[group[0]]) for group in points.groups] if record["class_aware"] else None
-    # one copy of the points, ordered group by group, so that each group's cells hold a view of it
-    order = torch.cat(points.groups)
-    ordered = points.points if len(points.groups) == 1 else points.points[order]  # (P, C, h, w)
-    labels = None if points.labels is None else points.labels[order]
-    potential = potential[order]
-    flat = ordered.reshape(ordered.shape[0], -1)
+    potential = potential[points.order]  # group order, as the points: each group's cells view a slice
+    flat = points.points.reshape(points.points.shape[0], -1)
     epsilon = float(record["settings"]["epsilon"])
-    bounds = torch.tensor([0, *[group.numel() for group in points.groups]]).cumsum(0).tolist()
-    spans = [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
-    cells = [LaguerreCells(flat[span], potential[span], epsilon, screen) for span in spans]
-    group_index = [torch.arange(span.start, span.stop) for span in spans]
-    return DatasetCells(cells, group_index, classes, ordered, labels, potential, record, screen)
+    cells = [LaguerreCells(flat[span], potential[span], epsilon, screen) for span in points.spans]
+    group_index = [torch.arange(span.start, span.stop) for span in points.spans]
+    return DatasetCells(cells, group_index, _group_classes(points, record), points.points, points.labels, potential,
+                        record, screen)
+
+
+def load_cell_shard(cache: LatentCache, name: str, normalized: bool, random_flip: bool, rank: int, world: int,
+                    device: torch.device | str, max_imbalance: float = MAX_IMBALANCE, screen: bool = True
+                    ) -> CellShard:
+    """`load_dataset_cells(...).shard(rank, world, device, screen)`, reading only this process's part of the
+    points from the cache (a process holds 1/world of them on the host too, not all of them first)."""
+    record, potential = _checked_potential(cache, name, normalized, random_flip, max_imbalance)
+    points = load_points(cache, bool(record["normalized"]), bool(record["flips"]), bool(record["class_aware"]),
+                         part=(rank, world))
+    potential = potential[points.order]
+    flat = points.points.reshape(points.points.shape[0], -1)
+    epsilon = float(record["settings"]["epsilon"])
+    cells = [None if first < 0 else
+             LaguerreCells(flat[span].to(device), potential[first:first + span.stop - span.start].to(device),
+                           epsilon, screen)
+             for span, first in zip(points.spans, points.firsts)]
+    labels = None if points.labels is None else points.labels.to(device)
+    return CellShard(cells, points.firsts, _group_classes(points, record), labels, record)

@@ -177,22 +177,28 @@ def sharded_dataset_pairing(shard: "CellShard", x0: torch.Tensor, labels: torch.
     return Pairing(x0, x1, point_labels, torch.arange(local, device=x0.device), point, mean_squared_distance(x0, x1))
 
 
-def dataset_cells_for(config: "Config", cache: "LatentCache") -> "DatasetCells | None":
+def dataset_cells_for(config: "Config", cache: "LatentCache",
+                      shard: tuple[int, int, torch.device] | None = None) -> "DatasetCells | CellShard | None":
     """The cache's fitted potential for `objective.ot_scope: dataset` (None for other scopes), checked before
     any step: present, finished, of this cache, finite, balanced, fitted in the space training uses, and class-
-    aware exactly when `objective.class_aware` is.
+    aware exactly when `objective.class_aware` is. With `shard` (rank, world, device) (`ot_dataset_on:
+    sharded`): this process's `CellShard`, read from the cache alone.
 
     Raises:
         LatentflowError: naming the potential file and the fix.
     """
-    from latentflow.data.potential import load_dataset_cells
+    from latentflow.data.potential import load_cell_shard, load_dataset_cells
 
     objective = config.objective
     if objective.ot_scope != "dataset":
         return None
     on_loader = objective.ot_dataset_on == "loader"  # else the trainer moves or shards the cells, screening there
-    cells = load_dataset_cells(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
-                               objective.ot_max_imbalance, objective.ot_screen and on_loader)
+    if shard is not None:
+        cells = load_cell_shard(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
+                                *shard, objective.ot_max_imbalance, objective.ot_screen)
+    else:
+        cells = load_dataset_cells(cache, objective.ot_potential, config.data.normalize, config.data.random_flip,
+                                   objective.ot_max_imbalance, objective.ot_screen and on_loader)
     if bool(cells.record["class_aware"]) != objective.class_aware:
         fitted = "class-aware" if cells.record["class_aware"] else "class-blind"
         raise LatentflowError(f"objective.ot_potential {objective.ot_potential!r} of {cache.path} is {fitted} but "

@@ -222,13 +222,12 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.cache = _open_cache(config.data.cache)
         check_coupling(config, self.cache)
-        self.dataset_cells = dataset_cells_for(config, self.cache)
+        accelerator = self.accelerator
+        part = (accelerator.process_index, accelerator.num_processes, accelerator.device)
+        sharded = config.objective.ot_dataset_on == "sharded"  # each process reads its part of the points alone
+        self.dataset_cells = dataset_cells_for(config, self.cache, part if sharded else None)
         if self.dataset_cells is not None and config.objective.ot_dataset_on == "device":
             self.dataset_cells = self.dataset_cells.to(self.accelerator.device, config.objective.ot_screen)
-        elif self.dataset_cells is not None and config.objective.ot_dataset_on == "sharded":
-            self.dataset_cells = self.dataset_cells.shard(self.accelerator.process_index,
-                                                          self.accelerator.num_processes, self.accelerator.device,
-                                                          config.objective.ot_screen)
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
