@@ -195,3 +195,28 @@ def test_cells_in_blocks_pair_as_one_argmin_over_every_point() -> None:
     assert torch.isfinite(fit.potential).all() and shares.sum().item() == pytest.approx(1.0)
     balance = measure_balance(LaguerreCells(points, fit.potential, screen=fit.screen), 1, seed=0)
     assert balance.max_over_mean > 1 and 0 < balance.pair_cost < balance.independent_cost
+
+
+def test_entropic_cells_in_blocks_draw_from_and_share_by_the_softmax_over_every_point() -> None:
+    """Entropic cells of more than BLOCK_POINTS points: the fit's shares (two passes over the blocks) equal the
+    softmax over every point, and the draws (Gumbel-max per block, then the smallest over the blocks) follow it,
+    also where a row's mass is split between the two blocks."""
+    generator = torch.Generator().manual_seed(3)
+    count, dim, epsilon = BLOCK_POINTS + 500, 8, 0.5
+    points = torch.randn(count, dim, generator=generator) * 3
+    potential = torch.randn(count, generator=generator)
+    points[BLOCK_POINTS + 7], potential[BLOCK_POINTS + 7] = points[7], potential[7]  # point 7's twin, block 2
+    cells = LaguerreCells(points, potential, epsilon)
+    assert [block.points.shape[0] for block in cells.blocks] == [BLOCK_POINTS, 500]
+    x0 = torch.cat([points[7:8] + 0.1, torch.randn(BLOCK_ROWS + 20, dim, generator=generator)])  # two row chunks
+    exact = torch.softmax(-(points.double().square().sum(1) - potential.double()
+                            - 2 * x0.double() @ points.double().T) / epsilon, dim=1)  # (B, N)
+    shares, transport = cells.cell_shares(x0)
+    torch.testing.assert_close(shares, exact.mean(0), rtol=0, atol=1e-7)
+    unblocked = LaguerreCells(points[:BLOCK_POINTS], potential[:BLOCK_POINTS], epsilon)
+    assert unblocked.blocks is None and math.isfinite(transport)
+    row = exact[0]
+    assert row[7] > 0.4 and row[BLOCK_POINTS + 7] > 0.4  # the first row's mass is split between the blocks
+    draws = cells.assign(x0[:1].repeat(20000, 1), torch.Generator().manual_seed(5))
+    frequencies = torch.bincount(draws, minlength=count).double() / 20000
+    assert 0.5 * (frequencies - row).abs().sum() < 0.03  # sampling alone: about 0.01

@@ -19,7 +19,8 @@ last half, `FitSettings.average_from`).
 
 Everything works on flattened points (N, D); ||x||^2 is the same for every j and is dropped from the argmin:
 score_j(x) = ||y_j||^2 - 2 <x, y_j> - g_j. Work is chunked over noise rows so a chunk's scores (rows, N) stay
-within `CHUNK_ELEMENTS`; the hard pairing of many points is also split over blocks of points (`BLOCK_ROWS`).
+within `CHUNK_ELEMENTS`; the pairing of many points, hard or entropic, is also split over blocks of points
+(`BLOCK_ROWS`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ CHUNK_ELEMENTS = 1 << 24
 """Scores held at once (rows x points, float32: 64 MiB)."""
 
 BLOCK_ROWS = 1024
-"""The hard pairing of more than CHUNK_ELEMENTS / BLOCK_ROWS points (16,384) scores chunks of this many noise rows
-against blocks of that many points, keeping each row's minimum over the blocks (each block with its own bf16
-screen). Chunking rows alone would leave CHUNK_ELEMENTS / N rows per product (13 for ImageNet's 1.28M latents),
-and every such product reads every point for those few rows: 13 FLOPs per bfloat16 value read, where a GPU's
-matrix units need about 300 and this CPU's float32 product halved its rate at 83 rows (200,000 points). With
-blocks a product has up to 1,024 rows and reads each block once per chunk of rows."""
+"""The pairing (hard or entropic) of more than CHUNK_ELEMENTS / BLOCK_ROWS points (16,384) scores chunks of this
+many noise rows against blocks of that many points, keeping each row's minimum over the blocks (each block with its
+own bf16 screen; the entropic shares take two passes over the blocks, the rows' normalisers first). Chunking rows
+alone would leave CHUNK_ELEMENTS / N rows per product (13 for ImageNet's 1.28M latents), and every such product
+reads every point for those few rows: 13 FLOPs per bfloat16 value read, where a GPU's matrix units need about 300
+and this CPU's float32 product halved its rate at 83 rows (200,000 points). With blocks a product has up to 1,024
+rows and reads each block once per chunk of rows."""
 BLOCK_POINTS = CHUNK_ELEMENTS // BLOCK_ROWS
 
 
@@ -83,8 +85,8 @@ class LaguerreCells:
             is (a fit shares one over its steps); for cells in blocks (`blocks`), one such entry per block, which
             `screen` then holds (True or a `Screen` over all the points builds each block's where it pays).
         norms: (N,) ||y_j||^2 when the caller has them (a fit's steps share them), else computed.
-        blocks: the hard pairing's blocks of at most BLOCK_POINTS consecutive points, each cells of its own, when
-            there are more points than that (set on construction; None otherwise and for entropic pairing).
+        blocks: blocks of at most BLOCK_POINTS consecutive points, each cells of its own, when there are more
+            points than that (set on construction; None otherwise), for the hard and the entropic pairing.
     """
 
     points: torch.Tensor
@@ -103,12 +105,12 @@ class LaguerreCells:
             self.norms = squared_norms(self.points)
         self.offsets = self.norms - self.potential  # (N,) ||y_j||^2 - g_j
         self.blocks: list[LaguerreCells] | None = None
-        if self.epsilon == 0 and self.points.shape[0] > BLOCK_POINTS:
+        if self.points.shape[0] > BLOCK_POINTS:
             starts = range(0, self.points.shape[0], BLOCK_POINTS)
             screens = self.screen if isinstance(self.screen, list) else [bool(self.screen)] * len(starts)
             spans = [slice(start, start + BLOCK_POINTS) for start in starts]
-            self.blocks = [LaguerreCells(self.points[span], self.potential[span], 0.0, screen, self.norms[span])
-                           for span, screen in zip(spans, screens)]
+            self.blocks = [LaguerreCells(self.points[span], self.potential[span], self.epsilon, screen,
+                                         self.norms[span]) for span, screen in zip(spans, screens)]
             self.screen = [block.screen for block in self.blocks]
         elif self.screen is True:
             self.screen = screen_for(self.points, self.epsilon)
@@ -141,6 +143,8 @@ class LaguerreCells:
         draws from `generator`) and its point. Minima of disjoint sets of points compare across sets: the
         smallest of them is the choice over their union (hard: the argmin; entropic: a draw from the softmax over
         all of them), which is how points sharded across processes pair (`latentflow.train.pairing`)."""
+        if self.blocks is not None and self.epsilon > 0:  # independent Gumbel draws per block: the same law
+            return self._min_over_blocks(lambda block: block.drawn_min(flat, generator), flat)
         values = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
         for rows in self.chunks(flat.shape[0]):
@@ -159,19 +163,34 @@ class LaguerreCells:
         cells have one (the same answer, faster); for cells in blocks, the minimum over the blocks' (the first
         block's on a tie, as one argmin over every point takes the first)."""
         if self.blocks is not None:
-            best = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
-            index = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-            start = 0
-            for block in self.blocks:
-                value, found = block.hard_min(x0)
-                better = value < best
-                best, index = torch.where(better, value, best), torch.where(better, found + start, index)
-                start += block.points.shape[0]
-            return best, index
+            return self._min_over_blocks(lambda block: block.hard_min(x0), x0)
         if isinstance(self.screen, Screen):
             found = self.screen.argmin(self.points, self.offsets, x0)
             return found.values, found.indices
         return self.scores(x0).min(dim=1)
+
+    def _min_over_blocks(self, block_min, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest of `block_min(block)`'s (value, index) over the blocks, as (value, index among all
+        points), each (b,); the first block's on a tie, as one argmin over every point takes the first."""
+        best = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
+        index = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+        start = 0
+        for block in self.blocks:
+            value, found = block_min(block)
+            better = value < best
+            best, index = torch.where(better, value, best), torch.where(better, found + start, index)
+            start += block.points.shape[0]
+        return best, index
+
+    def _soft_shares_in_blocks(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax mass per point summed over rows (N,) float64, logsumexp_j(-score_j / eps) per row (b,)) for
+        rows x0 (b, D) of entropic cells in blocks: two passes over the blocks, the row's normaliser first."""
+        normaliser = torch.full((x0.shape[0],), -math.inf, dtype=x0.dtype, device=x0.device)
+        for block in self.blocks:
+            normaliser = torch.logaddexp(normaliser, torch.logsumexp(-block.scores(x0) / self.epsilon, dim=1))
+        shares = [torch.exp(-block.scores(x0) / self.epsilon - normaliser[:, None]).sum(0).double()
+                  for block in self.blocks]
+        return torch.cat(shares), normaliser
 
     def cell_shares(self, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(shares (N,), mean transport value) over noise rows x0 (B, D): the share of the rows each cell
@@ -180,7 +199,12 @@ class LaguerreCells:
         total = 0.0
         for rows in self.chunks(x0.shape[0]):
             norms = x0[rows].square().sum(1)  # (b,)
-            if self.epsilon > 0:
+            if self.epsilon > 0 and self.blocks is not None:
+                soft, normaliser = self._soft_shares_in_blocks(x0[rows])
+                shares += soft
+                log_mean = normaliser - math.log(self.points.shape[0])
+                total += float((norms - self.epsilon * log_mean).double().sum())
+            elif self.epsilon > 0:
                 scores = self.scores(x0[rows])  # (b, N)
                 soft = torch.softmax(-scores / self.epsilon, dim=1)  # (b, N)
                 shares += soft.sum(0).double()
