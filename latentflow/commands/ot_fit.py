@@ -1,5 +1,7 @@
 """`latentflow ot-fit`: fit the semidiscrete OT potential between N(0, I) and a whole latent cache, so training
-with `objective.ot_scope: dataset` pairs each noise draw with its optimal cached latent."""
+with `objective.ot_scope: dataset` pairs each noise draw with its optimal cached latent. Under `accelerate launch
+--multi_gpu --num_processes W -m latentflow.cli ot-fit ...` the W processes split every step's draws (the same
+potential, about W times faster)."""
 
 from __future__ import annotations
 
