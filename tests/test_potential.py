@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from latentflow import cli
 from latentflow.data.cache import LatentCache, make_latent_loader
 from latentflow.data.potential import (
     OTFitConfig,
+    _GroupFits,
     fit_cache_potential,
     load_dataset_cells,
     load_points,
@@ -29,7 +31,7 @@ from latentflow.data.potential import (
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.screening import Screen
-from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFit, noise_for_step
+from latentflow.flow.semidiscrete import DrawSplit, FitSettings, LaguerreCells, PotentialFit, noise_for_step
 from latentflow.train.config import load_config, validate_config
 from latentflow.train.pairing import PairingTransform, dataset_cells_for
 
@@ -305,3 +307,47 @@ def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objectiv
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert len(rows) == 3 and all(math.isfinite(float(row["loss"])) for row in rows)
     assert all(math.isfinite(float(row["ot_cost"])) for row in rows)  # the dataset pairs' cost is logged
+
+
+class TwoThreadSum:
+    """A sum over two threads that stand for two processes: each hands in its tensor, both get the total; counts
+    the sums each asks for."""
+
+    def __init__(self) -> None:
+        self.barrier, self.parts, self.calls = threading.Barrier(2), [None, None], [0, 0]
+
+    def for_rank(self, rank: int):
+        def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+            self.calls[rank] += 1
+            self.parts[rank] = tensor.clone()
+            self.barrier.wait()
+            total = self.parts[0] + self.parts[1]
+            self.barrier.wait()
+            return total
+        return reduce_sum
+
+
+def test_a_split_class_aware_step_sums_every_class_over_the_processes_at_once(fitted: Path) -> None:
+    # five classes, an odd batch (65 + 64 rows): one sum per step for all of them, and the one-process iterate
+    points = load_points(LatentCache(fitted), normalized=True, flips=False, class_aware=True)
+    settings, steps = FitSettings(steps=300, batch_size=129), 12
+    alone = _GroupFits(points, settings, torch.device("cpu"), DrawSplit())
+    for _ in range(steps):
+        alone.step()
+    total, split_fits = TwoThreadSum(), [None, None]
+
+    def run(rank: int) -> None:
+        fits = _GroupFits(points, settings, torch.device("cpu"), DrawSplit(rank, 2, total.for_rank(rank)))
+        for _ in range(steps):
+            fits.step()
+        split_fits[rank] = fits
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(points.spans) == 5 and total.calls == [steps, steps]
+    for fits in split_fits:
+        for mine, reference in zip(fits.fits, alone.fits):
+            assert torch.equal(mine.iterate, reference.iterate)

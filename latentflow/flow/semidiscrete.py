@@ -277,16 +277,26 @@ class DrawSplit:
 
     def counted(self, cells: "LaguerreCells", x0: torch.Tensor) -> tuple[torch.Tensor, float]:
         """`cells.cell_shares` of the whole batch x0, each process scoring its share of the rows."""
+        return self.summed([self.local_shares(cells, x0)], x0.shape[0])[0]
+
+    def local_shares(self, cells: "LaguerreCells", x0: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`cells.cell_shares` of this process's rows of x0 (zeros where it has none: more processes than rows)."""
         mine = x0[self.rows(x0.shape[0])]
         if mine.shape[0]:
-            shares, transport = cells.cell_shares(mine)
-        else:  # more processes than rows
-            shares, transport = torch.zeros(cells.points.shape[0], dtype=torch.float64, device=x0.device), 0.0
+            return cells.cell_shares(mine)
+        return torch.zeros(cells.points.shape[0], dtype=torch.float64, device=x0.device), 0.0
+
+    def summed(self, parts: list[tuple[torch.Tensor, float]], rows: int) -> list[tuple[torch.Tensor, float]]:
+        """Each part's shares and transport (from `local_shares` of one batch of `rows` draws) over every
+        process's rows, with one `reduce_sum` for all the parts (a class-aware fit's classes)."""
         if self.world == 1:
-            return shares, transport
-        local = torch.cat([shares * mine.shape[0], shares.new_tensor([transport * mine.shape[0]])])
-        total = self.reduce_sum(local) / x0.shape[0]
-        return total[:-1], float(total[-1])
+            return parts
+        mine = self.rows(rows)
+        scored = mine.stop - mine.start
+        local = torch.cat([torch.cat([shares * scored, shares.new_tensor([transport * scored])])
+                           for shares, transport in parts])
+        totals = (self.reduce_sum(local) / rows).split([shares.numel() + 1 for shares, _ in parts])
+        return [(total[:-1], float(total[-1])) for total in totals]
 
 
 def noise_for_step(seed: int, step: int, rows: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -382,10 +392,18 @@ class PotentialFit:
         """
         if x0 is None:
             x0 = self.noise()
+        self.advance(*self.split.counted(self.cells(x0), x0))
+
+    def cells(self, x0: torch.Tensor) -> LaguerreCells:
+        """The cells of the current iterate, for the step on noise batch x0 (the first step's batch sets the cost
+        scale)."""
         if self.scale is None:
             self.scale = cost_scale(self.points, x0)
-        cells = LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen, self.norms)
-        shares, transport = self.split.counted(cells, x0)
+        return LaguerreCells(self.points, self.iterate.float(), self.settings.epsilon, self.screen, self.norms)
+
+    def advance(self, shares: torch.Tensor, transport: float) -> None:
+        """The step's Adam update and averaging from its batch's cell shares (N,) and mean transport cost, summed
+        over every process's rows (`DrawSplit.summed`)."""
         count = self.points.shape[0]
         ascent = 1.0 - count * shares  # (N,) N x the semi-dual's gradient
         self.last_dual = transport + float(self.iterate.mean())
