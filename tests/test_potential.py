@@ -219,12 +219,17 @@ def test_the_bf16_screen_pairs_real_latents_as_float32_does(fitted: Path) -> Non
     assert torch.equal(screened.assign(x0), plain.cells[0].assign(x0))
 
 
-def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path) -> None:
+def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path, capsys) -> None:
     lf = LatentCache(fitted)
     with pytest.raises(LatentflowError, match="no OT potential for this cache; run `latentflow ot-fit .* --name x"):
         dataset_cells_for(config_for(fitted, "objective.ot_potential=x"), lf)
     with pytest.raises(LatentflowError, match="is class-aware but objective.class_aware is false"):
         dataset_cells_for(config_for(fitted, "objective.ot_potential=aware"), lf)
+    for name in ("../potential", ".hidden", "a/b", ""):  # a name is a file in CACHE/ot/, nothing outside it
+        with pytest.raises(LatentflowError, match="OT potential name .*: use letters, digits"):
+            dataset_cells_for(config_for(fitted, f"objective.ot_potential={name}"), lf)
+    assert ot_fit(fitted, "--name", "../escaped") == 2 and not list(fitted.glob("escaped*"))
+    assert "OT potential name '../escaped'" in capsys.readouterr().err
     with pytest.raises(LatentflowError, match="fitted on normalised latents but data.normalize is false"):
         dataset_cells_for(config_for(fitted, "data.normalize=false"), lf)
     with pytest.raises(LatentflowError, match="ddpm"):

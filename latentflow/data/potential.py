@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,8 +152,19 @@ class OTFitConfig:
     progress: bool = True
 
 
+POTENTIAL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""A potential's name: a plain file name in CACHE/ot/ (no folders, not hidden)."""
+
+
 def potential_paths(cache_path: str | Path, name: str) -> tuple[Path, Path, Path]:
-    """(NAME.safetensors, NAME.json, NAME.state.safetensors) in CACHE/ot/."""
+    """(NAME.safetensors, NAME.json, NAME.state.safetensors) in CACHE/ot/.
+
+    Raises:
+        LatentflowError: a name that is not a plain file name (it would write or read outside CACHE/ot/).
+    """
+    if not POTENTIAL_NAME.fullmatch(name):
+        raise LatentflowError(f"OT potential name {name!r}: use letters, digits, '_', '-' and '.' (not first), no "
+                              f"folders; it names CACHE/ot/NAME.*")
     folder = Path(cache_path) / "ot"
     return folder / f"{name}.safetensors", folder / f"{name}.json", folder / f"{name}.state.safetensors"
 
