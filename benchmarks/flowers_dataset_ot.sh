@@ -7,6 +7,8 @@
 #   rf         = the same config with objective rf (independent pairs)
 #   dataset    = configs/flowers64_dataset_ot.yaml: class-aware dataset OT (potential fitted by ot-fit)
 #   dataset-blind = the same with a class-blind potential (labels follow the paired latent)
+#   dataset-null = dataset, with the rows whose label is dropped (CFG's null class) paired through the class-blind
+#                potential (objective.ot_null_potential; cpu2_flowers_dataset_ot_null_s26.txt); not in the default RUNS
 # Straightness: each run's last preview (25 fixed-noise samples, euler 16, guidance 4; log.csv).
 # RECIPE=demo: the same four runs with the demo's recipe instead (configs/flowers64_demo.yaml as measured in session
 # 10: 4,000 steps, no guide; the
@@ -50,7 +52,8 @@ stamp "reference statistics of the val photos at 64 px"
 [ -f "$OUT/ref/val64.npz" ] || $LF fid-stats "$FLOWERS/val" --resolution 64 --out "$OUT/ref/val64.npz"
 
 for kind in aware blind; do
-    wanted dataset$([ $kind = blind ] && echo -blind) || continue
+    if [ $kind = aware ]; then wanted dataset || wanted dataset-null || continue
+    else wanted dataset-blind || wanted dataset-null || continue; fi
     stamp "ot-fit $kind"
     start=$(seconds)
     $LF ot-fit "$DEMO/cache" --name "$kind" $([ $kind = aware ] && echo --class-aware) --no-progress "${OT_FIT_ARGS[@]}"
@@ -79,6 +82,8 @@ evaluate() {
 ! wanted dataset || train dataset "${DATASET[@]}" --set objective.ot_potential=aware
 ! wanted dataset-blind || train dataset-blind "${DATASET[@]}" --set objective.ot_potential=blind \
     --set objective.class_aware=false
+! wanted dataset-null || train dataset-null "${DATASET[@]}" --set objective.ot_potential=aware \
+    --set objective.ot_null_potential=blind
 
 for name in "${RUNS[@]}"; do evaluate $name "$OUT/${name}_pipe"; done
 

@@ -293,8 +293,42 @@ def test_the_pairing_transform_pairs_each_draw_with_its_laguerre_cell(fitted: Pa
     assert (dropped(batch, torch.Generator().manual_seed(0)).labels == 5).all()  # CFG's null class after pairing
 
 
+def test_the_null_class_pairs_over_the_whole_cache_through_a_null_potential(fitted: Path) -> None:
+    # objective.ot_null_potential: the rows whose label is dropped pair with the class-blind potential's cells
+    config = config_for(fitted, "objective.ot_potential=aware", "objective.class_aware=true",
+                        "objective.ot_null_potential=potential", "objective.label_dropout=0.5")
+    validate_config(config)
+    cells = dataset_cells_for(config, LatentCache(fitted))
+    blind = cells.null
+    transform = PairingTransform(make_objective("rf"), seed=0, rank=0, num_classes=5, label_dropout=0.5,
+                                 pair=True, dataset_cells=cells)
+    batch = next(make_latent_loader(LatentCache(fitted), batch_size=20, seed=0, random_flip=False, normalize=True))
+    prepared = transform(batch, torch.Generator().manual_seed(0))
+    assert 0 < int((prepared.labels == 5).sum()) < 20
+    left_their_class = 0
+    for x0, x1, label, drawn_for in zip(prepared.x0, prepared.x1, prepared.labels, batch["labels"]):
+        pool = blind if label == 5 else cells
+        group = torch.arange(20) if label == 5 else torch.nonzero(cells.labels == drawn_for).flatten()
+        scores = (pool.points.reshape(20, -1)[group] - x0.flatten()).square().sum(1) - pool.potential[group]
+        best = group[scores.argmin()]
+        torch.testing.assert_close(x1, pool.points[best], atol=0, rtol=0)
+        assert label == 5 or label == drawn_for
+        left_their_class += int(label == 5 and pool.labels[best] != drawn_for)
+    assert left_their_class > 0  # a class-aware pair would have stayed in the class it was drawn for
+    for setting, refusal in [("objective.class_aware=false", "set objective.class_aware: true"),
+                             ("objective.label_dropout=0", "objective.label_dropout is 0"),
+                             ("objective.ot_dataset_on=sharded", "not supported with ot_dataset_on 'sharded'"),
+                             ("objective.ot_scope=local", "used with ot_scope 'dataset' only")]:
+        with pytest.raises(LatentflowError, match=refusal):
+            validate_config(config_for(fitted, "objective.ot_potential=aware", "objective.class_aware=true",
+                                       "objective.ot_null_potential=potential", setting))
+    with pytest.raises(LatentflowError, match="ot_null_potential 'aware' .* is class-aware, .* fit a class-blind"):
+        dataset_cells_for(config_for(fitted, "objective.ot_potential=aware", "objective.class_aware=true",
+                                     "objective.ot_null_potential=aware"), LatentCache(fitted))
+
+
 @pytest.mark.parametrize("objective, where", [("otcfm", "loader"), ("meanflow", "loader"), ("rf", "device"),
-                                              ("cfm", "sharded")])
+                                              ("cfm", "sharded"), ("otcfm", "device-null")])
 def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objective: str, where: str) -> None:
     from accelerate.state import AcceleratorState
 
@@ -306,7 +340,9 @@ def test_training_with_dataset_scope_runs(fitted: Path, tmp_path: Path, objectiv
         fitted, "model.name=dit", "model.settings={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2}",
         "data.shuffle_buffer=10", "log.trackers=[csv]", "log.progress_bar=false", "log.every=1", "sample.every=0",
         "train.max_steps=3", "checkpoint.every=0", f"objective.name={objective}", "objective.class_aware=true",
-        "objective.ot_potential=aware", "data.num_workers=0", f"output_dir={out}", f"objective.ot_dataset_on={where}",
+        "objective.ot_potential=aware", "data.num_workers=0", f"output_dir={out}",
+        f"objective.ot_dataset_on={where.split('-')[0]}",
+        *(["objective.ot_null_potential=potential"] if where.endswith("-null") else []),
     ))
     AcceleratorState._reset_state(reset_partial_state=True)
     rows = list(csv.DictReader((out / "log.csv").open()))

@@ -341,6 +341,7 @@ class DatasetCells:
             or None and potential (P,) in the same order.
         record: the fit's JSON.
         screen: the cells' hard pairing may be screened in bfloat16 (built per device where it pays).
+        null: the class-blind cells the null class's rows pair with (`objective.ot_null_potential`), or None.
     """
 
     cells: list[LaguerreCells]
@@ -351,6 +352,7 @@ class DatasetCells:
     potential: torch.Tensor
     record: dict[str, Any]
     screen: bool = True
+    null: "DatasetCells | None" = None
 
     def pair(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
              ) -> torch.Tensor:
@@ -378,8 +380,9 @@ class DatasetCells:
         cells = [LaguerreCells(flat[span], potential[span], old.epsilon, screen)
                  for span, old in zip(spans, self.cells)]
         labels = None if self.labels is None else self.labels.to(device)
+        null = None if self.null is None else self.null.to(device, screen)
         return DatasetCells(cells, [index.to(device) for index in self.group_index], self.group_classes,
-                            points, labels, potential, self.record, screen)
+                            points, labels, potential, self.record, screen, null)
 
     def shard(self, rank: int, world: int, device: torch.device | str, screen: bool | None = None) -> "CellShard":
         """This process's share of the cells for `objective.ot_dataset_on: sharded`: part `rank` of `world`

@@ -88,6 +88,10 @@ class ObjectiveConfig:
     pairs as 'device' for 1/W of its memory; `latentflow.train.pairing.sharded_dataset_pairing`); `ot_screen`
     runs that product's first pass in bfloat16 where the device has bf16 matrix units, with a certified float32
     rescoring (`latentflow.flow.screening`: the same pairs, faster; false: float32 throughout).
+    `ot_null_potential`: with a class-aware `ot_potential`, a class-blind potential of the same cache that the
+    rows whose label is dropped pair with instead (the null class, classifier-free guidance's unconditional branch,
+    then learns the OT flow to the whole cache, not the mixture of the classes' flows); None: they keep the pair
+    drawn for their class (`latentflow.train.pairing.pair_with_dataset`).
     `label_dropout`: the fraction of labels replaced by the null class (classifier-free guidance).
     `coupling`: 'sampled' draws fresh noise for each batch; 'stored' trains on the (noise, endpoint) pairs of a
     couplings cache from `latentflow reflow` as they are (reflow, e.g. with rf; no OT objective, no flips).
@@ -118,6 +122,7 @@ class ObjectiveConfig:
     flow_map_pairing: FlowMapPairing = "independent"
     ot_scope: Literal["local", "global", "dataset"] = "local"
     ot_potential: str = "potential"
+    ot_null_potential: str | None = None
     ot_max_imbalance: float = 0.05
     ot_dataset_on: Literal["loader", "device", "sharded"] = "loader"
     ot_screen: bool = True
@@ -382,6 +387,9 @@ def _check_dataset_scope(config: Config) -> None:
     flow-matching objective, sampled noise and the cached means themselves."""
     objective = config.objective
     if objective.ot_scope != "dataset":
+        _require(objective.ot_null_potential is None, "objective.ot_null_potential names a potential of the cache, "
+                 f"used with ot_scope 'dataset' only (this is {objective.ot_scope!r}); set ot_scope: dataset, or "
+                 "leave it unset")
         return
     _require(objective.name != "ddpm", "objective.ot_scope 'dataset' pairs noise with data for a flow; ddpm "
              "draws its noise independently: use rf, cfm, otcfm or meanflow")
@@ -391,6 +399,14 @@ def _check_dataset_scope(config: Config) -> None:
              "the potential was fitted on; set data.sample_posterior: false")
     _require(objective.ot_max_imbalance > 0, f"objective.ot_max_imbalance must be > 0, got "
              f"{objective.ot_max_imbalance}")
+    if objective.ot_null_potential is not None:
+        _require(objective.class_aware, "objective.ot_null_potential pairs the null class's rows over the whole "
+                 "cache, as a class-blind ot_potential pairs every row already; set objective.class_aware: true "
+                 "with a class-aware ot_potential, or leave ot_null_potential unset")
+        _require(objective.label_dropout > 0, "objective.ot_null_potential pairs the rows whose label is dropped, "
+                 "and objective.label_dropout is 0; raise it, or leave ot_null_potential unset")
+        _require(objective.ot_dataset_on != "sharded", "objective.ot_null_potential is not supported with "
+                 "ot_dataset_on 'sharded'; use 'loader' or 'device', or leave ot_null_potential unset")
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

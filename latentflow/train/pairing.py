@@ -81,12 +81,11 @@ class PairingTransform:
             return {"latents": batch["latents"], "labels": labels, "seed": seed}
         if self.dataset_cells is not None:
             x0 = torch.randn(batch["latents"].shape, generator=generator)  # (B, C, h, w)
-            pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
-            prepared = self.objective.prepare_paired(pairing, generator)
-            prepared.ot_cost = pairing.cost
+            prepared = pair_with_dataset(self.dataset_cells, x0, labels, self.objective, self.label_dropout,
+                                         self.num_classes, generator)
         else:
             prepared = self.objective.prepare(batch["latents"], labels, generator, noise=self._noise(batch))
-        prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
+            prepared.labels = drop_labels(prepared.labels, self.label_dropout, self.num_classes, generator)
         if not self.keep_endpoints:
             prepared.x0 = prepared.x1 = None
         return prepared
@@ -127,15 +126,39 @@ def check_coupling(config: "Config", cache: "LatentCache") -> None:
 
 
 def dataset_pairing(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tensor | None,
-                    generator: torch.Generator | None = None) -> Pairing:
+                    generator: torch.Generator | None = None, null_rows: torch.Tensor | None = None) -> Pairing:
     """Noise x0 (B, ...) paired row by row with its optimal point of the whole cache (`objective.ot_scope:
     dataset`; within the row's class from `labels` (B,) for a class-aware potential); the pairs' labels are the
-    points' own."""
+    points' own. The rows in `null_rows` (B,) bool, those whose label training drops, pair with `cells.null`
+    instead (over the whole cache; their index is into its points)."""
     index = cells.pair(x0, labels, generator)  # (B,)
     x1 = cells.points[index]
     point_labels = None if labels is None or cells.labels is None else cells.labels[index]
+    if null_rows is not None and cells.null is not None:
+        rows = torch.nonzero(null_rows.to(x0.device)).flatten()
+        if rows.numel():
+            index[rows] = cells.null.pair(x0[rows], None, generator)
+            x1[rows] = cells.null.points[index[rows]]
     rows = torch.arange(x0.shape[0], device=x0.device)
     return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
+
+
+def pair_with_dataset(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tensor | None, objective: Objective,
+                      label_dropout: float, null_class: int, generator: torch.Generator) -> TrainingBatch:
+    """The training batch of noise x0 (B, ...) paired over the whole cache (`dataset_pairing`), with labels
+    dropped to `null_class` at rate `label_dropout`. With `cells.null` (`objective.ot_null_potential`) the rows
+    to drop are drawn first and pair through it; without, after the path (the order every earlier run drew in)."""
+    if cells.null is None or labels is None:
+        pairing = dataset_pairing(cells, x0, labels, generator)
+        batch = objective.prepare_paired(pairing, generator)
+        batch.labels = drop_labels(batch.labels, label_dropout, null_class, generator)
+    else:
+        drop = torch.rand(labels.shape, generator=generator) < label_dropout  # (B,)
+        pairing = dataset_pairing(cells, x0, labels, generator, drop)
+        batch = objective.prepare_paired(pairing, generator)
+        batch.labels = torch.where(drop.to(batch.labels.device), null_class, batch.labels)
+    batch.ot_cost = pairing.cost
+    return batch
 
 
 def sharded_dataset_pairing(shard: "CellShard", x0: torch.Tensor, labels: torch.Tensor | None,
@@ -205,6 +228,14 @@ def dataset_cells_for(config: "Config", cache: "LatentCache",
                               f"objective.class_aware is {str(objective.class_aware).lower()}; refit "
                               f"{'without' if cells.record['class_aware'] else 'with'} --class-aware, or set "
                               f"objective.class_aware: {str(bool(cells.record['class_aware'])).lower()}")
+    if objective.ot_null_potential is not None:
+        cells.null = load_dataset_cells(cache, objective.ot_null_potential, config.data.normalize,
+                                        config.data.random_flip, objective.ot_max_imbalance,
+                                        objective.ot_screen and on_loader)
+        if cells.null.record["class_aware"]:
+            raise LatentflowError(f"objective.ot_null_potential {objective.ot_null_potential!r} of {cache.path} is "
+                                  "class-aware, and the null class's rows pair over the whole cache; fit a "
+                                  f"class-blind one: latentflow ot-fit {cache.path} --name NAME (no --class-aware)")
     return cells
 
 

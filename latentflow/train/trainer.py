@@ -61,9 +61,9 @@ from latentflow.train.pairing import (
     PairingTransform,
     check_coupling,
     dataset_cells_for,
-    dataset_pairing,
     drop_labels,
     global_ot_pairing,
+    pair_with_dataset,
     seed_for,
     sharded_dataset_pairing,
 )
@@ -365,13 +365,15 @@ class Trainer:
             pairing = sharded_dataset_pairing(self.dataset_cells, x0, labels, self.accelerator.gather,
                                               lambda t: self.accelerator.reduce(t, "sum"),
                                               self.accelerator.process_index, gumbel)
+            batch = self.objective.prepare_paired(pairing, generator)
+            batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes,
+                                       generator)
+            batch.ot_cost = pairing.cost
         else:
-            pairing = dataset_pairing(self.dataset_cells, x0, labels, generator)
-        batch = self.objective.prepare_paired(pairing, generator)
-        batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes, generator)
+            batch = pair_with_dataset(self.dataset_cells, x0, labels, self.objective,
+                                      self.config.objective.label_dropout, self.num_classes, generator)
         batch.x0 = batch.x1 = None  # the step needs only x_t, t, target and labels
-        batch.ot_cost = pairing.cost
-        return batch, pairing.cost
+        return batch, batch.ot_cost
 
     def train_step(self, micro_batches: list[TrainingBatch | dict[str, Any]]) -> StepResult:
         """One optimizer step over `grad_accumulation` micro-batches, with the non-finite guard."""
