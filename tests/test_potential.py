@@ -33,7 +33,7 @@ from latentflow.flow.objectives import make_objective
 from latentflow.flow.screening import Screen
 from latentflow.flow.semidiscrete import DrawSplit, FitSettings, LaguerreCells, PotentialFit, noise_for_step
 from latentflow.train.config import load_config, validate_config
-from latentflow.train.pairing import PairingTransform, dataset_cells_for
+from latentflow.train.pairing import PairingTransform, dataset_cells_for, dataset_pairing
 
 PER_CLASS = 4
 FAST = ["--steps", "300", "--batch", "512", "--balance-draws", "400", "--no-progress"]
@@ -315,6 +315,10 @@ def test_the_null_class_pairs_over_the_whole_cache_through_a_null_potential(fitt
         assert label == 5 or label == drawn_for
         left_their_class += int(label == 5 and pool.labels[best] != drawn_for)
     assert left_their_class > 0  # a class-aware pair would have stayed in the class it was drawn for
+    null_rows = prepared.labels == 5  # the pairing itself gives the null rows their point's own label
+    pairing = dataset_pairing(cells, prepared.x0, batch["labels"], None, null_rows)
+    assert torch.equal(pairing.labels[null_rows], blind.labels[pairing.x1_index[null_rows]])
+    assert torch.equal(pairing.labels[~null_rows], batch["labels"][~null_rows])
     for setting, refusal in [("objective.class_aware=false", "set objective.class_aware: true"),
                              ("objective.label_dropout=0", "objective.label_dropout is 0"),
                              ("objective.ot_dataset_on=sharded", "not supported with ot_dataset_on 'sharded'"),

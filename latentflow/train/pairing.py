@@ -130,7 +130,7 @@ def dataset_pairing(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tenso
     """Noise x0 (B, ...) paired row by row with its optimal point of the whole cache (`objective.ot_scope:
     dataset`; within the row's class from `labels` (B,) for a class-aware potential); the pairs' labels are the
     points' own. The rows in `null_rows` (B,) bool, those whose label training drops, pair with `cells.null`
-    instead (over the whole cache; their index is into its points)."""
+    instead (over the whole cache; their x1_index is into its points)."""
     index = cells.pair(x0, labels, generator)  # (B,)
     x1 = cells.points[index]
     point_labels = None if labels is None or cells.labels is None else cells.labels[index]
@@ -139,6 +139,8 @@ def dataset_pairing(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Tenso
         if rows.numel():
             index[rows] = cells.null.pair(x0[rows], None, generator)
             x1[rows] = cells.null.points[index[rows]]
+            if point_labels is not None and cells.null.labels is not None:
+                point_labels[rows] = cells.null.labels[index[rows]]
     rows = torch.arange(x0.shape[0], device=x0.device)
     return Pairing(x0, x1, point_labels, rows, index, mean_squared_distance(x0, x1))
 
