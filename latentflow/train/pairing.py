@@ -151,14 +151,22 @@ def pair_with_dataset(cells: "DatasetCells", x0: torch.Tensor, labels: torch.Ten
     dropped to `null_class` at rate `label_dropout`. With `cells.null` (`objective.ot_null_potential`) the rows
     to drop are drawn first and pair through it; without, after the path (the order every earlier run drew in)."""
     if cells.null is None or labels is None:
-        pairing = dataset_pairing(cells, x0, labels, generator)
-        batch = objective.prepare_paired(pairing, generator)
-        batch.labels = drop_labels(batch.labels, label_dropout, null_class, generator)
-    else:
-        drop = torch.rand(labels.shape, generator=generator) < label_dropout  # (B,)
-        pairing = dataset_pairing(cells, x0, labels, generator, drop)
-        batch = objective.prepare_paired(pairing, generator)
-        batch.labels = torch.where(drop.to(batch.labels.device), null_class, batch.labels)
+        return paired_batch(dataset_pairing(cells, x0, labels, generator), objective, label_dropout, null_class,
+                            generator)
+    drop = torch.rand(labels.shape, generator=generator) < label_dropout  # (B,)
+    pairing = dataset_pairing(cells, x0, labels, generator, drop)
+    batch = objective.prepare_paired(pairing, generator)
+    batch.labels = torch.where(drop.to(batch.labels.device), null_class, batch.labels)
+    batch.ot_cost = pairing.cost
+    return batch
+
+
+def paired_batch(pairing: Pairing, objective: Objective, label_dropout: float, null_class: int,
+                 generator: torch.Generator) -> TrainingBatch:
+    """The training batch of dataset-OT pairs: the objective's path, labels dropped to `null_class` at rate
+    `label_dropout` after it, and the pairs' cost."""
+    batch = objective.prepare_paired(pairing, generator)
+    batch.labels = drop_labels(batch.labels, label_dropout, null_class, generator)
     batch.ot_cost = pairing.cost
     return batch
 

@@ -64,6 +64,7 @@ from latentflow.train.pairing import (
     drop_labels,
     global_ot_pairing,
     pair_with_dataset,
+    paired_batch,
     seed_for,
     sharded_dataset_pairing,
 )
@@ -365,10 +366,8 @@ class Trainer:
             pairing = sharded_dataset_pairing(self.dataset_cells, x0, labels, self.accelerator.gather,
                                               lambda t: self.accelerator.reduce(t, "sum"),
                                               self.accelerator.process_index, gumbel)
-            batch = self.objective.prepare_paired(pairing, generator)
-            batch.labels = drop_labels(batch.labels, self.config.objective.label_dropout, self.num_classes,
-                                       generator)
-            batch.ot_cost = pairing.cost
+            batch = paired_batch(pairing, self.objective, self.config.objective.label_dropout, self.num_classes,
+                                 generator)
         else:
             batch = pair_with_dataset(self.dataset_cells, x0, labels, self.objective,
                                       self.config.objective.label_dropout, self.num_classes, generator)
