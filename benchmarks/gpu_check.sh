@@ -20,7 +20,8 @@
 #    FLOWERS unless PROFILE=1, since those parts fill the 10 minutes.
 # 4. With FLOWERS128 (a folder with train/ and val/ class folders, e.g. ../shared/data/tf_flowers/images_128) and
 #    TAEF2, alone: issue 12's flowers at 128 px. Encode train/ at 128 px (32x16x16 latents), train
-#    configs/flowers128_demo.yaml (the hour config's recipe, 64 tokens) for FLOWERS128_STEPS steps (default 6,000),
+#    configs/flowers128_demo.yaml (the hour config's recipe, 64 tokens) for FLOWERS128_STEPS steps (default 6,000;
+#    guided by its EMA at a sixth of them, as the hour config at step 1,000 of 6,000),
 #    export, a sample grid and `latentflow evaluate` on the GPU: midpoint 4 and euler 8 with guidance 4, as many
 #    samples as val/ holds, against val/ at 128 px, with the real-vs-real and VAE floors at that n. Results and the
 #    train log go to OUT; the time limits assume an H100-class GPU (not yet run on one). DEVICE=cpu with a small
@@ -59,12 +60,13 @@ if [ -n "${FLOWERS128:-}" ]; then
     [ -n "${TAEF2:-}" ] && [ -d "$FLOWERS128/train" ] && [ -d "$FLOWERS128/val" ] || {
         echo "FLOWERS128 needs train/ and val/ under $FLOWERS128 and TAEF2=the TAEF2 weights folder"; exit 2; }
     CLI=("$PYTHON" -m latentflow.cli)
-    N_VAL=$(find "$FLOWERS128/val" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | wc -l)
+    N_VAL=$(find -L "$FLOWERS128/val" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | wc -l)
     part 90 "encode train/ at 128 px on the GPU" "${CLI[@]}" encode --data "$FLOWERS128/train" --vae "$TAEF2" \
         --resolution 128 --out "$WORK/c128" --batch-size 128 --num-workers 4 --labels --no-progress
     part 330 "train configs/flowers128_demo.yaml on the GPU" "${CLI[@]}" train --config configs/flowers128_demo.yaml \
         --set data.cache="$WORK/c128" --set output_dir="$WORK/run128" \
-        --set train.max_steps="${FLOWERS128_STEPS:-6000}" --set sample.every=0 --set checkpoint.every=2000 \
+        --set train.max_steps="${FLOWERS128_STEPS:-6000}" --set train.guide_step=$(( ${FLOWERS128_STEPS:-6000} / 6 )) \
+        --set sample.every=0 --set checkpoint.every=2000 \
         --set log.progress_bar=false --set data.num_workers=4
     cp "$WORK/run128/log.csv" "$OUT/flowers128_train_log.csv" 2>/dev/null || true
     part 20 "export" "${CLI[@]}" export "$WORK/run128" --out "$WORK/pipe128"

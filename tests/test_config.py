@@ -9,7 +9,7 @@ import yaml
 
 from latentflow.errors import LatentflowError
 from latentflow.models import make_model
-from latentflow.train.config import Config, load_config, save_config, validate_config
+from latentflow.train.config import Config, config_to_dict, load_config, save_config, validate_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -27,6 +27,15 @@ def test_shipped_configs_load_validate_and_build_their_model(name: str) -> None:
     else:
         model = make_model(config.model.name, in_channels=32, sample_size=8, num_classes=5, **config.model.settings)
         assert sum(p.numel() for p in model.parameters()) < 10e6  # small enough for a 2-core CPU
+
+
+def test_the_128_px_config_is_the_hour_configs_recipe() -> None:
+    """flowers128_demo.yaml says it is flowers64_hour.yaml at 128 px: only the cache and output folder may differ."""
+    hour, big = (config_to_dict(load_config(CONFIGS / name)) for name in ("flowers64_hour.yaml", "flowers128_demo.yaml"))
+    for config in (hour, big):
+        config.pop("output_dir")
+        config["data"].pop("cache")
+    assert big == hour
 
 
 @pytest.mark.parametrize("name", ["cpu_2proc", "1gpu", "8gpu"])
