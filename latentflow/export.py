@@ -34,6 +34,7 @@ from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
 from latentflow.io import image_grid, read_json, save_image, write_folder_atomic, write_json_atomic
+from latentflow.processes import torch_device
 from latentflow.scheduler import LatentFlowScheduler
 from latentflow.vae import check_same_vae, check_vae_fingerprint, vae_fingerprint
 
@@ -60,6 +61,7 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
         raise FileNotFoundError(
             f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`"
         )
+    device = torch_device(device)
     extra = {} if guide else {"guide": None}
     shown = diffusers_logging.is_progress_bar_enabled()
     if not progress:

@@ -13,6 +13,27 @@ from latentflow.errors import LatentflowError
 from latentflow.io import folder_lock
 
 
+def torch_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device this machine can run on. An unknown name, or a GPU this torch cannot see (a CPU
+    build asked for cuda, cuda:3 on a machine with two cards), is a one-line error naming the fix, before any model
+    is loaded."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LatentflowError(f"device {str(device)!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LatentflowError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                                  "use --device cpu, or a CUDA build of torch on a machine with a GPU")
+        if resolved.index is not None and resolved.index >= count:
+            raise LatentflowError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), "
+                                  f"cuda:0 to cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise LatentflowError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    return resolved
+
+
 def share_cpu_threads(device: torch.device, processes: int) -> None:
     """On CPU, give each of N processes 1/N of the cores: oversubscribed OpenMP threads stall each other."""
     if device.type == "cpu" and processes > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -34,7 +55,7 @@ class Distributed:
         self.rank = self.state.process_index if self.state else 0
         self.world_size = self.state.num_processes if self.state else 1
         default = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device) if device else default
+        self.device = torch_device(device) if device else default
         if self.state is not None and self.device.type == default.type and self.device.index is None:
             self.device = default  # "cuda" under several processes: each its own card
 

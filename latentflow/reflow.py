@@ -46,7 +46,7 @@ from latentflow.export import (
 )
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
 from latentflow.io import LOCK_NAME, read_json, write_json_atomic
-from latentflow.processes import Distributed
+from latentflow.processes import Distributed, torch_device
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
 
 REFLOW_KIND = "reflow"
@@ -176,6 +176,7 @@ def _plain(value: Any) -> Any:
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teacher:
     """Load a pipeline folder (`model_index.json`) or a finished training run (`model/`, `config.yaml`,
     `cache_manifest.json`) as a teacher on `device`."""
+    device = torch_device(device)
     folder = Path(path)
     if (folder / "model_index.json").is_file():
         pipe, kind, weights = load_pipeline(folder, device, progress=False), "pipeline", folder / "transformer"

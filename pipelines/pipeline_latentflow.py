@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -208,6 +210,17 @@ class LatentFlowPipeline(DiffusionPipeline):
             raise LatentflowError(f"num_inference_steps must be an integer >= 1, got {settings['steps']!r}")
         self.check_solver(settings["solver"])
         check_solver_time_shift(settings["solver"], settings["time_shift"])
+        for name in ("atol", "rtol"):
+            value = settings[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise LatentflowError(f"{name} must be a finite number > 0 (an adaptive solver's tolerance), "
+                                      f"got {value!r}")
+        eta = settings["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta < math.inf:
+            raise LatentflowError(f"eta must be a finite number >= 0 (DDIM: 0 deterministic, 1 ancestral), got {eta!r}")
+        if eta != 0 and settings["solver"] != "ddim":
+            raise LatentflowError(f"eta={eta:g} is DDIM's stochasticity, and solver {settings['solver']!r} integrates "
+                                  "a deterministic ODE; leave eta unset, or sample a ddpm pipeline with solver='ddim'")
         return settings
 
     def check_solver(self, solver: str) -> None:

@@ -31,7 +31,8 @@ def test_shipped_configs_load_validate_and_build_their_model(name: str) -> None:
 
 def test_the_128_px_config_is_the_hour_configs_recipe() -> None:
     """flowers128_demo.yaml says it is flowers64_hour.yaml at 128 px: only the cache and output folder may differ."""
-    hour, big = (config_to_dict(load_config(CONFIGS / name)) for name in ("flowers64_hour.yaml", "flowers128_demo.yaml"))
+    names = ("flowers64_hour.yaml", "flowers128_demo.yaml")
+    hour, big = (config_to_dict(load_config(CONFIGS / name)) for name in names)
     for config in (hour, big):
         config.pop("output_dir")
         config["data"].pop("cache")

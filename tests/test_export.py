@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,24 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     assert not np.array_equal(np.asarray(Image.open(files[0])), np.asarray(Image.open(shifted / "000000.png")))
     assert cli.main([*args[:-4], "--outdir", str(shifted), "--solver", "dopri5", "--time-shift", "3"]) == 2
     assert cli.main(["sample", str(pipe_dir), "--class", "cactus", "--grid", str(grid)]) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], r"batch size must be an integer >= 1 \(images per pipeline call\), got 0"),
+    (["--solver", "dopri5", "--atol", "0"], r"atol must be a finite number > 0 \(an adaptive solver's tolerance\)"),
+    (["--eta", "0.5"], r"eta=0.5 is DDIM's stochasticity, and solver 'midpoint' integrates a deterministic ODE"),
+    (["--device", "cuda:99"], r"device 'cuda:99': this (torch \(.*\) sees no CUDA GPU|machine has \d+ CUDA GPU)"),
+    (["--device", "gpu"], r"device 'gpu' is not a torch device; use cpu, cuda, cuda:N or mps"),
+])
+def test_sample_refuses_bad_settings_in_one_line_before_writing(pipe_dir: Path, tmp_path: Path, capsys, extra,
+                                                                message):
+    """Found trying the command from outside: these gave tracebacks (torchdiffeq's dt underflow, range() of step 0,
+    torch's CUDA assertion) or, for --eta on a flow model, were silently ignored."""
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", str(pipe_dir), "--n", "2", "--steps", "2", "--grid", str(grid), *extra]) == 2
+    error = capsys.readouterr().err
+    assert re.fullmatch(f"latentflow sample: error: .*{message}.*\n", error), error
+    assert not grid.exists()
 
 
 def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path, capsys):

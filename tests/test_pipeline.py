@@ -181,6 +181,11 @@ def test_class_names_and_errors(pipe):
     ({"batch_size": 2, "generator": []}, "got 0 generators for a batch of 2"),
     ({"batch_size": 2, "generator": [torch.Generator(), 7]}, "generator list holds something other than"),
     ({"class_labels": []}, "class_labels is empty; give one label, or one per image"),
+    ({"solver": "dopri5", "atol": 0.0}, r"atol must be a finite number > 0 \(an adaptive .*\), got 0.0"),
+    ({"solver": "dopri5", "rtol": float("nan")}, "rtol must be a finite number > 0 .*got nan"),
+    ({"solver": "dopri5", "atol": True}, "atol must be a finite number > 0 .*got True"),
+    ({"eta": -0.5}, r"eta must be a finite number >= 0 \(DDIM: 0 deterministic, 1 ancestral\), got -0.5"),
+    ({"eta": 1.0}, "eta=1 is DDIM's stochasticity, and solver 'euler' integrates a deterministic ODE; leave eta unset"),
 ])
 def test_bad_inputs_name_the_argument_and_what_is_valid(pipe, arguments, message):
     with CallCounter(pipe.transformer) as counter, pytest.raises(LatentflowError, match=message) as raised:
@@ -193,6 +198,11 @@ def test_good_generator_lists_and_numpy_guidance_scales_pass(pipe):
     listed = pipe(latents=latents, class_labels=[0, 1], generator=[seeded(1), seeded(2)], output_type="latent")
     scalar = pipe(latents=latents, class_labels=[0, 1], guidance_scale=np.float32(1.0), output_type="latent")
     assert torch.equal(listed.images, scalar.images)  # latents given: generators only draw what is missing
+    deterministic = pipe(latents=latents, class_labels=[0, 1], eta=0.0, output_type="latent")  # as reflow asks
+    assert torch.equal(deterministic.images, scalar.images)
+    tolerances = [pipe(latents=latents, class_labels=[0, 1], solver="dopri5", atol=atol, rtol=atol,
+                       output_type="latent").images for atol in (np.float32(1e-3), 1e-3)]
+    assert torch.equal(*tolerances)
 
 
 # ---------------------------------------------------------------------------------------------------------------

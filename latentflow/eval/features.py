@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from latentflow.errors import LatentflowError
 from latentflow.io import to_uint8_images
+from latentflow.processes import torch_device
 
 INCEPTION_SIZE = 299
 DINOV2_SIZE = 224
@@ -215,6 +216,7 @@ def make_extractors(
     device: torch.device | str = "cpu", dinov2: str | os.PathLike | None = None, inception: str | None = None
 ) -> list[FeatureExtractor]:
     """Inception always; DINOv2 as well when a local model folder is given."""
+    device = torch_device(device)
     extractors: list[FeatureExtractor] = [InceptionFeatures(inception, device)]
     if dinov2 is not None:
         extractors.append(Dinov2Features(dinov2, device))
