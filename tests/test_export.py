@@ -281,6 +281,21 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(tmp_path / "missing.npz")]) == 2
     assert f"reference not found: {tmp_path / 'missing.npz'}; give an image folder" in capsys.readouterr().err
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "ddim:10"]) == 2  # a velocity model
+    # found trying it from outside: a reference that is no statistics file was a numpy traceback, and a missing
+    # --floors folder was found only after the whole sweep had been sampled
+    not_npz, one_array = tmp_path / "notes.txt", tmp_path / "one.npy"
+    not_npz.write_text("not statistics")
+    np.save(one_array, np.zeros(3))
+    capsys.readouterr()
+    for bad in (not_npz, one_array):
+        assert cli.main(["evaluate", str(pipe_dir), "--ref", str(bad), "--out", str(tmp_path / "bad")]) == 2
+        error = capsys.readouterr().err
+        assert f"{bad} " in error and "not a statistics .npz; give an image folder, or a file written by " \
+            "`latentflow fid-stats`" in error and error.count("\n") == 1
+    assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--floors", str(tmp_path / "nowhere"),
+                     "--out", str(tmp_path / "bad")]) == 2
+    assert f"--floors {tmp_path / 'nowhere'}: no such image folder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any sampling
 
     # two training steps leave the velocity nearly constant, which any time grid integrates alike: shifts are
     # measured on a copy whose transformer weights are perturbed (a field that varies in x and t)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -137,12 +139,27 @@ def write_folder_statistics(
     return stats
 
 
+@contextmanager
+def _statistics_file(path: str | os.PathLike) -> Iterator:
+    """np.load of a statistics .npz (no pickle); a file that is no such archive is a one-line error naming it."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        raise LatentflowError(f"{path} is not a statistics .npz; give an image folder, or "
+                              "a file written by `latentflow fid-stats`") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise LatentflowError(f"{path} holds one array, not a statistics .npz; give an image folder, or a file "
+                              "written by `latentflow fid-stats`")
+    with data:
+        yield data
+
+
 def load_statistics(path: str | os.PathLike) -> dict[str, FeatureStatistics]:
     """Read an .npz written by `save_statistics` (no pickle)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
+    with _statistics_file(path) as data:
         names = sorted(key[: -len("_mu")] for key in data.files if key.endswith("_mu"))
         if not names:
             raise LatentflowError(f"{path}: no '<name>_mu' arrays; write it with `latentflow fid-stats`")
@@ -159,14 +176,14 @@ def load_statistics(path: str | os.PathLike) -> dict[str, FeatureStatistics]:
 
 def statistics_resolution(path: str | os.PathLike) -> int | None:
     """The resolution an .npz's images were brought to, or None (as stored, or not recorded)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _statistics_file(path) as data:
         value = int(data["resolution"]) if "resolution" in data.files else -1
     return None if value < 0 else value
 
 
 def statistics_source(path: str | os.PathLike) -> str | None:
     """What an .npz's statistics were computed from (fid-stats' `source`), or None when not recorded."""
-    with np.load(path, allow_pickle=False) as data:
+    with _statistics_file(path) as data:
         return str(data["source"]) if "source" in data.files and str(data["source"]) else None
 
 

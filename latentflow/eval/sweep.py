@@ -15,7 +15,7 @@ import torch
 from latentflow.errors import LatentflowError
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.floors import Floors
-from latentflow.eval.references import FeatureAccumulator
+from latentflow.eval.references import FeatureAccumulator, load_statistics
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
@@ -327,6 +327,11 @@ class EvaluationSettings:
         if not Path(self.reference).exists():
             raise LatentflowError(f"reference not found: {self.reference}; give an image folder or an .npz from "
                                   "`latentflow fid-stats`")
+        if not Path(self.reference).is_dir():
+            load_statistics(self.reference)  # a file that is no statistics .npz: refused before any sampling
+        if self.floors is not None and not Path(self.floors).is_dir():
+            raise LatentflowError(f"--floors {self.floors}: no such image folder; give the training images' folder, "
+                                  "or leave --floors out")
         check_guidance_interval(self.guidance_interval)
         return parse_sweep(self.sweep, self.time_shifts)
 
