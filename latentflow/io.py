@@ -278,6 +278,9 @@ def acquire_lock(folder: Path, owner: str, fix: str = "another folder") -> Folde
     Raises:
         LatentflowError: a live process (or one on another host, or an unreadable lock) holds it.
     """
+    blocking = next((parent for parent in (folder, *folder.parents) if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise LatentflowError(f"{owner} writes a folder at {folder}, and {blocking} is a file; choose {fix}")
     created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path, record = folder / LOCK_NAME, lock_record(owner)

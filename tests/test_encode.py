@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +268,35 @@ def test_nothing_encodable_exits_non_zero(tmp_path, capsys):
                   "--resolution", "8", "--num-workers", "0") == 1
     assert "nothing could be encoded" in capsys.readouterr().err
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "0"], r"--resolution must be a positive multiple of the VAE downsampling factor 4, got 0; "
+                            r"use e\.g\. 32"),
+    (["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0"),
+    (["--num-workers", "-1"], r"--num-workers must be an integer >= 0, got -1"),
+    (["--min-size", "-3"], r"--min-size must be an integer >= 1, got -3"),
+])
+def test_bad_counts_are_refused_in_one_line_before_the_cache_is_touched(tmp_path, capsys, extra, message):
+    """Found trying the command from outside: batch size 0 and -1 workers were tracebacks, resolution 0 was told
+    to use 8 or 8, a negative minimum size passed."""
+    out = tmp_path / "cache"
+    arguments = ["--vae", str(tiny_kl(tmp_path / "kl")), "--data", str(synthetic_images(tmp_path / "img", 2)),
+                 "--out", str(out), "--resolution", "8", *extra]
+    assert encode(*arguments) == 2
+    assert re.fullmatch(f"latentflow encode: error: {message}\n", capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_is_refused_naming_it(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file")
+    for out in (taken, taken / "cache"):
+        assert encode("--vae", str(tiny_kl(tmp_path / "kl")), "--data", str(synthetic_images(tmp_path / "img", 2)),
+                      "--out", str(out), "--resolution", "8") == 2
+        assert capsys.readouterr().err == (f"latentflow encode: error: latentflow encode writes a folder at {out}, "
+                                           f"and {taken} is a file; choose another --out\n")
+    assert taken.read_text() == "someone's file"
 
 
 # ---- resume after a real SIGKILL ---------------------------------------------------------------------------

@@ -206,10 +206,20 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
     Returns:
         EncodeResult; ``num_samples == 0`` means nothing could be encoded (the CLI exits non-zero).
     """
+    _check_counts(config)
     dist = Distributed(config.device)
     out = Path(config.out)
     with dist.lock(out, "latentflow encode"):
         return _encode_locked(config, dist, out)
+
+
+def _check_counts(config: EncodeConfig) -> None:
+    """Refuse batch, worker and size counts that cannot work, before the VAE is loaded or the cache touched (the
+    shard size is the writer's to check)."""
+    for name, value, least in (("batch-size", config.batch_size, 1), ("num-workers", config.num_workers, 0),
+                               ("min-size", config.min_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise LatentflowError(f"--{name} must be an integer >= {least}, got {value!r}")
 
 
 def _encode_locked(config: EncodeConfig, dist: Distributed, out: Path) -> EncodeResult:

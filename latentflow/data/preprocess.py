@@ -43,7 +43,10 @@ class PreprocessConfig:
 
 def check_resolution(resolution: int, factor: int) -> None:
     """Raise unless `resolution` is a positive multiple of the VAE downsampling `factor`."""
-    if resolution <= 0 or resolution % factor:
+    if resolution <= 0:
+        raise LatentflowError(f"--resolution must be a positive multiple of the VAE downsampling factor {factor}, "
+                              f"got {resolution}; use e.g. {8 * factor}")
+    if resolution % factor:
         lower, upper = max(factor, resolution // factor * factor), (resolution // factor + 1) * factor
         raise LatentflowError(f"--resolution {resolution} is not a multiple of the VAE downsampling factor {factor}; "
                               f"use e.g. {lower} or {upper}")
