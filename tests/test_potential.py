@@ -254,6 +254,22 @@ def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path, c
         dataset_cells_for(config_for(nan), LatentCache(nan))
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--epsilon", "nan"], "ot fit epsilon must be a finite number >= 0 and lr one > 0, got nan and 0.03"),
+    (["--save-every", "0"], "ot-fit --save-every must be an integer >= 1, got 0"),
+    (["--balance-draws", "-2"], "ot-fit --balance-draws must be an integer >= 1, got -2"),
+])
+def test_ot_fit_refuses_bad_settings_before_reading_the_cache(cache: Path, tmp_path: Path, capsys, extra,
+                                                              message) -> None:
+    """Found trying the command from outside: NaN epsilon was accepted, the others were tracebacks (modulo by
+    zero at the first step, a math domain error after the whole fit)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("ot"))
+    assert ot_fit(copy, "--steps", "5", *extra) == 2
+    assert capsys.readouterr().err == f"latentflow ot-fit: error: {message}\n"
+    assert not (copy / "ot").exists()
+
+
 def test_an_unbalanced_potential_and_a_class_aware_fit_of_an_unlabelled_cache_are_refused(
         cache: Path, tmp_path: Path) -> None:
     short = tmp_path / "short"

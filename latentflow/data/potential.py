@@ -151,6 +151,14 @@ class OTFitConfig:
     save_every: int = 200
     progress: bool = True
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, before the cache is read."""
+        self.fit.validate()
+        potential_paths(self.cache, self.name)
+        for name, value in (("balance-draws", self.balance_draws), ("save-every", self.save_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LatentflowError(f"ot-fit --{name} must be an integer >= 1, got {value!r}")
+
 
 POTENTIAL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 """A potential's name: a plain file name in CACHE/ot/ (no folders, not hidden)."""
@@ -278,6 +286,7 @@ def fit_cache_potential(config: OTFitConfig, on_step: Callable[[int, dict[str, f
     Under `accelerate launch` every process holds every point on its device (`config.device` None: its own card)
     and scores its share of each step's draws (`DrawSplit`): the same fit, about world times faster; the main
     process writes the files, and a fit may resume on another process count. `on_step` runs on every process."""
+    config.validate()
     cache = LatentCache(config.cache)
     dist = Distributed(config.device)
     share_cpu_threads(dist.device, dist.world_size)

@@ -245,8 +245,9 @@ class FitSettings:
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise LatentflowError(f"ot fit steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
-        if self.epsilon < 0 or self.lr <= 0:
-            raise LatentflowError(f"ot fit epsilon must be >= 0 and lr > 0, got {self.epsilon} and {self.lr}")
+        if not (0 <= self.epsilon < math.inf and 0 < self.lr < math.inf):
+            raise LatentflowError(f"ot fit epsilon must be a finite number >= 0 and lr one > 0, got {self.epsilon} and "
+                                  f"{self.lr}")
         if not 0 <= self.average_from <= 1:
             raise LatentflowError(f"ot fit average_from must be in [0, 1] (the share of steps before averaging), "
                                   f"got {self.average_from}")
