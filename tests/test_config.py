@@ -104,6 +104,9 @@ def test_impossible_values_are_refused() -> None:
         with pytest.raises(LatentflowError, match=rf"train.guide_step must be a step in \[1, train.max_steps\) or "
                                                   rf"null, got {step}"):
             validate_config(load_config(None, ["data.cache=x", "train.max_steps=10", f"train.guide_step={step}"]))
+    for setting in ("data.num_workers=-1", "data.shuffle_buffer=-1"):  # -1 workers was torch's traceback
+        with pytest.raises(LatentflowError, match=r"data.num_workers and data.shuffle_buffer must be >= 0 \(0: none\)"):
+            validate_config(load_config(None, ["data.cache=x", setting]))
 
 
 def test_saved_config_loads_back_equal(tmp_path: Path) -> None:

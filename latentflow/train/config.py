@@ -336,6 +336,8 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     )
     _require(data.streams is None or (data.streams >= 1 and data.batch_size % data.streams == 0),
              f"data.streams must be >= 1 and divide data.batch_size {data.batch_size}, got {data.streams}")
+    _require(data.num_workers >= 0 and data.shuffle_buffer >= 0, f"data.num_workers and data.shuffle_buffer must "
+             f"be >= 0 (0: none), got {data.num_workers} and {data.shuffle_buffer}")
     _require(config.train.max_steps >= 1, f"train.max_steps must be >= 1, got {config.train.max_steps}")
     _require(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
