@@ -190,6 +190,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
     Returns:
         The pipeline folder.
     """
+    if isinstance(grid_images, bool) or not isinstance(grid_images, int) or grid_images < 0:
+        raise LatentflowError(f"--grid-images must be an integer >= 0 (0: no grid), got {grid_images!r}")
     run = Path(run_dir)
     pipe = pipeline_from_run(run, vae, guide=guide)
     manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")

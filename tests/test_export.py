@@ -132,6 +132,9 @@ def test_export_refuses_a_vae_other_than_the_cache_one(run_dir: Path, tmp_path: 
         export_run(altered, tmp_path / "pipe")
     assert not (tmp_path / "pipe").exists()
     assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "pipe")]) == 2
+    with pytest.raises(LatentflowError, match=r"--grid-images must be an integer >= 0 \(0: no grid\), got -1"):
+        export_run(run_dir, tmp_path / "pipe", grid_images=-1)  # was torch's negative-dimension traceback
+    assert not (tmp_path / "pipe").exists()
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,12 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
     with np.load(ref) as data:
         assert data["inception_features"].shape == (10, 2048) and data["inception_mu"].shape == (2048,)
         assert int(data["resolution"]) == 64
+    capsys.readouterr()
+    for option, value, message in (("--batch-size", "0", "--batch-size must be an integer >= 1, got 0"),
+                                   ("--resolution", "-4", "--resolution must be a positive number of pixels")):
+        bad = tmp_path / f"bad{option}.npz"  # batch size 0 went into one batch of all, resolution -4 a traceback
+        assert cli.main(["fid-stats", str(photos), "--out", str(bad), option, value]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
 
     out = tmp_path / "eval"
     args = ["evaluate", str(pipe_dir), "--ref", str(ref), "--n", "3", "--batch-size", "3", "--out", str(out),

@@ -56,6 +56,10 @@ def iterate_image_batches(
         batch_size: images per batch.
         resolution: resize + centre-crop every image to this square size first (None: keep sizes).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LatentflowError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise LatentflowError(f"--resolution must be a positive number of pixels (or left out), got {resolution!r}")
     batch: list[torch.Tensor] = []
     for path in files:
         image = _load_uint8(path, resolution)
