@@ -9,5 +9,11 @@ class LatentflowError(ValueError):
     """A user-facing error whose message names the thing at fault and the fix."""
 
 
+def require_count(name: str, value: object, least: int, note: str = "") -> None:
+    """Raise unless `value` is an int (not a bool) >= `least`: "NAME must be an integer >= LEAST NOTE, got VALUE"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise LatentflowError(f"{name} must be an integer >= {least}{note}, got {value!r}")
+
+
 class DiskFullError(LatentflowError):
     """A write failed because its disk (or quota) was full; the message names the folder and the size."""

@@ -29,7 +29,7 @@ from diffusers import SchedulerMixin  # noqa: F401  (diffusers finds a component
 
 # model_index.json names: 0.1.0 folders name this one for the scheduler)
 from latentflow.card import GRID_NAME, write_model_card
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
@@ -190,8 +190,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
     Returns:
         The pipeline folder.
     """
-    if isinstance(grid_images, bool) or not isinstance(grid_images, int) or grid_images < 0:
-        raise LatentflowError(f"--grid-images must be an integer >= 0 (0: no grid), got {grid_images!r}")
+    require_count("--grid-images", grid_images, 0, " (0: no grid)")
     run = Path(run_dir)
     pipe = pipeline_from_run(run, vae, guide=guide)
     manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")

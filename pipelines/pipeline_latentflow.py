@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import latentflow.models  # noqa: F401  (model_index.json names latentflow.models.* classes)
 import latentflow.vae  # the VAE may be a latentflow class, e.g. TAEF2's PooledAutoencoderTiny
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.flow.guidance import guided_field
 from latentflow.flow.solvers import (
     FLOW_MAP_SOLVERS,
@@ -206,8 +206,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         }
         if output_type not in OUTPUT_TYPES:
             raise LatentflowError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
-        if isinstance(settings["steps"], bool) or not isinstance(settings["steps"], int) or settings["steps"] < 1:
-            raise LatentflowError(f"num_inference_steps must be an integer >= 1, got {settings['steps']!r}")
+        require_count("num_inference_steps", settings["steps"], 1)
         self.check_solver(settings["solver"])
         check_solver_time_shift(settings["solver"], settings["time_shift"])
         for name in ("atol", "rtol"):
@@ -237,8 +236,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             _check_latents(latents, self._latent_shape(1)[1:])
             _check_generators(generator, latents.shape[0])
             return latents.to(device=device, dtype=dtype)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise LatentflowError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        require_count("batch_size", batch_size, 1)
         if isinstance(class_labels, (list, tuple, torch.Tensor)) and batch_size == 1:
             if len(class_labels) == 0:
                 raise LatentflowError("class_labels is empty; give one label, or one per image")

@@ -26,7 +26,7 @@ from latentflow.data.manifest import build_manifest, check_compatible, write_set
 from latentflow.data.preprocess import PreprocessConfig, check_resolution, preprocess_bytes, to_model_input
 from latentflow.data.sources import Record, Source, open_source
 from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.io import write_json_atomic
 from latentflow.processes import Distributed
 from latentflow.vae import FrozenVAE, load_vae
@@ -218,8 +218,8 @@ def _check_counts(config: EncodeConfig) -> None:
     shard size is the writer's to check)."""
     for name, value, least in (("batch-size", config.batch_size, 1), ("num-workers", config.num_workers, 0),
                                ("min-size", config.min_size, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise LatentflowError(f"--{name} must be an integer >= {least}, got {value!r}")
+        if value is not None:
+            require_count(f"--{name}", value, least)
 
 
 def _encode_locked(config: EncodeConfig, dist: Distributed, out: Path) -> EncodeResult:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from latentflow.data.cache import LatentCache
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.flow.semidiscrete import (
     Balance,
     DrawSplit,
@@ -156,8 +156,7 @@ class OTFitConfig:
         self.fit.validate()
         potential_paths(self.cache, self.name)
         for name, value in (("balance-draws", self.balance_draws), ("save-every", self.save_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LatentflowError(f"ot-fit --{name} must be an integer >= 1, got {value!r}")
+            require_count(f"ot-fit --{name}", value, 1)
 
 
 POTENTIAL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from latentflow.data.sources import IMAGE_EXTENSIONS, find_image_files
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.statistics import FeatureStatistics, feature_statistics
 from latentflow.io import json_sha256, to_uint8_images, write_bytes_atomic
@@ -56,8 +56,7 @@ def iterate_image_batches(
         batch_size: images per batch.
         resolution: resize + centre-crop every image to this square size first (None: keep sizes).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LatentflowError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    require_count("--batch-size", batch_size, 1)
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise LatentflowError(f"--resolution must be a positive number of pixels (or left out), got {resolution!r}")
     batch: list[torch.Tensor] = []

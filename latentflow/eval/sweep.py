@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.floors import Floors
 from latentflow.eval.references import FeatureAccumulator, load_statistics
@@ -131,8 +131,7 @@ def generate_batches(
 ) -> Iterator[GeneratedBatch]:
     """Generate `n` images in batches. Image i's noise comes from its own generator seeded `seed + i`, so a
     sample set is the same whatever the batch size, and every setting of a sweep starts from the same noise."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LatentflowError(f"batch size must be an integer >= 1 (images per pipeline call), got {batch_size!r}")
+    require_count("batch size", batch_size, 1, " (images per pipeline call)")
     labels = sample_labels(pipe, n, seed, class_label)
     device = pipe._execution_device
     for start in range(0, n, batch_size):
