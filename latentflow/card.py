@@ -4,6 +4,7 @@ model was trained, how to load it by both routes, its sample grid and its evalua
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,24 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
     return lines
 
 
+EVALUATION_SIZE = " generated images per setting against "
+"""The words after the sample count in the card's evaluation section (how `card_evaluation_size` finds it)."""
+
+
+def card_evaluation_size(pipe_dir: str | Path) -> int | None:
+    """How many generated images per setting the evaluation in `PIPE_DIR/README.md` used (None: no card, or no
+    evaluation in it)."""
+    card = Path(pipe_dir) / CARD_NAME
+    if not card.is_file():
+        return None
+    match = re.search(rf"^(\d+){EVALUATION_SIZE}", card.read_text(errors="replace"), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
 def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     reference = evaluation.get("reference")
     source = f" (statistics of {evaluation['reference_source']})" if evaluation.get("reference_source") else ""
-    lines = [f"{evaluation.get('n')} generated images per setting against `{reference}`{source} "
+    lines = [f"{evaluation.get('n')}{EVALUATION_SIZE}`{reference}`{source} "
              f"(seed {evaluation.get('seed')}, guidance {evaluation.get('guidance_scale')}"
              + (f" at times {evaluation['guidance_interval']}" if evaluation.get("guidance_interval") else "")
              + (", unconditional branch from `guide/`" if evaluation.get("guide") else "")

@@ -33,7 +33,14 @@ from latentflow.errors import LatentflowError, require_count
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
-from latentflow.io import image_grid, read_json, save_image, write_folder_atomic, write_json_atomic
+from latentflow.io import (
+    check_folder_target,
+    image_grid,
+    read_json,
+    save_image,
+    write_folder_atomic,
+    write_json_atomic,
+)
 from latentflow.processes import torch_device
 from latentflow.scheduler import LatentFlowScheduler
 from latentflow.vae import check_same_vae, check_vae_fingerprint, vae_fingerprint
@@ -45,6 +52,8 @@ CACHE_MANIFEST_NAME = "cache_manifest.json"
 RUN_MODEL_DIR = "model"
 RUN_MANIFEST = "cache_manifest.json"
 RUN_CONFIG = "config.yaml"
+PIPELINE_MARKER = "model_index.json"  # what every pipeline folder holds
+PIPELINE_KIND = "pipeline folder"
 
 
 def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu", progress: bool = True,
@@ -56,10 +65,10 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
 
     from latentflow.pipelines.pipeline_latentflow import LatentFlowPipeline
 
-    index = Path(pipe_dir) / "model_index.json"
+    index = Path(pipe_dir) / PIPELINE_MARKER
     if not index.is_file():
         raise FileNotFoundError(
-            f"no pipeline at {pipe_dir} (missing model_index.json); write one with `latentflow export`"
+            f"no pipeline at {pipe_dir} (missing {PIPELINE_MARKER}); write one with `latentflow export`"
         )
     device = torch_device(device)
     extra = {} if guide else {"guide": None}
@@ -191,6 +200,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
         The pipeline folder.
     """
     require_count("--grid-images", grid_images, 0, " (0: no grid)")
+    check_folder_target(out_dir, PIPELINE_MARKER, PIPELINE_KIND)
     run = Path(run_dir)
     pipe = pipeline_from_run(run, vae, guide=guide)
     manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
@@ -203,4 +213,4 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
             save_image(image_grid(sample_grid_images(pipe, grid_images)), staging / GRID_NAME)
         write_model_card(staging, license_name, name=Path(out_dir).name)
 
-    return write_folder_atomic(out_dir, fill)
+    return write_folder_atomic(out_dir, fill, PIPELINE_MARKER, PIPELINE_KIND)

@@ -115,15 +115,22 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
-def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], Any], holds: str | None = None,
+                        what: str = "folder") -> Path:
     """Write a whole folder: `fill(staging)` writes into a fresh staging folder beside `target`, which then
     replaces `target`. At every moment `target` is either the old folder or the new one: the old one is renamed
     aside (`.NAME.old`) only after the new one is complete, and the new one is renamed in right after.
 
+    `holds`: the file every such folder has (e.g. a pipeline's model_index.json); an existing `target` with
+    files but without it is something else (a training run, a cache, a parent folder) and is refused before
+    `fill` runs, naming it as the `what` to write.
+
     Raises:
+        LatentflowError: `target` is a file, or a folder with files but without `holds`.
         DiskFullError: the disk filled up (the staging folder is removed, `target` is untouched).
     """
     target = Path(target)
+    check_folder_target(target, holds, what)
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +143,17 @@ def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], Any]) 
                 apply_umask(os.path.join(folder, name))
         replace_folder(staging, target)
     return target
+
+
+def check_folder_target(target: str | os.PathLike, holds: str | None = None, what: str = "folder") -> None:
+    """Refuse a `target` that `write_folder_atomic(target, fill, holds, what)` must not replace: a file, or (with
+    `holds`) a folder with files but without `holds`; callers check before slow work."""
+    target = Path(target)
+    if target.is_file():
+        raise LatentflowError(f"{target} is a file, not a {what}; give a new folder")
+    if holds is not None and target.is_dir() and any(target.iterdir()) and not (target / holds).is_file():
+        raise LatentflowError(f"{target} is not a {what} (no {holds}) and writing one would replace it with all "
+                              f"it holds; give a new or empty folder, or an earlier {what} to overwrite")
 
 
 def replace_folder(staging: Path, target: Path) -> None:
@@ -428,9 +446,22 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
     return Image.fromarray(canvas)
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The PIL format an image written to `path` takes from its suffix (png when it has none); a suffix PIL
+    cannot write is refused naming the file, so callers can check before any work."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    formats = Image.registered_extensions()
+    if suffix not in formats or formats[suffix] not in Image.SAVE:
+        raise LatentflowError(f"{path}: cannot write a {suffix} image; end the name in .png or .jpg")
+    return formats[suffix]
+
+
 def save_image(image, path: str | os.PathLike) -> Path:
     """Save a PIL image atomically (format from the suffix: png, jpg, ...)."""
-    path = Path(path)
     buffer = io.BytesIO()
-    image.save(buffer, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    return write_bytes_atomic(path, buffer.getvalue())
+    image.save(buffer, format=image_format(path))
+    return write_bytes_atomic(Path(path), buffer.getvalue())

@@ -16,6 +16,7 @@ from flower_assets import FLOWERS, TAEF2, link_flower_photos
 from PIL import Image
 
 from latentflow import cli
+from latentflow.card import card_evaluation_size
 from latentflow.errors import LatentflowError
 from latentflow.export import export_run, load_pipeline
 from latentflow.flow.solvers import integrate
@@ -218,6 +219,28 @@ def test_export_takes_another_runs_model_as_guide_only_on_the_same_latents(guide
     assert not (tmp_path / "refused").exists()
 
 
+def test_export_refuses_an_out_that_holds_something_else_and_leaves_it_as_it_was(run_dir: Path, pipe_dir: Path,
+                                                                                   tmp_path: Path, capsys):
+    """Found trying the command from outside: `export RUN --out RUN` replaced the training run (checkpoints, log,
+    config) with the pipeline, and an --out above the run would have replaced everything in it."""
+    def listing(folder: Path) -> dict[str, int]:
+        return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))}
+
+    before = listing(run_dir.parent)
+    (tmp_path / "file").write_text("mine")
+    for out, message in [(run_dir, f"{run_dir} is not a pipeline folder \\(no model_index.json\\)"),
+                         (run_dir.parent, f"{run_dir.parent} is not a pipeline folder"),
+                         (tmp_path / "file", f"{tmp_path / 'file'} is a file, not a pipeline folder")]:
+        assert cli.main(["export", str(run_dir), "--out", str(out), "--grid-images", "0"]) == 2
+        assert re.fullmatch(f"latentflow export: error: {message}.*\n", capsys.readouterr().err)
+    assert listing(run_dir.parent) == before and (tmp_path / "file").read_text() == "mine"
+    again = tmp_path / "pipe"  # an earlier pipeline folder is replaced, as before
+    shutil.copytree(pipe_dir, again)
+    (again / "stale.txt").write_text("from the earlier export")
+    assert cli.main(["export", str(run_dir), "--out", str(again), "--grid-images", "0"]) == 0
+    assert (again / "model_index.json").is_file() and not (again / "stale.txt").exists()
+
+
 def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
     grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
     args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",
@@ -245,16 +268,18 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     (["--eta", "0.5"], r"eta=0.5 is DDIM's stochasticity, and solver 'midpoint' integrates a deterministic ODE"),
     (["--device", "cuda:99"], r"device 'cuda:99': this (torch \(.*\) sees no CUDA GPU|machine has \d+ CUDA GPU)"),
     (["--device", "gpu"], r"device 'gpu' is not a torch device; use cpu, cuda, cuda:N or mps"),
+    (["--outdir", "imgs", "--grid", "grid.txt"], r"grid.txt: cannot write a .txt image; end the name in .png or .jpg"),
 ])
 def test_sample_refuses_bad_settings_in_one_line_before_writing(pipe_dir: Path, tmp_path: Path, capsys, extra,
                                                                 message):
     """Found trying the command from outside: these gave tracebacks (torchdiffeq's dt underflow, range() of step 0,
     torch's CUDA assertion) or, for --eta on a flow model, were silently ignored."""
     grid = tmp_path / "grid.png"
+    extra = [str(tmp_path / name) if name.startswith(("imgs", "grid")) else name for name in extra]
     assert cli.main(["sample", str(pipe_dir), "--n", "2", "--steps", "2", "--grid", str(grid), *extra]) == 2
     error = capsys.readouterr().err
     assert re.fullmatch(f"latentflow sample: error: .*{message}.*\n", error), error
-    assert not grid.exists()
+    assert not grid.exists() and not (tmp_path / "imgs").exists()  # the grid's name was refused before sampling
 
 
 def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Path, capsys):
@@ -436,6 +461,12 @@ def test_evaluate_with_floors_updates_the_card(pipe_dir: Path, photos: Path, tmp
     assert json.loads((tmp_path / "guided" / "evaluation.json").read_text())["guidance_interval"] == [0.2, 0.8]
     assert "guidance 2.0 at times [0.2, 0.8]" in ModelCard.load(pipe / "README.md").text
     assert cli.main([*guided[:-5], "--guidance-interval", "0.8", "0.2"]) == 2  # refused before any work
+    card = (pipe / "README.md").read_text()
+    check = [*args[:4], "--n", "2", "--batch-size", "2", "--sweep", "euler:1", "--kid-subsets", "1",
+             "--out", str(tmp_path / "check")]
+    assert cli.main(check) == 0  # a quick check with fewer images leaves the card's evaluation of 4
+    assert (pipe / "README.md").read_text() == card and "4 generated images per setting" in card
+    assert card_evaluation_size(pipe) == 4 and card_evaluation_size(tmp_path) is None
 
 
 def test_push_to_hub_offline_fails_with_one_line_after_the_folder_is_complete(run_dir: Path, tmp_path: Path,

@@ -262,3 +262,29 @@ def test_a_lock_leaves_no_trace_where_nothing_was_written(tmp_path: Path) -> Non
     with folder_lock(tmp_path / "c", "latentflow encode", "another --out"):
         (tmp_path / "c" / "shard.tar").write_bytes(b"1")
     assert tree_files(tmp_path / "c") == ["shard.tar"]
+
+
+def test_a_folder_write_replaces_only_an_earlier_folder_of_its_kind(tmp_path: Path) -> None:
+    """`write_folder_atomic(..., holds=MARKER)` replaces a missing, empty or earlier folder, never anything else."""
+    from latentflow.io import write_folder_atomic
+
+    def fill(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "index.json").write_text("new")
+
+    assert write_folder_atomic(tmp_path / "new", fill, "index.json", "pipeline folder") == tmp_path / "new"
+    (tmp_path / "new" / "extra").write_text("old")
+    write_folder_atomic(tmp_path / "new", fill, "index.json", "pipeline folder")  # an earlier one: replaced
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["index.json"]
+    (tmp_path / "empty").mkdir()
+    write_folder_atomic(tmp_path / "empty", fill, "index.json", "pipeline folder")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text("mine")
+    with pytest.raises(LatentflowError, match=r"run is not a pipeline folder \(no index.json\) and writing one "
+                                              r"would replace it with all it holds"):
+        write_folder_atomic(tmp_path / "run", fill, "index.json", "pipeline folder")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(LatentflowError, match=r"file is a file, not a pipeline folder; give a new folder"):
+        write_folder_atomic(tmp_path / "file", fill, "index.json", "pipeline folder")
+    assert (tmp_path / "run" / "log.csv").read_text() == (tmp_path / "file").read_text() == "mine"
+    assert not list(tmp_path.glob(".*"))  # no staging folder left

@@ -130,6 +130,32 @@ def test_truncated_checkpoint_is_named_and_latest_falls_back(finished_run: Path,
         find_checkpoint(run, "latest")
 
 
+def test_a_new_run_refuses_an_output_dir_holding_work_and_changes_nothing(finished_run: Path, cache: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    """Found trying the command from outside: training again into a finished run without --resume started over,
+    replacing its model, log and config (and pruning checkpoints by step); into a cache it mixed the run in."""
+    def listing(folder: Path) -> dict[str, int]:
+        return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))}
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before, cache_before = listing(run), listing(cache)
+    base = ["train", "--config", str(FLOWERS_CONFIG)]
+    for override in full_run_overrides(cache, run):
+        base += ["--set", override]
+    assert cli.main(base) == 2
+    assert capsys.readouterr().err == (f"latentflow train: error: output_dir {run} holds a run's checkpoints (up to "
+                                       f"step-00000006) that a new run would overwrite; add --resume latest to "
+                                       f"continue it, or choose another output_dir\n")
+    assert listing(run) == before
+    shutil.rmtree(run / "checkpoints")
+    assert cli.main(base) == 2
+    assert "holds a finished run's model (model/config.json)" in capsys.readouterr().err
+    assert cli.main([*base, "--set", f"output_dir={cache}"]) == 2
+    assert f"output_dir {cache} holds a latent cache (manifest.json)" in capsys.readouterr().err
+    assert listing(cache) == cache_before
+
+
 def test_loss_falls_on_a_fixed_batch(cache: Path, tmp_path: Path) -> None:
     from latentflow.train.trainer import Trainer
 

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentflow.card import write_model_card
+    from latentflow.card import CARD_NAME, card_evaluation_size, write_model_card
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
 
@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
-    card = write_model_card(args.pipe_dir, evaluation_file=paths["json"])
-    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}; updated {card}")
+    shown = card_evaluation_size(args.pipe_dir)
+    if shown is not None and shown > settings.n:  # a quick check does not replace a larger evaluation
+        card = f"left {args.pipe_dir / CARD_NAME} as it was (its evaluation has {shown} images per setting)"
+    else:
+        card = f"updated {write_model_card(args.pipe_dir, evaluation_file=paths['json'])}"
+    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}; {card}")
     return 0

@@ -39,12 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.errors import LatentflowError
     from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
-    from latentflow.io import image_grid, save_image
+    from latentflow.io import image_format, image_grid, save_image
 
     if args.grid is None and args.outdir is None:
         raise LatentflowError("nothing to write: give --grid FILE.png and/or --outdir DIR")
     if args.n < 1:
         raise LatentflowError(f"--n must be at least 1, got {args.n}")
+    if args.grid is not None:
+        image_format(args.grid)
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,

@@ -25,6 +25,8 @@ STATE_FILE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
 GUIDE_DIR = "guide"
 """RUN/guide: the EMA model at `train.guide_step` (diffusers format), the pipeline's guide after export."""
+MODEL_DIR = "model"
+"""RUN/model: the finished run's EMA model (diffusers format), what export turns into a pipeline."""
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -127,6 +129,28 @@ def find_checkpoint(output_dir: str | Path, which: str) -> CheckpointInfo:
             problems.append(str(error))
     detail = ("; skipped: " + "; ".join(problems)) if problems else ""
     raise LatentflowError(f"--resume latest: no intact checkpoint under {root}{detail}")
+
+
+def check_fresh_output(output_dir: str | Path) -> None:
+    """Refuse to start a run at step 0 in `output_dir` where it would overwrite work: a run's checkpoints (resume
+    them instead) or finished model, a latent cache or a pipeline folder. Other files (a job's logs, the files of
+    a start interrupted before its first checkpoint) are left as they are.
+
+    Raises:
+        LatentflowError: naming the folder, what it holds and the fix.
+    """
+    out = Path(output_dir)
+    found = list_checkpoints(checkpoint_root(out))
+    if found:
+        raise LatentflowError(f"output_dir {out} holds a run's checkpoints (up to {found[-1].path.name}) that a "
+                              f"new run would overwrite; add --resume latest to continue it, or choose another "
+                              f"output_dir")
+    held = {MODEL_DIR + "/config.json": "a finished run's model", "manifest.json": "a latent cache",
+            "model_index.json": "a pipeline folder"}
+    for name, what in held.items():
+        if (out / name).is_file():
+            raise LatentflowError(f"output_dir {out} holds {what} ({name}) that a new run would overwrite; choose "
+                                  f"another output_dir")
 
 
 def is_checkpoint(path: str | Path) -> bool:

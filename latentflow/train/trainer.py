@@ -527,6 +527,15 @@ class Trainer:
 
     def _fit(self, resume: str | None) -> FitResult:
         accelerator, config = self.accelerator, self.config
+        if not resume:  # the main process looks (output_dir may be its own disk), every process raises
+            problem = None
+            if accelerator.is_main_process:
+                try:
+                    ckpt.check_fresh_output(self.output_dir)
+                except LatentflowError as error:
+                    problem = str(error)
+            if (problem := self._from_main(problem)) is not None:
+                raise LatentflowError(problem)
         if resume:
             info = self.load_checkpoint(resume)
             accelerator.print(f"resumed from {info.path} at step {info.step}")
@@ -614,7 +623,7 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the EMA model to OUT/model and the cache manifest beside it."""
-        target = self.write_model("model")
+        target = self.write_model(ckpt.MODEL_DIR)
         if target is not None:
             write_json_atomic(self.output_dir / "cache_manifest.json", self.cache.manifest, indent=1)
         return target
