@@ -35,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = ["latentflow", *argv]  # what ran, also when called in-process; stored in manifests
     try:
         result = args.func(args)
-    except (LatentflowError, FileNotFoundError) as error:
-        print(f"latentflow {args.command}: error: {error}", file=sys.stderr)
+    except (LatentflowError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        print(f"latentflow {args.command}: error: {error}", file=sys.stderr)  # OS errors name the path
         return 2
     except KeyboardInterrupt:
         print(f"latentflow {args.command}: interrupted", file=sys.stderr)

@@ -44,6 +44,7 @@ from latentflow.export import (
     load_pipeline,
     pipeline_from_run,
 )
+from latentflow.flow.guidance import check_guidance_scale
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
 from latentflow.io import LOCK_NAME, read_json, write_json_atomic
 from latentflow.processes import Distributed, torch_device
@@ -325,6 +326,7 @@ def _check_arguments(config: ReflowConfig) -> None:
 
 def _check_teacher_settings(pipe, config: ReflowConfig) -> None:
     pipe.check_solver(config.solver)
+    check_guidance_scale(config.guidance_scale)
     if config.guidance_scale != 1.0 and not pipe.scheduler.config.num_classes:
         raise LatentflowError(f"--guidance-scale {config.guidance_scale} needs a class-conditional teacher; "
                               "this one is unconditional: use 1")

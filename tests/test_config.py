@@ -80,6 +80,20 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
         load_config(None, ["train.max_steps"])
 
 
+def test_a_file_or_override_that_is_not_yaml_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Found trying the command from outside: a YAML syntax error was a 40-line traceback."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  max_steps: [\n")
+    with pytest.raises(LatentflowError, match=rf"{broken}: not valid YAML \(.* at line 3, column 1\)"):
+        load_config(broken)
+    with pytest.raises(LatentflowError, match=r"override 'train.max_steps=\[': not valid YAML"):
+        load_config(None, ["train.max_steps=["])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"a: \x00\x01")
+    with pytest.raises(LatentflowError, match=rf"{binary}: not valid YAML"):
+        load_config(binary)
+
+
 def test_impossible_values_are_refused() -> None:
     config = load_config(None, ["data.cache=x", "data.batch_size=4", "optim.grad_accumulation=2"])
     validate_config(config, num_processes=2)

@@ -270,6 +270,14 @@ def test_ot_fit_refuses_bad_settings_before_reading_the_cache(cache: Path, tmp_p
     assert not (copy / "ot").exists()
 
 
+def test_an_error_before_the_first_step_prints_alone_without_a_progress_bar(tmp_path: Path, capsys) -> None:
+    """Found trying the command from outside: the bar was drawn before the cache was read, so the error shared its
+    line."""
+    assert cli.main(["ot-fit", str(tmp_path / "nothing")]) == 2
+    error = capsys.readouterr().err
+    assert error == f"latentflow ot-fit: error: {tmp_path / 'nothing'}/manifest.json: not found; not a latent cache\n"
+
+
 def test_an_unbalanced_potential_and_a_class_aware_fit_of_an_unlabelled_cache_are_refused(
         cache: Path, tmp_path: Path) -> None:
     short = tmp_path / "short"

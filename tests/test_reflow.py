@@ -264,6 +264,9 @@ def test_another_teacher_or_settings_or_folder_is_refused_and_nothing_written(co
     assert sorted(p.name for p in elsewhere.iterdir()) == ["todo.txt"]
     assert reflow(tmp_path / "nothing", tmp_path / "out", 2, *EULER) == 2
     assert "neither a pipeline folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert reflow(pipe_dir, tmp_path / "negative", 2, *EULER, "--guidance-scale", "-1") == 2  # was a folder left
+    assert capsys.readouterr().err == ("latentflow reflow: error: guidance_scale must be >= 0 and finite (1 means no "
+                                       "guidance), got -1.0\n") and not (tmp_path / "negative").exists()
 
 
 def test_a_pipeline_without_its_cache_manifest_still_gives_a_trainable_cache(pipe_dir: Path, couplings: Path,

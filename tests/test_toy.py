@@ -97,6 +97,29 @@ def test_workers_default_to_the_cpus_for_ot_pairing_and_one_otherwise():
         LabSettings(workers=-1).validate()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"learning_rate": float("nan")}, r"--lr must be a finite number > 0, got nan"),
+    ({"learning_rate": -1.0}, r"--lr must be a finite number > 0, got -1.0"),
+    ({"solver": "foo"}, r"unknown solver 'foo' for a velocity model"),
+    ({"objective": "meanflow", "solver": "foo"}, r"unknown solver 'foo'"),  # its paths are drawn with --solver
+    ({"objective": "reflow", "reflow_solver": "ddim"}, r"unknown solver 'ddim'"),
+    ({"objective": "meanflow-ft", "finetune_steps": 0}, r"--finetune-steps >= 1; got 0.25, 1.0, 0"),
+])
+def test_lab_settings_found_from_outside_are_refused_before_training(settings, message):
+    """These gave torch's traceback (--lr), an error after the whole training (--solver, --reflow-solver), or were
+    taken (--finetune-steps 0 ran the default)."""
+    with pytest.raises(LatentflowError, match=message):
+        LabSettings(**settings).validate()
+    LabSettings(objective="ddpm", source="gaussian", solver="foo").validate()  # ddpm samples with DDIM
+
+
+def test_toy_out_through_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    assert main(["toy", "--objective", "rf", "--steps", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"latentflow toy: error: [Errno 20] Not a directory: '{out}'\n"
+
+
 def test_lab_reproduces_straight_ot_paths_and_writes_its_files(tmp_path):
     code = main(["toy", "--objective", "cfm,otcfm,ddpm", "--steps", "600", "--nfe", "1,4", "--eval-samples", "400",
                  "--workers", "1", "--out", str(tmp_path)])

@@ -49,15 +49,19 @@ def run(args: argparse.Namespace) -> int:
                          flips=args.flips, normalized=args.normalized, balance_draws=args.balance_draws,
                          device=args.device, save_every=args.save_every, progress=args.progress)
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch: the first process reports
-    bar = tqdm(total=args.steps, desc="ot-fit", disable=not (args.progress and main))
+    bars = []  # opened at the first step, so that an error in the cache or settings prints on a line of its own
 
     def on_step(step: int, status: dict[str, float]) -> None:
+        if not bars:
+            bars.append(tqdm(total=args.steps, desc="ot-fit", disable=not (args.progress and main)))
+        bar = bars[0]
         bar.n = step
         bar.set_postfix(dual=f"{status['dual']:.4g}", imbalance=f"{status['recent_imbalance']:.3f}", refresh=False)
         bar.update(0)
 
     result = fit_cache_potential(config, on_step)
-    bar.close()
+    for bar in bars:
+        bar.close()
     if not main:
         return 0
     balance = result.report["balance"]

@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--nfe", default="1,2,4,8,100", help="solver step counts to evaluate")
-    parser.add_argument("--solver", default=defaults.solver, help="torchdiffeq fixed-step method")
+    parser.add_argument("--solver", default=defaults.solver,
+                        help="torchdiffeq fixed-step method (ddpm samples with DDIM)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--lr-schedule", default=defaults.lr_schedule, help="constant or cosine (decay to zero)")

@@ -18,6 +18,12 @@ ConditionalModel = Callable[..., torch.Tensor]
 per-sample inputs such as a flow map's end time r."""
 
 
+def check_guidance_scale(scale: float) -> None:
+    """Raise LatentflowError unless `scale` is a guidance scale w: a finite number >= 0."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+        raise LatentflowError(f"guidance_scale must be >= 0 and finite (1 means no guidance), got {scale!r}")
+
+
 def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
     """The guidance interval (t_low, t_high) as floats, or None; raises LatentflowError unless 0 <= low < high <= 1."""
     if interval is None:
@@ -57,8 +63,7 @@ def guided_field(model: ConditionalModel, labels: torch.Tensor | None, null_clas
         field(x (B, ...), t (B,), *extra) -> (B, ...) (a flow map's average velocity is guided the same way,
         with its end time r as `extra`).
     """
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
-        raise LatentflowError(f"guidance_scale must be >= 0 and finite (1 means no guidance), got {scale!r}")
+    check_guidance_scale(scale)
     interval = check_guidance_interval(interval)
     if scale == 1.0:
         return lambda x, t, *extra: model(x, t, labels, *extra)

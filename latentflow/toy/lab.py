@@ -37,7 +37,7 @@ from latentflow.flow.objectives import (
     make_objective,
 )
 from latentflow.flow.semidiscrete import FitSettings, LaguerreCells, PotentialFit, measure_balance, noise_for_step
-from latentflow.flow.solvers import SolverOutput, ddim_sample, integrate, sample_flow_map
+from latentflow.flow.solvers import SolverOutput, check_solver, ddim_sample, integrate, sample_flow_map
 from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import save_npy, write_json_atomic
 from latentflow.toy.distributions import PointCloud, Sampler, get_distribution
@@ -103,7 +103,14 @@ class LabSettings:
         if self.objective in ("ddpm", "otcfm-dataset") and self.source != "gaussian":
             raise LatentflowError(f"{self.objective} starts from Gaussian noise: use --source gaussian (got "
                                   f"{self.source!r})")
-        if not 0 <= self.flow_map_share <= 1 or self.flow_map_weight_power < 0 or (self.finetune_steps or 1) < 1:
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise LatentflowError(f"--lr must be a finite number > 0, got {self.learning_rate}")
+        if self.objective != "ddpm":  # ddpm samples with DDIM; a flow map's paths are drawn with --solver too
+            check_solver(self.solver)
+        if self.objective in ("reflow", "meanflow-reflow"):
+            check_solver(self.reflow_solver)
+        if (not 0 <= self.flow_map_share <= 1 or self.flow_map_weight_power < 0
+                or (self.finetune_steps is not None and self.finetune_steps < 1)):
             raise LatentflowError(f"--flow-map-share must be in [0, 1], --flow-map-weight-power >= 0 and "
                                   f"--finetune-steps >= 1; got {self.flow_map_share}, {self.flow_map_weight_power}, "
                                   f"{self.finetune_steps}")

@@ -301,8 +301,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise LatentflowError(f"override {override!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        node[parts[-1]] = _parse_yaml(text, f"override {override!r}") if text.strip() else ""
     return data
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML; a syntax error is one line naming `where` and the error's place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise LatentflowError(f"{where}: not valid YAML ({problem}{place})") from None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -312,7 +323,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise LatentflowError(f"{path}: expected a mapping of sections at the top level")
     apply_overrides(data, overrides)
