@@ -299,6 +299,24 @@ def test_an_out_that_is_a_file_is_refused_naming_it(tmp_path, capsys):
     assert taken.read_text() == "someone's file"
 
 
+def test_an_out_holding_something_else_is_refused_also_with_overwrite(tmp_path, capsys):
+    """Found trying the command from outside: encode wrote its shards and manifest into a pipeline folder and into a
+    training run (and --overwrite would have cleared a cache's files in whatever folder it was given)."""
+    vae_dir, images = tiny_kl(tmp_path / "kl"), synthetic_images(tmp_path / "img", 2)
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    for name in ("model_index.json", "README.md", "cache_manifest.json", "skipped.jsonl"):
+        (pipeline / name).write_text("{}")
+    before = sorted(path.name for path in pipeline.iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert encode("--vae", str(vae_dir), "--data", str(images), "--out", str(pipeline), "--resolution", "8",
+                      *extra) == 2
+        assert capsys.readouterr().err == (f"latentflow encode: error: --out {pipeline} holds files that are not a "
+                                           f"latent cache (README.md, cache_manifest.json, model_index.json and 1 "
+                                           f"more); use a new or empty folder\n")
+    assert sorted(path.name for path in pipeline.iterdir()) == before
+
+
 # ---- resume after a real SIGKILL ---------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from latentflow.data.manifest import build_manifest, check_compatible, write_settings, write_skipped
+from latentflow.data.manifest import build_manifest, check_cache_folder, check_compatible, write_settings, write_skipped
 from latentflow.data.preprocess import PreprocessConfig, check_resolution, preprocess_bytes, to_model_input
 from latentflow.data.sources import Record, Source, open_source
 from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
@@ -207,8 +207,9 @@ def encode_dataset(config: EncodeConfig) -> EncodeResult:
         EncodeResult; ``num_samples == 0`` means nothing could be encoded (the CLI exits non-zero).
     """
     _check_counts(config)
-    dist = Distributed(config.device)
     out = Path(config.out)
+    check_cache_folder(out)  # also with --overwrite, which replaces a cache, not what else the folder holds
+    dist = Distributed(config.device)
     with dist.lock(out, "latentflow encode"):
         return _encode_locked(config, dist, out)
 

@@ -34,6 +34,27 @@ def _differences(existing: dict[str, Any], settings: dict[str, Any], field: str)
     return None if existing.get(field) == settings.get(field) else (existing.get(field), settings.get(field))
 
 
+CACHE_ENTRIES = ("manifest.json", "skipped.jsonl", INDEX_DIR, "ot")
+"""What a cache folder holds besides its `shard-*.tar` files and hidden temporaries and lock (`ot/`: potentials)."""
+
+
+def check_cache_folder(out: Path) -> None:
+    """Refuse an `out` that holds files no cache writer puts there (a pipeline, a training run, someone's notes):
+    writing a cache into it would mix the two.
+
+    Raises:
+        LatentflowError: naming the folder and a few of the files.
+    """
+    if not out.is_dir():
+        return
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in CACHE_ENTRIES
+                     and not path.name.startswith((".", "shard-")))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LatentflowError(f"--out {out} holds files that are not a latent cache ({shown}); use a new or empty "
+                              "folder")
+
+
 def check_compatible(out: Path, settings: dict[str, Any]) -> bool:
     """Whether `out` already holds a cache; raise if it was made with other settings.
 
