@@ -19,7 +19,7 @@ from PIL import Image
 
 from latentflow.card import GRID_NAME
 from latentflow.errors import LatentflowError
-from latentflow.io import write_folder_atomic
+from latentflow.io import check_folder_target, write_folder_atomic
 from latentflow.vae import DEFAULT_VAE
 
 if TYPE_CHECKING:
@@ -332,6 +332,12 @@ def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, split
 
 def run_demo(settings: DemoSettings) -> dict[str, Path]:
     """Run the stages; returns where each result lies."""
+    from latentflow.eval.sweep import parse_sweep
+    from latentflow.flow.guidance import check_guidance_interval, check_guidance_scale
+    from latentflow.flow.objectives import make_objective
+    from latentflow.flow.solvers import check_solver
+    from latentflow.train.config import validate_config
+
     if (settings.eval_images is not None and settings.eval_images < 2) or settings.grid_images < 1:
         raise LatentflowError("--eval-images must be >= 2 and --grid-images >= 1")
     if settings.few_step and settings.few_step_couplings < 1:
@@ -339,11 +345,18 @@ def run_demo(settings: DemoSettings) -> dict[str, Path]:
     if Path(settings.vae).exists():  # record local VAEs by absolute path, so later stages find them anywhere
         settings.vae = str(Path(settings.vae).resolve())
     splits = find_splits(settings.data)
-    settings.out.mkdir(parents=True, exist_ok=True)
+    check_folder_target(settings.out, what="demo folder")
     cache = settings.out / "cache"
     config = demo_config(settings, cache)  # read before encoding: a bad config or override fails at once
+    validate_config(config)
     if settings.few_step:  # likewise the flow map's
-        few_step_config(settings, settings.out / "couplings", Path(config.output_dir))
+        validate_config(few_step_config(settings, settings.out / "couplings", Path(config.output_dir)))
+    check_guidance_scale(settings.guidance_scale)  # and the evaluation's settings, which come last
+    check_guidance_interval(settings.guidance_interval)
+    prediction = make_objective(config.objective.name).prediction
+    for setting in parse_sweep(settings.sweep):
+        check_solver(setting.solver, prediction)
+    settings.out.mkdir(parents=True, exist_ok=True)
     fit = None
     if config.objective.ot_scope == "dataset":
         from latentflow.flow.semidiscrete import FitSettings

@@ -1,6 +1,7 @@
 """The main job end to end on a few real flower photos through the real TAEF2 (small sizes, same code path)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,26 @@ def test_find_splits_uses_train_and_val_folders(tmp_path):
     assert find_splits(str(flat)).reference is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_splits(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--guidance-scale", "nan"], r"guidance_scale must be >= 0 and finite \(1 means no guidance\), got nan"),
+    (["--guidance-interval", "0.9", "0.1"], r"guidance_interval must be two times 0 <= low < high <= 1"),
+    (["--sweep", "ddim:2"], r"unknown solver 'ddim' for a velocity model"),
+    (["--train-steps", "0"], r"train.max_steps must be >= 1, got 0"),
+    (["--few-step", "--few-step-train-steps", "0"], r"train.max_steps must be >= 1, got 0"),
+    (["--out", "FILE"], r".*/file is a file, not a demo folder; give a new folder"),
+])
+def test_demo_refuses_bad_settings_before_encoding(tmp_path, capsys, extra, message):
+    """Found trying the command from outside: these failed only at the stage that used them (training, or the
+    evaluation after the whole run), or with a traceback (--out a file)."""
+    (tmp_path / "file").write_text("mine")
+    extra = [str(tmp_path / "file") if item == "FILE" else item for item in extra]
+    args = ["demo", "--data", str(FLOWERS.parent), "--vae", str(TAEF2), "--out", str(tmp_path / "demo"), *extra]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert re.fullmatch(f"latentflow demo: error: {message}.*\n", error), error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]  # no demo folder, nothing encoded
 
 
 @pytest.mark.slow
