@@ -330,6 +330,21 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                      "--out", str(tmp_path / "bad")]) == 2
     assert f"--floors {tmp_path / 'nowhere'}: no such image folder" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any sampling
+    # session 28: floors from too few images were found after the sweep, KID with 0 subsets was NaN, a subset size
+    # 0 named the sets' sizes, --ref-resolution 0 was taken as the default, an --out that is a file failed after the
+    # first setting
+    (tmp_path / "file").write_text("mine")
+    for extra, message in [(["--floors", str(photos), "--n", str(2 * PER_CLASS * 5 + 1)],
+                            f"floors need {2 * PER_CLASS * 5 + 1} training images"),
+                           (["--kid-subsets", "0"], "--kid-subsets must be an integer >= 1, got 0"),
+                           (["--kid-subset-size", "0"], "--kid-subset-size must be an integer >= 2, got 0"),
+                           (["--ref", str(photos), "--ref-resolution", "0"], "--ref-resolution must be an integer >= 1"),
+                           (["--out", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file, not a folder for the "
+                                                               "evaluation")]:
+        assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--out", str(tmp_path / "bad"), *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"latentflow evaluate: error: {message}") and error.count("\n") == 1, error
+        assert not (tmp_path / "bad").exists()
 
     # two training steps leave the velocity nearly constant, which any time grid integrates alike: shifts are
     # measured on a copy whose transformer weights are perturbed (a field that varies in x and t)

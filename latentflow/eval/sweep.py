@@ -14,13 +14,13 @@ import torch
 
 from latentflow.errors import LatentflowError, require_count
 from latentflow.eval.features import FeatureExtractor
-from latentflow.eval.floors import Floors
+from latentflow.eval.floors import Floors, floor_files
 from latentflow.eval.references import FeatureAccumulator, load_statistics
 from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare_statistics
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
 from latentflow.flow.solvers import SHIFTABLE_SOLVERS, STEPPED_SOLVERS
-from latentflow.io import json_sha256, read_json, write_bytes_atomic
+from latentflow.io import check_folder_target, json_sha256, read_json, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -331,6 +331,12 @@ class EvaluationSettings:
         if self.floors is not None and not Path(self.floors).is_dir():
             raise LatentflowError(f"--floors {self.floors}: no such image folder; give the training images' folder, "
                                   "or leave --floors out")
+        if self.floors is not None:
+            floor_files(self.floors, self.n)  # enough training images for n: refused before the sweep, not after
+        require_count("--kid-subsets", self.kid_subsets, 1)
+        require_count("--kid-subset-size", self.kid_subset_size, 2)
+        if self.reference_resolution is not None:
+            require_count("--ref-resolution", self.reference_resolution, 1)
         check_guidance_interval(self.guidance_interval)
         return parse_sweep(self.sweep, self.time_shifts)
 
@@ -347,6 +353,7 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
     from latentflow.eval.features import make_extractors
     from latentflow.eval.references import reference_statistics, statistics_source
 
+    check_folder_target(out_dir, what="folder for the evaluation")  # a file there was found after the first setting
     default_shift = float(pipe.scheduler.config.time_shift)
     sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
              and setting.solver in SHIFTABLE_SOLVERS else setting for setting in settings.check()]
