@@ -71,17 +71,40 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
             f"no pipeline at {pipe_dir} (missing {PIPELINE_MARKER}); write one with `latentflow export`"
         )
     device = torch_device(device)
+    check_pipeline_folder(pipe_dir, skip=() if guide else ("guide",))
     extra = {} if guide else {"guide": None}
     shown = diffusers_logging.is_progress_bar_enabled()
     if not progress:
         diffusers_logging.disable_progress_bar()
     try:
         pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **extra).to(device)
+    except (OSError, ValueError) as error:  # a truncated weights file, a config that is no JSON
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LatentflowError(f"pipeline {pipe_dir} could not be loaded ({message}); export it again with "
+                              f"`latentflow export RUN --out {pipe_dir}`") from error
     finally:
         if shown:
             diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
+
+
+COMPONENT_CONFIGS = {"scheduler": "scheduler_config.json"}
+"""Each component folder's config file where it is not config.json."""
+
+
+def check_pipeline_folder(pipe_dir: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+    """Refuse a pipeline folder whose model_index.json names a component (other than `skip`) that has no folder and
+    config, naming the first one missing, before diffusers' traceback would."""
+    index = read_json(Path(pipe_dir) / PIPELINE_MARKER, "pipeline index")
+    for name, value in index.items():
+        if name.startswith("_") or name in skip or not isinstance(value, list) or None in value:
+            continue
+        config = Path(pipe_dir) / name / COMPONENT_CONFIGS.get(name, "config.json")
+        if not config.is_file():
+            raise LatentflowError(f"pipeline {pipe_dir} is incomplete: {config.relative_to(pipe_dir)} is missing "
+                                  f"({PIPELINE_MARKER} names {name!r}); export it again with `latentflow export RUN "
+                                  f"--out {pipe_dir}`")
 
 
 def scheduler_from_run(config: Any, manifest: dict[str, Any], vae_module: torch.nn.Module) -> LatentFlowScheduler:

@@ -241,6 +241,32 @@ def test_export_refuses_an_out_that_holds_something_else_and_leaves_it_as_it_was
     assert (again / "model_index.json").is_file() and not (again / "stale.txt").exists()
 
 
+def test_a_broken_pipeline_folder_is_one_line_naming_it(pipe_dir: Path, tmp_path: Path, capsys):
+    """Found trying the command from outside: a pipeline folder missing a component, with truncated weights or a
+    config that is no JSON gave diffusers' 30-50-line tracebacks."""
+    def broken(name: str, damage) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(pipe_dir, copy)
+        damage(copy)
+        return copy
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    cases = [
+        (broken("no_vae", lambda d: shutil.rmtree(d / "vae")), "is incomplete: vae/config.json is missing "
+                                                               "\\(model_index.json names 'vae'\\)"),
+        (broken("cut", lambda d: (d / weights).write_bytes((pipe_dir / weights).read_bytes()[:1000])),
+         "could not be loaded \\(Unable to load weights"),
+        (broken("json", lambda d: (d / "scheduler" / "scheduler_config.json").write_text("{")),
+         "could not be loaded \\(It looks like the config file .* is not a valid JSON file"),
+    ]
+    for folder, message in cases:
+        assert cli.main(["sample", str(folder), "--n", "1", "--steps", "1", "--grid", str(tmp_path / "g.png")]) == 2
+        error = capsys.readouterr().err
+        assert re.fullmatch(f"latentflow sample: error: pipeline {folder} {message}.*; export it again with "
+                            f"`latentflow export RUN --out {folder}`\n", error), error
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
     grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
     args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",
