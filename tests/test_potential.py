@@ -270,6 +270,23 @@ def test_ot_fit_refuses_bad_settings_before_reading_the_cache(cache: Path, tmp_p
     assert not (copy / "ot").exists()
 
 
+def test_a_damaged_potential_file_is_named_by_training_and_fitted_again_by_ot_fit(fitted: Path, tmp_path: Path,
+                                                                                  capsys) -> None:
+    """Found trying the command from outside: a truncated NAME.safetensors was safetensors' traceback in training,
+    and `ot-fit` called the fit complete (its record says finished), so the advice to refit went round in a loop."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fitted, damaged)
+    path = potential_paths(damaged, "potential")[0]
+    whole = load_file(str(path))["potential"].clone()  # load_file maps the file, which is cut next
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(LatentflowError, match=rf"{path}: unreadable \(.*\); run `latentflow ot-fit {damaged}` again"):
+        dataset_cells_for(config_for(damaged), LatentCache(damaged))
+    assert ot_fit(damaged) == 0
+    assert f"ot-fit: {path}: unreadable (" in capsys.readouterr().err
+    assert torch.equal(load_file(str(path))["potential"], whole)  # the same settings fit the same potential
+    dataset_cells_for(config_for(damaged), LatentCache(damaged))
+
+
 def test_an_error_before_the_first_step_prints_alone_without_a_progress_bar(tmp_path: Path, capsys) -> None:
     """Found trying the command from outside: the bar was drawn before the cache was read, so the error shared its
     line."""

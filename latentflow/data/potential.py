@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from latentflow.data.cache import LatentCache
@@ -302,12 +304,20 @@ def _fit(config: OTFitConfig, cache: LatentCache, on_step: Callable[[int, dict[s
     potential_path, json_path, state_path = potential_paths(cache.path, config.name)
     existing = _check_existing(json_path, identity)
     if existing is not None and existing.get("finished") and potential_path.exists():
-        return OTFitResult(potential_path, True, int(existing["points"]), 0, 0.0, existing)
+        try:
+            _potential_values(potential_path, int(existing["points"]))
+            return OTFitResult(potential_path, True, int(existing["points"]), 0, 0.0, existing)
+        except LatentflowError as error:  # a damaged file of a finished fit: the same settings fit it again
+            print(f"ot-fit: {error}; fitting it again", file=sys.stderr)
     points = load_points(cache, config.normalized, config.flips, config.class_aware)
     split = DrawSplit(dist.rank, dist.world_size, dist.reduce_sum)
     fits = _GroupFits(points, config.fit, dist.device, split)
-    if state_path.exists() and existing is not None:
-        fits.load_state_dict(load_file(str(state_path)))
+    if state_path.exists() and existing is not None and not existing.get("finished"):
+        try:
+            fits.load_state_dict(_read_tensors(state_path))
+        except LatentflowError as error:
+            print(f"ot-fit: {error}; starting the fit over", file=sys.stderr)
+            fits = _GroupFits(points, config.fit, dist.device, split)
     first, main = fits.step_count, dist.rank == 0
     while fits.step_count < config.fit.steps:
         fits.step()
@@ -469,12 +479,29 @@ def read_potential_record(cache: LatentCache, name: str) -> tuple[dict[str, Any]
         raise LatentflowError(f"{json_path}: the fit is unfinished (step {record.get('step')}); {refit} to finish it")
     if record.get("cache_fingerprint") != cache_fingerprint(cache):
         raise LatentflowError(f"{json_path}: fitted on another cache (the manifest changed since); {refit} again")
-    potential = load_file(str(potential_path)).get("potential")
-    if potential is None or potential.shape != (int(record["points"]),):
-        raise LatentflowError(f"{potential_path}: no potential of {record['points']} values; {refit} again")
-    if not torch.isfinite(potential).all():
-        raise LatentflowError(f"{potential_path}: the potential holds NaN or infinite values; {refit} again")
+    try:
+        potential = _potential_values(potential_path, int(record["points"]))
+    except LatentflowError as error:
+        raise LatentflowError(f"{error}; {refit} again") from None
     return record, potential
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or foreign file is a LatentflowError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise LatentflowError(f"{path}: unreadable ({str(error).strip().splitlines()[0]})") from error
+
+
+def _potential_values(path: Path, points: int) -> torch.Tensor:
+    """The (points,) finite potential in `path`, else a LatentflowError naming the file and what is wrong."""
+    potential = _read_tensors(path).get("potential")
+    if potential is None or potential.shape != (points,):
+        raise LatentflowError(f"{path}: no potential of {points} values")
+    if not torch.isfinite(potential).all():
+        raise LatentflowError(f"{path}: the potential holds NaN or infinite values")
+    return potential
 
 
 def _checked_potential(cache: LatentCache, name: str, normalized: bool, random_flip: bool, max_imbalance: float
