@@ -267,6 +267,24 @@ def test_a_broken_pipeline_folder_is_one_line_naming_it(pipe_dir: Path, tmp_path
     assert not (tmp_path / "g.png").exists()
 
 
+def test_a_run_with_damaged_model_files_is_one_line_naming_the_folder(run_dir: Path, tmp_path: Path, capsys):
+    """Found trying the command from outside: truncated EMA weights or a model config that is no JSON in a run
+    gave tracebacks in export (and in `train --init`, which loads the same way)."""
+    cut, bad_json = tmp_path / "cut", tmp_path / "bad_json"
+    for copy in (cut, bad_json):
+        shutil.copytree(run_dir, copy)
+    weights = next((cut / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (bad_json / "model" / "config.json").write_text("{")
+    for run, message in [(cut, f"model {cut / 'model'} could not be loaded \\(Unable to load weights.*\\); its "
+                               f"files are damaged: write the folder again"),
+                         (bad_json, f"{bad_json / 'model' / 'config.json'}: not a JSON object \\(Expecting")]:
+        assert cli.main(["export", str(run), "--out", str(tmp_path / "pipe"), "--grid-images", "0"]) == 2
+        error = capsys.readouterr().err
+        assert re.fullmatch(f"latentflow export: error: {message}.*\n", error), error
+    assert not (tmp_path / "pipe").exists()
+
+
 def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
     grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
     args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",

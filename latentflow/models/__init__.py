@@ -83,11 +83,19 @@ def load_model(path: str | Path, **kwargs: Any) -> ModelMixin:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no model config at {config_file}; expected a folder written by save_pretrained")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise LatentflowError(f"{config_file}: not a JSON object ({error})") from None
     classes: dict[str, Callable[..., ModelMixin]] = {cls.__name__: cls for cls in MODEL_CLASSES.values()}
     if class_name not in classes:
         raise LatentflowError(f"{config_file}: _class_name {class_name!r} is not one of {sorted(classes)}")
-    return classes[class_name].from_pretrained(path, **kwargs)
+    try:
+        return classes[class_name].from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:  # truncated or foreign weights
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LatentflowError(f"model {path} could not be loaded ({message}); its files are damaged: write the "
+                              f"folder again") from error
 
 
 __all__ = ["DiT", "UNet", "MODEL_CLASSES", "MODEL_PRESETS", "make_model", "load_model", "model_names"]
