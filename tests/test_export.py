@@ -382,7 +382,8 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                             f"floors need {2 * PER_CLASS * 5 + 1} training images"),
                            (["--kid-subsets", "0"], "--kid-subsets must be an integer >= 1, got 0"),
                            (["--kid-subset-size", "0"], "--kid-subset-size must be an integer >= 2, got 0"),
-                           (["--ref", str(photos), "--ref-resolution", "0"], "--ref-resolution must be an integer >= 1"),
+                           (["--ref", str(photos), "--ref-resolution", "0"],
+                            "--ref-resolution must be an integer >= 1"),
                            (["--out", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file, not a folder for the "
                                                                "evaluation")]:
         assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--out", str(tmp_path / "bad"), *extra]) == 2
