@@ -285,6 +285,21 @@ def test_a_run_with_damaged_model_files_is_one_line_naming_the_folder(run_dir: P
     assert not (tmp_path / "pipe").exists()
 
 
+def test_an_unreadable_image_in_a_reference_folder_is_one_line_naming_it(photos: Path, tmp_path: Path, capsys):
+    """Found trying the command from outside: an empty or fake image file in fid-stats' folder (or evaluate's --ref
+    and --floors folders) was PIL's traceback."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for photo in sorted(photos.rglob("*.jpg"))[:3]:
+        os.symlink(photo.resolve(), folder / photo.name)
+    (folder / "zz_empty.jpg").write_bytes(b"")
+    assert cli.main(["fid-stats", str(folder), "--out", str(tmp_path / "ref.npz"), "--resolution", "64"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (f"latentflow fid-stats: error: {folder / 'zz_empty.jpg'}: not a readable image (cannot identify "
+                     f"image file '{folder / 'zz_empty.jpg'}'); remove it from the folder or save it again")
+    assert not (tmp_path / "ref.npz").exists()
+
+
 def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, capsys):
     grid, outdir = tmp_path / "grid.png", tmp_path / "imgs"
     args = ["sample", str(pipe_dir), "--n", "5", "--steps", "2", "--solver", "euler", "--seed", "0",

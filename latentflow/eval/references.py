@@ -38,11 +38,15 @@ def _load_uint8(path: Path, resolution: int | None = None) -> torch.Tensor:
 
     from latentflow.data.preprocess import resize_center_crop, to_rgb
 
-    with Image.open(path) as image:
-        image = to_rgb(image)
-        if resolution is not None:
-            image = resize_center_crop(image, resolution)
-        array = np.asarray(image, dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(image)
+            if resolution is not None:
+                image = resize_center_crop(image, resolution)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError) as error:  # empty, truncated, or not an image: statistics of every image or none
+        raise LatentflowError(f"{path}: not a readable image ({error}); remove it from the folder or save it "
+                              "again") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
