@@ -450,8 +450,11 @@ def _load_diffusers_hub(source: str) -> tuple[nn.Module, dict[str, Any]]:
     try:
         config_file = hf_hub_download(repo_id, "config.json", subfolder=subfolder)
     except Exception as error:  # offline, missing repo, missing subfolder: say which and why
-        raise LatentflowError(f"VAE {source!r}: could not fetch config.json from the hub "
-                              f"(repo {repo_id}, subfolder {subfolder}): {error}") from error
+        where = f"repo {repo_id}" + (f", subfolder {subfolder}" if subfolder else "")
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        raise LatentflowError(f"VAE {source!r}: could not fetch config.json from the Hub ({where}): "
+                              f"{type(error).__name__}: {reason}; without a network give a local VAE folder "
+                              f"(e.g. one saved by `hf download {repo_id} --local-dir DIR`)") from error
     class_name = json.loads(Path(config_file).read_text()).get("_class_name", "AutoencoderKL")
     module = _diffusers_class(class_name).from_pretrained(repo_id, subfolder=subfolder)
     folder = Path(config_file).parent

@@ -142,6 +142,22 @@ def test_dtype_option_and_bad_inputs(tmp_path):
         load_vae(tmp_path / "half")
 
 
+def test_a_hub_vae_that_cannot_be_fetched_is_one_line_with_the_offline_fix(monkeypatch) -> None:
+    """The real hub download, offline (huggingface_hub's own switch, so no retries): the error names the repo, the
+    reason in one sentence and what to do without a network (it was huggingface_hub's whole paragraph)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LatentflowError) as raised:
+        load_vae("latentflow-tests/no-such-vae")
+    message = str(raised.value)
+    assert message.startswith("VAE 'latentflow-tests/no-such-vae': could not fetch config.json from the Hub (repo "
+                              "latentflow-tests/no-such-vae): ")
+    assert message.endswith("; without a network give a local VAE folder (e.g. one saved by `hf download "
+                            "latentflow-tests/no-such-vae --local-dir DIR`)")
+    assert "\n" not in message and "Please check" not in message  # the reason's first sentence only
+
+
 def test_one_identity_rule_for_manifests_exports_and_pipelines() -> None:
     from latentflow.vae import identity_differences
 
