@@ -368,6 +368,18 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
         assert [row["setting"] for row in csv.DictReader(handle)] == list(results)
     assert Image.open(out / "fid_vs_nfe.png").size[0] > 100
     assert document["image_size"] == 64 and document["reference_resolution"] is None
+    both = tmp_path / "both.png"  # plot-eval draws evaluations side by side; a file that is none is one line
+    assert cli.main(["plot-eval", str(out), str(out / "evaluation.json"), "--labels", "a", "b",
+                     "--out", str(both)]) == 0
+    assert Image.open(both).size[0] > 100
+    capsys.readouterr()
+    foreign = tmp_path / "foreign.json"
+    for text, message in [('{"results": "x"}', "not an evaluation of `latentflow evaluate` (no list of results)"),
+                          ('{"results": [{"setting": "a", "solver": "euler", "fid": "high"}]}',
+                           "results[0] is not a row with setting, solver, fid (a number)")]:
+        foreign.write_text(text)  # found trying the command from outside: AttributeError / TypeError tracebacks
+        assert cli.main(["plot-eval", str(foreign), "--out", str(tmp_path / "foreign.png")]) == 2
+        assert capsys.readouterr().err == f"latentflow plot-eval: error: {foreign}: {message}\n"
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
     capsys.readouterr()

@@ -104,6 +104,18 @@ def test_plot_log_draws_png(finished_run: Path) -> None:
     assert (finished_run / "log.png").stat().st_size > 10_000
 
 
+def test_plot_log_of_a_file_that_is_no_training_log_is_one_line(tmp_path: Path, capsys) -> None:
+    """Found trying the command from outside: a value that is no number, or a CSV of other columns, gave
+    ValueError and ZeroDivisionError tracebacks."""
+    for text, message in [("step,loss\n1,1.5\n2,abc\n", "log.csv, line 3: loss is 'abc', not a number"),
+                          ("a,b\n1,2\n", "log.csv is not a training log (no step column or none of ")]:
+        (tmp_path / "log.csv").write_text(text)
+        assert cli.main(["plot-log", str(tmp_path)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"latentflow plot-log: error: {tmp_path}/{message}") and error.count("\n") == 1
+    assert not (tmp_path / "log.png").exists()
+
+
 def test_resume_gives_the_same_losses_as_continuing(finished_run: Path, cache: Path, tmp_path: Path) -> None:
     from latentflow.train.trainer import Trainer
 

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from latentflow.errors import LatentflowError
-    from latentflow.eval.sweep import plot_evaluations
+    from latentflow.eval.sweep import check_evaluation, plot_evaluations
     from latentflow.io import read_json, write_bytes_atomic
 
     files = [path / "evaluation.json" if path.is_dir() else path for path in args.evaluations]
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     if len(labels) != len(files):
         raise LatentflowError(f"--labels gives {len(labels)} names for {len(files)} evaluations")
     documents = [read_json(file, "evaluation") for file in files]
+    for file, document in zip(files, documents):
+        check_evaluation(document, str(file))
     write_bytes_atomic(args.out, plot_evaluations(list(zip(labels, documents)), args.title))
     print(f"wrote {args.out}")
     return 0

@@ -243,6 +243,19 @@ def write_sweep_results(results: Sequence[dict[str, Any]], out_dir: str | os.Pat
     return paths
 
 
+def check_evaluation(document: Any, where: str) -> None:
+    """Refuse what is no evaluation.json of `latentflow evaluate`: `results` and `floors` lists of rows with a
+    setting and a finite FID (results also their solver), naming `where` and the first row that is not."""
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise LatentflowError(f"{where}: not an evaluation of `latentflow evaluate` (no list of results)")
+    for part, needed in (("results", ("setting", "solver", "fid")), ("floors", ("setting", "fid"))):
+        rows = document.get(part, [])
+        for number, row in enumerate(rows if isinstance(rows, list) else [rows]):
+            if not isinstance(row, dict) or any(key not in row for key in needed) \
+                    or not isinstance(row["fid"], (int, float)):
+                raise LatentflowError(f"{where}: {part}[{number}] is not a row with {', '.join(needed)} (a number)")
+
+
 def plot_evaluations(evaluations: Sequence[tuple[str | None, dict[str, Any]]], title: str = "") -> bytes:
     """PNG bytes of FID against NFE: one line per run and solver, ticks at the NFEs used, each run's floors as
     horizontal lines (floors several runs share, same name and value, are drawn once), the legend outside the axes.

@@ -119,6 +119,15 @@ def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not rows:
         raise LatentflowError(f"{log_file} has no rows yet; train for at least log.every steps")
     columns = [c for c in PLOTTED if any(row.get(c) for row in rows)]
+    if "step" not in rows[0] or not columns:
+        raise LatentflowError(f"{log_file} is not a training log (no step column or none of {list(PLOTTED)}); pass "
+                              "the output_dir of a training run")
+    for number, row in enumerate(rows, start=2):  # the header is line 1
+        for column in ("step", *columns):
+            try:
+                float(row.get(column) or 0)
+            except ValueError:
+                raise LatentflowError(f"{log_file}, line {number}: {column} is {row[column]!r}, not a number") from None
     grid_columns = min(3, len(columns))
     figure, axes = plt.subplots(math.ceil(len(columns) / grid_columns), grid_columns,
                                 figsize=(4.5 * grid_columns, 3.2 * math.ceil(len(columns) / grid_columns)),
