@@ -328,13 +328,15 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     (["--device", "cuda:99"], r"device 'cuda:99': this (torch \(.*\) sees no CUDA GPU|machine has \d+ CUDA GPU)"),
     (["--device", "gpu"], r"device 'gpu' is not a torch device; use cpu, cuda, cuda:N or mps"),
     (["--outdir", "imgs", "--grid", "grid.txt"], r"grid.txt: cannot write a .txt image; end the name in .png or .jpg"),
+    (["--outdir", "taken"], r"taken is a file, not a folder for the images; give a new folder"),
 ])
 def test_sample_refuses_bad_settings_in_one_line_before_writing(pipe_dir: Path, tmp_path: Path, capsys, extra,
                                                                 message):
     """Found trying the command from outside: these gave tracebacks (torchdiffeq's dt underflow, range() of step 0,
     torch's CUDA assertion) or, for --eta on a flow model, were silently ignored."""
     grid = tmp_path / "grid.png"
-    extra = [str(tmp_path / name) if name.startswith(("imgs", "grid")) else name for name in extra]
+    (tmp_path / "taken").write_text("mine")
+    extra = [str(tmp_path / name) if name.startswith(("imgs", "grid", "taken")) else name for name in extra]
     assert cli.main(["sample", str(pipe_dir), "--n", "2", "--steps", "2", "--grid", str(grid), *extra]) == 2
     error = capsys.readouterr().err
     assert re.fullmatch(f"latentflow sample: error: .*{message}.*\n", error), error
@@ -348,6 +350,8 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
         assert data["inception_features"].shape == (10, 2048) and data["inception_mu"].shape == (2048,)
         assert int(data["resolution"]) == 64
     capsys.readouterr()
+    assert cli.main(["fid-stats", str(photos), "--out", str(tmp_path)]) == 2  # was found after every feature
+    assert f"--out {tmp_path} is a folder; give the statistics file to write" in capsys.readouterr().err
     for option, value, message in (("--batch-size", "0", "--batch-size must be an integer >= 1, got 0"),
                                    ("--resolution", "-4", "--resolution must be a positive number of pixels")):
         bad = tmp_path / f"bad{option}.npz"  # batch size 0 went into one batch of all, resolution -4 a traceback
@@ -412,7 +416,9 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                            (["--ref", str(photos), "--ref-resolution", "0"],
                             "--ref-resolution must be an integer >= 1"),
                            (["--out", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file, not a folder for the "
-                                                               "evaluation")]:
+                                                               "evaluation"),
+                           (["--sweep", "euler:0"], "sweep item 'euler:0': step counts must be >= 1"),
+                           (["--sweep", "dopri5:-1"], "sweep item 'dopri5:-1': tolerances must be finite numbers > 0")]:
         assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--out", str(tmp_path / "bad"), *extra]) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"latentflow evaluate: error: {message}") and error.count("\n") == 1, error

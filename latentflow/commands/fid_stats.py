@@ -25,9 +25,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from latentflow.errors import LatentflowError
     from latentflow.eval.features import make_extractors
     from latentflow.eval.references import write_folder_statistics
 
+    if Path(args.out).is_dir():  # found after every feature was computed
+        raise LatentflowError(f"--out {args.out} is a folder; give the statistics file to write, e.g. ref.npz")
     extractors = make_extractors(args.device, args.dinov2)
     stats = write_folder_statistics(args.images_dir, args.out, extractors, args.batch_size,
                                     lambda it: tqdm(it, desc="features"), args.resolution)

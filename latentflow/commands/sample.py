@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.errors import LatentflowError
     from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
-    from latentflow.io import image_format, image_grid, save_image
+    from latentflow.io import check_folder_target, image_format, image_grid, save_image
 
     if args.grid is None and args.outdir is None:
         raise LatentflowError("nothing to write: give --grid FILE.png and/or --outdir DIR")
@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise LatentflowError(f"--n must be at least 1, got {args.n}")
     if args.grid is not None:
         image_format(args.grid)
+    if args.outdir is not None:
+        check_folder_target(args.outdir, what="folder for the images")
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,

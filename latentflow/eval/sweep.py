@@ -79,14 +79,20 @@ def _parse_items(items: Sequence[str]) -> list[SamplerSetting]:
             if not numbers:
                 raise LatentflowError(f"sweep item {item!r}: {solver} needs step counts, e.g. {solver}:1,2,4,8")
             try:
-                settings.extend(SamplerSetting(solver, steps=int(number)) for number in numbers)
+                steps = [int(number) for number in numbers]
             except ValueError as error:
                 raise LatentflowError(f"sweep item {item!r}: step counts must be integers") from error
+            if min(steps) < 1:
+                raise LatentflowError(f"sweep item {item!r}: step counts must be >= 1")
+            settings.extend(SamplerSetting(solver, steps=count) for count in steps)
         elif numbers:
             try:
-                settings.extend(SamplerSetting(solver, tolerance=float(number)) for number in numbers)
+                tolerances = [float(number) for number in numbers]
             except ValueError as error:
                 raise LatentflowError(f"sweep item {item!r}: tolerances must be numbers like 1e-3") from error
+            if not all(0 < tolerance < float("inf") for tolerance in tolerances):
+                raise LatentflowError(f"sweep item {item!r}: tolerances must be finite numbers > 0, like 1e-3")
+            settings.extend(SamplerSetting(solver, tolerance=tolerance) for tolerance in tolerances)
         else:
             settings.append(SamplerSetting(solver))
     if not settings:
