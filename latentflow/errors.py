@@ -15,5 +15,12 @@ def require_count(name: str, value: object, least: int, note: str = "") -> None:
         raise LatentflowError(f"{name} must be an integer >= {least}{note}, got {value!r}")
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of another library's error message (its class name when it has none): what a
+    one-line error quotes of it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class DiskFullError(LatentflowError):
     """A write failed because its disk (or quota) was full; the message names the folder and the size."""

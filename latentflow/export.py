@@ -29,7 +29,7 @@ from diffusers import SchedulerMixin  # noqa: F401  (diffusers finds a component
 
 # model_index.json names: 0.1.0 folders name this one for the scheduler)
 from latentflow.card import GRID_NAME, write_model_card
-from latentflow.errors import LatentflowError, require_count
+from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
@@ -79,8 +79,7 @@ def load_pipeline(pipe_dir: str | os.PathLike, device: torch.device | str = "cpu
     try:
         pipe = LatentFlowPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **extra).to(device)
     except (OSError, ValueError) as error:  # a truncated weights file, a config that is no JSON
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LatentflowError(f"pipeline {pipe_dir} could not be loaded ({message}); export it again with "
+        raise LatentflowError(f"pipeline {pipe_dir} could not be loaded ({first_line(error)}); export it again with "
                               f"`latentflow export RUN --out {pipe_dir}`") from error
     finally:
         if shown:
@@ -155,8 +154,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
     except Exception as error:  # offline, no token, no rights: one line naming the repo and what to do
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LatentflowError(f"push of {folder} to the Hub repo {repo_id} failed ({message}); the folder is "
+        raise LatentflowError(f"push of {folder} to the Hub repo {repo_id} failed ({first_line(error)}); the folder is "
                               f"complete: log in (`hf auth login`) and push again, or upload it with "
                               f"`hf upload {repo_id} {folder}`") from error
     return f"https://huggingface.co/{repo_id}"

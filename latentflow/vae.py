@@ -40,7 +40,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 from torch import nn
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -451,7 +451,7 @@ def _load_diffusers_hub(source: str) -> tuple[nn.Module, dict[str, Any]]:
         config_file = hf_hub_download(repo_id, "config.json", subfolder=subfolder)
     except Exception as error:  # offline, missing repo, missing subfolder: say which and why
         where = f"repo {repo_id}" + (f", subfolder {subfolder}" if subfolder else "")
-        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        reason = first_line(error).split(". ")[0]  # huggingface_hub writes a paragraph
         raise LatentflowError(f"VAE {source!r}: could not fetch config.json from the Hub ({where}): "
                               f"{type(error).__name__}: {reason}; without a network give a local VAE folder "
                               f"(e.g. one saved by `hf download {repo_id} --local-dir DIR`)") from error
@@ -523,7 +523,7 @@ def _load_tae_release(encoder_path: Path, decoder_path: Path) -> tuple[nn.Module
     except RuntimeError as error:
         raise LatentflowError(f"{encoder_path.parent}: {encoder_path.name}/{decoder_path.name} do not match the "
                               f"TAESD layout (families: {', '.join(_TAE_FAMILIES)}; the f32 TAESANA layout is not "
-                              f"supported): {str(error).splitlines()[0]}") from error
+                              f"supported): {first_line(error)}") from error
     family = encoder_path.name[: -len("_encoder.pth")]
     files = {p.name: sha256_file(p) for p in (encoder_path, decoder_path)}
     return module, {"source": str(encoder_path.parent.resolve()), "format": "taesd-pth", "family": family,

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from latentflow.data.cache import LatentCache
-from latentflow.errors import LatentflowError, require_count
+from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.flow.semidiscrete import (
     Balance,
     DrawSplit,
@@ -491,7 +491,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise LatentflowError(f"{path}: unreadable ({str(error).strip().splitlines()[0]})") from error
+        raise LatentflowError(f"{path}: unreadable ({first_line(error)})") from error
 
 
 def _potential_values(path: Path, points: int) -> torch.Tensor:

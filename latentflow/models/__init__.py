@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from diffusers import ModelMixin
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, first_line
 from latentflow.models.dit import DiT
 from latentflow.models.unet import UNet
 
@@ -93,9 +93,8 @@ def load_model(path: str | Path, **kwargs: Any) -> ModelMixin:
     try:
         return classes[class_name].from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:  # truncated or foreign weights
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LatentflowError(f"model {path} could not be loaded ({message}); its files are damaged: write the "
-                              f"folder again") from error
+        raise LatentflowError(f"model {path} could not be loaded ({first_line(error)}); its files are damaged: "
+                              "write the folder again") from error
 
 
 __all__ = ["DiT", "UNet", "MODEL_CLASSES", "MODEL_PRESETS", "make_model", "load_model", "model_names"]
