@@ -34,6 +34,7 @@ from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
 from latentflow.flow.solvers import FLOW_MAP_SOLVERS
 from latentflow.io import (
+    PIPELINE_MARKER,
     check_folder_target,
     image_grid,
     read_json,
@@ -43,16 +44,16 @@ from latentflow.io import (
 )
 from latentflow.processes import torch_device
 from latentflow.scheduler import LatentFlowScheduler
+from latentflow.train.checkpoint import MODEL_DIR
 from latentflow.vae import check_same_vae, check_vae_fingerprint, vae_fingerprint
 
 __all__ = ["LatentFlowScheduler", "check_vae_fingerprint", "export_run", "load_pipeline", "pipeline_from_run",
            "scheduler_from_run"]
 
 CACHE_MANIFEST_NAME = "cache_manifest.json"
-RUN_MODEL_DIR = "model"
+RUN_MODEL_DIR = MODEL_DIR
 RUN_MANIFEST = "cache_manifest.json"
 RUN_CONFIG = "config.yaml"
-PIPELINE_MARKER = "model_index.json"  # what every pipeline folder holds
 PIPELINE_KIND = "pipeline folder"
 
 

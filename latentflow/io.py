@@ -145,6 +145,10 @@ def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], Any], 
     return target
 
 
+PIPELINE_MARKER = "model_index.json"
+"""What every pipeline folder holds (diffusers' index of its components): how a folder is known as one."""
+
+
 def check_folder_target(target: str | os.PathLike, holds: str | None = None, what: str = "folder") -> None:
     """Refuse a `target` that `write_folder_atomic(target, fill, holds, what)` must not replace: a file, or (with
     `holds`) a folder with files but without `holds`; callers check before slow work."""
@@ -444,6 +448,16 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
         left = padding + (index % columns) * (width + padding)
         canvas[top : top + height, left : left + width] = image
     return Image.fromarray(canvas)
+
+
+def check_png_target(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse a plot's target that is a folder or names another format (plots are written as PNG), before any
+    work, naming the option and the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise LatentflowError(f"{option} {path} is a folder; give the .png file to write")
+    if path.suffix.lower() != ".png":
+        raise LatentflowError(f"{option} {path}: plots are written as PNG; end the name in .png")
 
 
 def image_format(path: str | os.PathLike) -> str:

@@ -46,7 +46,7 @@ from latentflow.export import (
 )
 from latentflow.flow.guidance import check_guidance_scale
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
-from latentflow.io import LOCK_NAME, read_json, write_json_atomic
+from latentflow.io import LOCK_NAME, PIPELINE_MARKER, read_json, write_json_atomic
 from latentflow.processes import Distributed, torch_device
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
 
@@ -179,7 +179,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teache
     `cache_manifest.json`) as a teacher on `device`."""
     device = torch_device(device)
     folder = Path(path)
-    if (folder / "model_index.json").is_file():
+    if (folder / PIPELINE_MARKER).is_file():
         pipe, kind, weights = load_pipeline(folder, device, progress=False), "pipeline", folder / "transformer"
         manifest_path = folder / CACHE_MANIFEST_NAME
         manifest = read_json(manifest_path, "cache manifest of the pipeline") if manifest_path.is_file() else None

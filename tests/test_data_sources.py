@@ -111,3 +111,17 @@ def test_unknown_data_is_a_clear_error(tmp_path):
         open_source(str(tmp_path / "nothing"))
     with pytest.raises(LatentflowError, match="no .tar shards"):
         open_source(str(tmp_path / "none-*.tar"))
+
+
+def test_hugging_face_options_for_a_folder_or_shards_are_refused_not_ignored(tmp_path):
+    root = make_folder(tmp_path / "imgs", {"train/a/1.png": png(), "val/a/2.png": png()})
+    (tmp_path / "wds").mkdir()
+    write_image_shard(tmp_path / "wds" / "part-000.tar", {"s0": (png(), 0)})
+    for data in (str(root), f"{tmp_path}/wds/*.tar"):
+        with pytest.raises(LatentflowError, match=r"^--split val applies to hf: sources.*split's own folder"):
+            open_source(data, split="val")
+        with pytest.raises(LatentflowError, match=r"^--image-column img applies to hf: sources"):
+            open_source(data, image_column="img")
+        with pytest.raises(LatentflowError, match=r"^--label-column y applies to hf: sources"):
+            open_source(data, label_column="y")
+    assert len(open_source(str(root)).records) == 2  # without them the whole folder, both splits

@@ -329,15 +329,22 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     (["--device", "gpu"], r"device 'gpu' is not a torch device; use cpu, cuda, cuda:N or mps"),
     (["--outdir", "imgs", "--grid", "grid.txt"], r"grid.txt: cannot write a .txt image; end the name in .png or .jpg"),
     (["--outdir", "taken"], r"taken is a file, not a folder for the images; give a new folder"),
+    (["--outdir", "PIPE"], r"holds a pipeline folder \(model_index.json\); give the images a folder of its own"),
+    (["--solver", "dopri5", "--steps", "3"], r"--steps 3: solver dopri5 picks its own steps .* drop --steps or pick a "
+                                             r"fixed-step solver"),
+    (["--solver", "euler", "--atol", "1e-3"], r"--atol 0.001: solver euler takes a number of steps \(--steps\), not "
+                                              r"a tolerance, .* drop --atol or pick an adaptive solver"),
 ])
 def test_sample_refuses_bad_settings_in_one_line_before_writing(pipe_dir: Path, tmp_path: Path, capsys, extra,
                                                                 message):
     """Found trying the command from outside: these gave tracebacks (torchdiffeq's dt underflow, range() of step 0,
-    torch's CUDA assertion) or, for --eta on a flow model, were silently ignored."""
+    torch's CUDA assertion) or, for --eta on a flow model, --steps on an adaptive solver and --atol on a fixed-step
+    one, were silently ignored."""
     grid = tmp_path / "grid.png"
     (tmp_path / "taken").write_text("mine")
     extra = [str(tmp_path / name) if name.startswith(("imgs", "grid", "taken")) else name for name in extra]
-    assert cli.main(["sample", str(pipe_dir), "--n", "2", "--steps", "2", "--grid", str(grid), *extra]) == 2
+    extra = [str(pipe_dir) if name == "PIPE" else name for name in extra]
+    assert cli.main(["sample", str(pipe_dir), "--n", "2", "--grid", str(grid), *extra]) == 2
     error = capsys.readouterr().err
     assert re.fullmatch(f"latentflow sample: error: .*{message}.*\n", error), error
     assert not grid.exists() and not (tmp_path / "imgs").exists()  # the grid's name was refused before sampling
@@ -384,6 +391,11 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
         foreign.write_text(text)  # found trying the command from outside: AttributeError / TypeError tracebacks
         assert cli.main(["plot-eval", str(foreign), "--out", str(tmp_path / "foreign.png")]) == 2
         assert capsys.readouterr().err == f"latentflow plot-eval: error: {foreign}: {message}\n"
+    for target, message in [(tmp_path / "plot.txt", ": plots are written as PNG; end the name in .png"),
+                            (tmp_path, " is a folder; give the .png file to write")]:
+        assert cli.main(["plot-eval", str(out), "--out", str(target)]) == 2  # PNG bytes were written as plot.txt
+        assert capsys.readouterr().err == f"latentflow plot-eval: error: --out {target}{message}\n"
+    assert not (tmp_path / "plot.txt").exists()
 
     assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--sweep", "euler"]) == 2
     capsys.readouterr()
@@ -417,6 +429,9 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                             "--ref-resolution must be an integer >= 1"),
                            (["--out", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file, not a folder for the "
                                                                "evaluation"),
+                           (["--out", str(pipe_dir)], f"{pipe_dir} holds a pipeline folder (model_index.json); "
+                                                      "give the evaluation a folder of its own"),  # session 29: its
+                           # files mixed with the pipeline's and went with the next export
                            (["--sweep", "euler:0"], "sweep item 'euler:0': step counts must be >= 1"),
                            (["--sweep", "dopri5:-1"], "sweep item 'dopri5:-1': tolerances must be finite numbers > 0")]:
         assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--out", str(tmp_path / "bad"), *extra]) == 2

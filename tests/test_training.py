@@ -102,6 +102,8 @@ def test_train_command_writes_run_directory(finished_run: Path, cache: Path) -> 
 def test_plot_log_draws_png(finished_run: Path) -> None:
     assert cli.main(["plot-log", str(finished_run)]) == 0
     assert (finished_run / "log.png").stat().st_size > 10_000
+    assert cli.main(["plot-log", str(finished_run), "--out", str(finished_run / "log.txt")]) == 2  # PNG bytes were
+    assert not (finished_run / "log.txt").exists()  # written under the name
 
 
 def test_plot_log_of_a_file_that_is_no_training_log_is_one_line(tmp_path: Path, capsys) -> None:

@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class labels (folder: first-level subfolders; hf: ClassLabel/--label-column)")
     parser.add_argument("--no-labels", dest="labels", action="store_false")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
-    parser.add_argument("--split", default="train", help="Hugging Face dataset split")
-    parser.add_argument("--image-column", default=None)
-    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--split", default=None,
+                        help="Hugging Face dataset split (default train; hf: sources only)")
+    parser.add_argument("--image-column", default=None, help="hf: sources only")
+    parser.add_argument("--label-column", default=None, help="hf: sources only")
     parser.add_argument("--min-size", type=int, default=1, help="skip inputs whose shorter side is smaller")
     parser.add_argument("--device", default=None, help="default: the accelerate device, else cuda if present, else cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

@@ -14,7 +14,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentflow.io import check_png_target
     from latentflow.train.logs import plot_log
 
+    if args.out is not None:
+        check_png_target(args.out)
     print(plot_log(args.run_dir, args.out))
     return 0

@@ -11,9 +11,10 @@ def register(subparsers) -> None:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("pipe_dir", type=Path, help="pipeline folder (from `latentflow export`)")
     parser.add_argument("--n", type=int, default=64, help="number of images")
-    parser.add_argument("--steps", type=int, default=None, help="solver steps (default: the pipeline's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of a fixed-step solver or DDIM (default: the pipeline's)")
     parser.add_argument("--solver", default=None, help="euler, midpoint, rk4, dopri5, ... or ddim (ddpm models)")
-    parser.add_argument("--atol", type=float, default=None, help="adaptive solvers (atol and rtol)")
+    parser.add_argument("--atol", type=float, default=None, help="tolerance of an adaptive solver (atol and rtol)")
     parser.add_argument("--time-shift", type=float, default=None, metavar="S",
                         help="fixed-step ODE solvers and flow-map jumps: steps shifted towards the noise, "
                              "t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
@@ -32,6 +33,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_stepping(setting) -> None:
+    """Refuse a step count for a solver that picks its own steps, and a tolerance for one that takes a step count
+    (each would be ignored), naming the option and the fix."""
+    from latentflow.errors import LatentflowError
+    from latentflow.flow.solvers import STEPPED_SOLVERS
+
+    if setting.steps is not None and setting.solver not in STEPPED_SOLVERS:
+        raise LatentflowError(f"--steps {setting.steps}: solver {setting.solver} picks its own steps (its accuracy is "
+                              f"--atol), so the count would be ignored; drop --steps or pick a fixed-step solver "
+                              f"(euler, midpoint, rk4, ...)")
+    if setting.tolerance is not None and setting.solver in STEPPED_SOLVERS:
+        raise LatentflowError(f"--atol {setting.tolerance:g}: solver {setting.solver} takes a number of steps "
+                              f"(--steps), not a tolerance, so it would be ignored; drop --atol or pick an adaptive "
+                              f"solver (dopri5, bosh3, ...)")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -40,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
     from latentflow.io import check_folder_target, image_format, image_grid, save_image
+    from latentflow.train.checkpoint import check_holds_no_work
 
     if args.grid is None and args.outdir is None:
         raise LatentflowError("nothing to write: give --grid FILE.png and/or --outdir DIR")
@@ -49,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         image_format(args.grid)
     if args.outdir is not None:
         check_folder_target(args.outdir, what="folder for the images")
+        check_holds_no_work(args.outdir, "the images")
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
+    check_stepping(setting)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                args.guidance_scale, args.eta, args.guidance_interval)
     images, nfes = [], []

@@ -47,7 +47,7 @@ class EncodeConfig:
     dtype: str = "fp32"
     labels: bool | None = None
     overwrite: bool = False
-    split: str = "train"
+    split: str | None = None  # Hugging Face sources only (None: train)
     image_column: str | None = None
     label_column: str | None = None
     min_size: int = 1

@@ -242,11 +242,19 @@ def _pick_label_column(dataset: Any, label_column: str | None, labels: bool | No
     return label_column
 
 
-def open_source(data: str, labels: bool | None = None, split: str = "train", image_column: str | None = None,
+def open_source(data: str, labels: bool | None = None, split: str | None = None, image_column: str | None = None,
                 label_column: str | None = None) -> Source:
-    """Open `data`: ``hf:...`` for Hugging Face, shards (.tar, glob, brace, folder of .tar), or an image folder."""
+    """Open `data`: ``hf:...`` for Hugging Face, shards (.tar, glob, brace, folder of .tar), or an image folder.
+    `split` (default train), `image_column` and `label_column` choose within a Hugging Face dataset; given for a
+    folder or shards, which are encoded whole, they are refused rather than ignored."""
     if data.startswith("hf:"):
-        return huggingface_source(data[3:], split, labels, image_column, label_column)
+        return huggingface_source(data[3:], split or "train", labels, image_column, label_column)
+    fixes = {"--split": "leave it out and pass the split's own folder or shards as --data",
+             "--image-column": "leave it out", "--label-column": "leave it out (labels: --labels)"}
+    for option, value in (("--split", split), ("--image-column", image_column), ("--label-column", label_column)):
+        if value is not None:
+            raise LatentflowError(f"{option} {value} applies to hf: sources, and --data {data} is encoded whole; "
+                                  f"{fixes[option]}")
     path = Path(data)
     if path.is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")) \
             and any(path.glob("*.tar")):

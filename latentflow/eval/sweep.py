@@ -20,7 +20,7 @@ from latentflow.eval.statistics import FeatureStatistics, SampleMetrics, compare
 from latentflow.flow.guidance import check_guidance_interval
 from latentflow.flow.schedules import check_time_shift
 from latentflow.flow.solvers import SHIFTABLE_SOLVERS, STEPPED_SOLVERS
-from latentflow.io import check_folder_target, json_sha256, read_json, write_bytes_atomic
+from latentflow.io import PIPELINE_MARKER, check_folder_target, json_sha256, read_json, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -371,8 +371,10 @@ def evaluate_pipeline(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSet
 
     from latentflow.eval.features import make_extractors
     from latentflow.eval.references import reference_statistics, statistics_source
+    from latentflow.train.checkpoint import check_holds_no_work
 
     check_folder_target(out_dir, what="folder for the evaluation")  # a file there was found after the first setting
+    check_holds_no_work(out_dir, "the evaluation")
     default_shift = float(pipe.scheduler.config.time_shift)
     sweep = [replace(setting, time_shift=default_shift) if setting.time_shift is None
              and setting.solver in SHIFTABLE_SOLVERS else setting for setting in settings.check()]
@@ -430,7 +432,7 @@ def evaluation_context(pipe, pipe_dir: str | os.PathLike, settings: EvaluationSe
 
     folder = Path(pipe_dir)
     guided = getattr(pipe, "guide", None) is not None and settings.guidance_scale != 1.0
-    components = [name for name in read_json(folder / "model_index.json", "pipeline index")
+    components = [name for name in read_json(folder / PIPELINE_MARKER, "pipeline index")
                   if not name.startswith("_") and (guided or name != "guide")]
     parts = [path for name in sorted(components) if (folder / name).is_dir()
              for path in sorted((folder / name).iterdir()) if path.is_file()]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentflow.errors import LatentflowError
-from latentflow.io import replace_folder, write_text_atomic
+from latentflow.io import PIPELINE_MARKER, replace_folder, write_text_atomic
 
 RECORD_NAME = "checkpoint.json"
 EMA_FILE = "ema.safetensors"
@@ -145,12 +145,29 @@ def check_fresh_output(output_dir: str | Path) -> None:
         raise LatentflowError(f"output_dir {out} holds a run's checkpoints (up to {found[-1].path.name}) that a "
                               f"new run would overwrite; add --resume latest to continue it, or choose another "
                               f"output_dir")
-    held = {MODEL_DIR + "/config.json": "a finished run's model", "manifest.json": "a latent cache",
-            "model_index.json": "a pipeline folder"}
-    for name, what in held.items():
-        if (out / name).is_file():
-            raise LatentflowError(f"output_dir {out} holds {what} ({name}) that a new run would overwrite; choose "
-                                  f"another output_dir")
+    held = held_work(out)
+    if held is not None:
+        raise LatentflowError(f"output_dir {out} holds {held[1]} ({held[0]}) that a new run would overwrite; choose "
+                              f"another output_dir")
+
+
+def held_work(folder: str | Path) -> tuple[str, str] | None:
+    """(the file that shows it, what it is) for the work `folder` holds, a finished run's model, a latent cache or
+    a pipeline folder, or None: the one rule for telling a folder of work from a folder to write in."""
+    kinds = {f"{MODEL_DIR}/config.json": "a finished run's model", "manifest.json": "a latent cache",
+             PIPELINE_MARKER: "a pipeline folder"}
+    for name, what in kinds.items():
+        if (Path(folder) / name).is_file():
+            return name, what
+    return None
+
+
+def check_holds_no_work(folder: str | Path, what: str) -> None:
+    """Refuse to write `what` (e.g. "the evaluation") into a folder of work (`held_work`), where its files would
+    mix with the work's and go when the work is written again (an export replaces its pipeline folder)."""
+    held = held_work(folder)
+    if held is not None:
+        raise LatentflowError(f"{folder} holds {held[1]} ({held[0]}); give {what} a folder of its own")
 
 
 def is_checkpoint(path: str | Path) -> bool:
