@@ -31,6 +31,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,11 @@ class FrozenVAE:
         identity = {**identity, "weights_sha256": weights_sha256(module)}  # on the float32 weights, before a cast
         module = module.to(device=device)
         if dtype != torch.float32:
-            module = module.to(dtype=dtype)
+            # diffusers' ModelMixin.to warns of float32-kept modules on every cast, also when a model keeps none
+            # (TAESD-family, AutoencoderKL); nn.Module.to casts alike without it, and models that keep some go
+            # through diffusers
+            cast = module.to if getattr(module, "_keep_in_fp32_modules", None) else partial(nn.Module.to, module)
+            module = cast(dtype=dtype)
         self.module = module.eval().requires_grad_(False)
         if dtype == torch.float16 and module.config.get("force_upcast"):
             warnings.warn(f"{type(module).__name__} config sets force_upcast: it is known to overflow in float16 "

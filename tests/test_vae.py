@@ -174,3 +174,12 @@ def test_one_identity_rule_for_manifests_exports_and_pipelines() -> None:
     assert identity_differences(legacy, base) == {}
     assert set(identity_differences(base, {**base, "scaling_factor": 0.5, "class": "AutoencoderKL"})) == {
         "scaling_factor", "class"}
+
+
+@needs_taef2
+def test_a_cast_taef2_loads_without_diffusers_float32_warning(caplog):
+    """diffusers' ModelMixin.to warned of modules to keep in float32 on every cast, also of a model that keeps
+    none ("...should be kept in float32: []"), under every `encode --dtype bf16` and fp16."""
+    vae = load_vae(TAEF2, dtype="bf16")
+    assert next(vae.module.parameters()).dtype == torch.bfloat16
+    assert not [record for record in caplog.records if "kept in float32" in record.getMessage()]
