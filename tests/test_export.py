@@ -433,7 +433,9 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                                                       "give the evaluation a folder of its own"),  # session 29: its
                            # files mixed with the pipeline's and went with the next export
                            (["--sweep", "euler:0"], "sweep item 'euler:0': step counts must be >= 1"),
-                           (["--sweep", "dopri5:-1"], "sweep item 'dopri5:-1': tolerances must be finite numbers > 0")]:
+                           (["--sweep", "dopri5:-1"], "sweep item 'dopri5:-1': tolerances must be finite numbers > 0"),
+                           (["--sweep", "dopri5:8"],  # session 29: was a tolerance of 8
+                            "sweep item 'dopri5:8': dopri5 picks its own steps, and its values are tolerances")]:
         assert cli.main(["evaluate", str(pipe_dir), "--ref", str(ref), "--out", str(tmp_path / "bad"), *extra]) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"latentflow evaluate: error: {message}") and error.count("\n") == 1, error

@@ -92,6 +92,10 @@ def _parse_items(items: Sequence[str]) -> list[SamplerSetting]:
                 raise LatentflowError(f"sweep item {item!r}: tolerances must be numbers like 1e-3") from error
             if not all(0 < tolerance < float("inf") for tolerance in tolerances):
                 raise LatentflowError(f"sweep item {item!r}: tolerances must be finite numbers > 0, like 1e-3")
+            if max(tolerances) >= 1:  # "dopri5:8" meant as 8 steps was a tolerance of 8
+                raise LatentflowError(f"sweep item {item!r}: {solver} picks its own steps, and its values are "
+                                      f"tolerances below 1, like {solver}:1e-3,1e-5; for a step count pick a "
+                                      f"fixed-step solver, e.g. euler:{numbers[0]}")
             settings.extend(SamplerSetting(solver, tolerance=tolerance) for tolerance in tolerances)
         else:
             settings.append(SamplerSetting(solver))
