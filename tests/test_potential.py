@@ -255,7 +255,9 @@ def test_refusals_name_the_potential_and_the_fix(fitted: Path, tmp_path: Path, c
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--epsilon", "nan"], "ot fit epsilon must be a finite number >= 0 and lr one > 0, got nan and 0.03"),
+    (["--epsilon", "nan"], "ot fit epsilon must be a finite number >= 0 (0: hard assignment), got nan"),
+    (["--lr", "inf"], "ot fit lr must be a finite number > 0, got inf"),  # session 29: named both, with epsilon
+    (["--batch", "0"], "ot fit batch size must be >= 1, got 0"),
     (["--save-every", "0"], "ot-fit --save-every must be an integer >= 1, got 0"),
     (["--balance-draws", "-2"], "ot-fit --balance-draws must be an integer >= 1, got -2"),
 ])

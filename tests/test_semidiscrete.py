@@ -157,7 +157,7 @@ def test_bad_shapes_and_settings_are_refused() -> None:
         LaguerreCells(torch.zeros(3, 2), torch.zeros(3), epsilon=-1.0)
     with pytest.raises(LatentflowError, match="cannot be paired with points of 2"):
         LaguerreCells(torch.zeros(3, 2), torch.zeros(3)).assign(torch.zeros(4, 3))
-    with pytest.raises(LatentflowError, match="steps and batch size must be >= 1"):
+    with pytest.raises(LatentflowError, match="ot fit steps must be >= 1, got 0"):
         PotentialFit(torch.zeros(3, 2), FitSettings(steps=0))
     with pytest.raises(LatentflowError, match="average_from must be in \\[0, 1\\]"):
         PotentialFit(torch.zeros(3, 2), FitSettings(average_from=1.5))

@@ -243,11 +243,14 @@ class FitSettings:
     average_from: float = 0.5
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise LatentflowError(f"ot fit steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
-        if not (0 <= self.epsilon < math.inf and 0 < self.lr < math.inf):
-            raise LatentflowError(f"ot fit epsilon must be a finite number >= 0 and lr one > 0, got {self.epsilon} and "
-                                  f"{self.lr}")
+        for name, value in (("steps", self.steps), ("batch size", self.batch_size)):
+            if value < 1:
+                raise LatentflowError(f"ot fit {name} must be >= 1, got {value}")
+        if not 0 <= self.epsilon < math.inf:
+            raise LatentflowError(f"ot fit epsilon must be a finite number >= 0 (0: hard assignment), got "
+                                  f"{self.epsilon}")
+        if not 0 < self.lr < math.inf:
+            raise LatentflowError(f"ot fit lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.average_from <= 1:
             raise LatentflowError(f"ot fit average_from must be in [0, 1] (the share of steps before averaging), "
                                   f"got {self.average_from}")
