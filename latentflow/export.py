@@ -142,7 +142,7 @@ def sample_grid_images(pipe, count: int, seed: int = 0) -> torch.Tensor:
 
     scheduler = pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
-    setting = SamplerSetting(scheduler.default_solver, scheduler.config.num_inference_steps)
+    setting = SamplerSetting(scheduler.default_solver)  # with the pipeline's steps, or tolerance if adaptive
     return torch.cat([batch.images for batch in generate_batches(pipe, count, setting, 16, seed)])
 
 

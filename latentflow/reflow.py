@@ -45,7 +45,7 @@ from latentflow.export import (
     pipeline_from_run,
 )
 from latentflow.flow.guidance import check_guidance_scale
-from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS
+from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS, check_stepping
 from latentflow.io import LOCK_NAME, PIPELINE_MARKER, read_json, write_json_atomic
 from latentflow.processes import Distributed, torch_device
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
@@ -326,6 +326,7 @@ def _check_arguments(config: ReflowConfig) -> None:
 
 def _check_teacher_settings(pipe, config: ReflowConfig) -> None:
     pipe.check_solver(config.solver)
+    check_stepping(config.solver, config.steps, None, "--steps")
     check_guidance_scale(config.guidance_scale)
     if config.guidance_scale != 1.0 and not pipe.scheduler.config.num_classes:
         raise LatentflowError(f"--guidance-scale {config.guidance_scale} needs a class-conditional teacher; "

@@ -44,6 +44,7 @@ from latentflow.flow.solvers import (
     Field,
     check_solver,
     check_solver_time_shift,
+    check_stepping,
     ddim_sample,
     integrate,
     nfe_of,
@@ -147,10 +148,11 @@ class LatentFlowPipeline(DiffusionPipeline):
 
         Args:
             batch_size: number of images (taken from `latents` or a list of `class_labels` when given).
-            num_inference_steps: steps of fixed-step solvers and DDIM (default: the scheduler's).
+            num_inference_steps: steps of fixed-step solvers and DDIM (default: the scheduler's); refused for an
+                adaptive solver, which picks its own.
             solver: torchdiffeq method for velocity models ("euler", "midpoint", "rk4", "dopri5", ...), "ddim"
                 for noise models, "flowmap" (or an ODE method) for flow maps (default: the scheduler's).
-            atol, rtol: tolerances of adaptive solvers (default: the scheduler's).
+            atol, rtol: tolerances of adaptive solvers (default: the scheduler's); refused for a fixed-step one.
             class_labels: ids or label names, one or one per image; None on a class-conditional model draws
                 uniform labels with `generator`.
             guidance_scale: classifier-free guidance w, v = v_null + w (v_class - v_null); 1 means none (and no
@@ -196,6 +198,8 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type, time_shift=None) -> dict[str, Any]:
         """Call arguments with the scheduler's defaults filled in, validated."""
         config = self.scheduler.config
+        check_stepping(solver or self.scheduler.default_solver, steps, atol if rtol is None else rtol,
+                       tolerance_name="atol" if rtol is None else "rtol")
         settings = {
             "solver": solver or self.scheduler.default_solver,
             "steps": config.num_inference_steps if steps is None else steps,

@@ -330,10 +330,10 @@ def test_sample_command_writes_grid_and_images(pipe_dir: Path, tmp_path: Path, c
     (["--outdir", "imgs", "--grid", "grid.txt"], r"grid.txt: cannot write a .txt image; end the name in .png or .jpg"),
     (["--outdir", "taken"], r"taken is a file, not a folder for the images; give a new folder"),
     (["--outdir", "PIPE"], r"holds a pipeline folder \(model_index.json\); give the images a folder of its own"),
-    (["--solver", "dopri5", "--steps", "3"], r"--steps 3: solver dopri5 picks its own steps .* drop --steps or pick a "
-                                             r"fixed-step solver"),
-    (["--solver", "euler", "--atol", "1e-3"], r"--atol 0.001: solver euler takes a number of steps \(--steps\), not "
-                                              r"a tolerance, .* drop --atol or pick an adaptive solver"),
+    (["--solver", "dopri5", "--steps", "3"], r"--steps=3: solver 'dopri5' picks its own steps .* leave --steps out or "
+                                             r"pick a fixed-step solver"),
+    (["--solver", "euler", "--atol", "1e-3"], r"--atol=0.001: solver 'euler' takes a number of steps \(--steps\), "
+                                              r"not a tolerance, .* leave --atol out or pick an adaptive solver"),
 ])
 def test_sample_refuses_bad_settings_in_one_line_before_writing(pipe_dir: Path, tmp_path: Path, capsys, extra,
                                                                 message):

@@ -184,6 +184,10 @@ def test_class_names_and_errors(pipe):
     ({"solver": "dopri5", "atol": 0.0}, r"atol must be a finite number > 0 \(an adaptive .*\), got 0.0"),
     ({"solver": "dopri5", "rtol": float("nan")}, "rtol must be a finite number > 0 .*got nan"),
     ({"solver": "dopri5", "atol": True}, "atol must be a finite number > 0 .*got True"),
+    ({"solver": "dopri5", "num_inference_steps": 8}, r"num_inference_steps=8: solver 'dopri5' picks its own steps "
+                                                     r"\(its accuracy is atol\), so the count would be ignored"),
+    ({"atol": 1e-3}, r"atol=0.001: solver 'euler' takes a number of steps \(num_inference_steps\), not a tolerance"),
+    ({"solver": "midpoint", "rtol": 1e-3}, r"rtol=0.001: solver 'midpoint' takes a number of steps"),
     ({"eta": -0.5}, r"eta must be a finite number >= 0 \(DDIM: 0 deterministic, 1 ancestral\), got -0.5"),
     ({"eta": 1.0}, "eta=1 is DDIM's stochasticity, and solver 'euler' integrates a deterministic ODE; leave eta unset"),
 ])

@@ -267,6 +267,9 @@ def test_another_teacher_or_settings_or_folder_is_refused_and_nothing_written(co
     assert reflow(pipe_dir, tmp_path / "negative", 2, *EULER, "--guidance-scale", "-1") == 2  # was a folder left
     assert capsys.readouterr().err == ("latentflow reflow: error: guidance_scale must be >= 0 and finite (1 means no "
                                        "guidance), got -1.0\n") and not (tmp_path / "negative").exists()
+    assert reflow(pipe_dir, tmp_path / "adaptive", 2, "--solver", "dopri5", "--steps", "3") == 2  # was ignored
+    assert capsys.readouterr().err.startswith("latentflow reflow: error: --steps=3: solver 'dopri5' picks its own "
+                                              "steps") and not (tmp_path / "adaptive").exists()
 
 
 def test_a_pipeline_without_its_cache_manifest_still_gives_a_trainable_cache(pipe_dir: Path, couplings: Path,

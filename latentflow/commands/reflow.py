@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="couplings cache folder (new, or one to resume or extend)")
     parser.add_argument("--solver", default="dopri5", help="torchdiffeq method (euler, midpoint, rk4, dopri5, ...)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps of fixed-step solvers (default: the pipeline's); adaptive ones ignore it")
+                        help="steps of a fixed-step solver (default: the pipeline's; an adaptive one picks its own)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of the teacher")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="sample i's noise comes from a generator seeded (seed, i)")

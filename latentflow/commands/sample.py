@@ -33,22 +33,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def check_stepping(setting) -> None:
-    """Refuse a step count for a solver that picks its own steps, and a tolerance for one that takes a step count
-    (each would be ignored), naming the option and the fix."""
-    from latentflow.errors import LatentflowError
-    from latentflow.flow.solvers import STEPPED_SOLVERS
-
-    if setting.steps is not None and setting.solver not in STEPPED_SOLVERS:
-        raise LatentflowError(f"--steps {setting.steps}: solver {setting.solver} picks its own steps (its accuracy is "
-                              f"--atol), so the count would be ignored; drop --steps or pick a fixed-step solver "
-                              f"(euler, midpoint, rk4, ...)")
-    if setting.tolerance is not None and setting.solver in STEPPED_SOLVERS:
-        raise LatentflowError(f"--atol {setting.tolerance:g}: solver {setting.solver} takes a number of steps "
-                              f"(--steps), not a tolerance, so it would be ignored; drop --atol or pick an adaptive "
-                              f"solver (dopri5, bosh3, ...)")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -56,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.errors import LatentflowError
     from latentflow.eval.sweep import SamplerSetting, generate_batches
     from latentflow.export import load_pipeline
+    from latentflow.flow.solvers import check_stepping
     from latentflow.io import check_folder_target, image_format, image_grid, save_image
     from latentflow.train.checkpoint import check_holds_no_work
 
@@ -70,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         check_holds_no_work(args.outdir, "the images")
     pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
-    check_stepping(setting)
+    check_stepping(setting.solver, setting.steps, setting.tolerance, "--steps", "--atol")
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                args.guidance_scale, args.eta, args.guidance_interval)
     images, nfes = [], []

@@ -81,6 +81,21 @@ def check_solver(solver: str, prediction: str = "velocity") -> None:
                               f"of {valid}")
 
 
+def check_stepping(solver: str, steps: int | None, tolerance: float | None, steps_name: str = "num_inference_steps",
+                   tolerance_name: str = "atol") -> None:
+    """Refuse a step count given for a solver that picks its own steps (adaptive), and a tolerance given for one
+    that takes a step count: either would be ignored. `steps_name` and `tolerance_name` are how the caller's user
+    gave them (an argument, a CLI option); None means not given."""
+    if steps is not None and solver not in STEPPED_SOLVERS:
+        raise LatentflowError(f"{steps_name}={steps}: solver {solver!r} picks its own steps (its accuracy is "
+                              f"{tolerance_name}), so the count would be ignored; leave {steps_name} out or pick a "
+                              f"fixed-step solver (euler, midpoint, rk4, ...)")
+    if tolerance is not None and solver in STEPPED_SOLVERS:
+        raise LatentflowError(f"{tolerance_name}={tolerance:g}: solver {solver!r} takes a number of steps "
+                              f"({steps_name}), not a tolerance, so it would be ignored; leave {tolerance_name} out "
+                              f"or pick an adaptive solver (dopri5, bosh3, ...)")
+
+
 def nfe_of(solver: str, steps: int) -> int | None:
     """Exact velocity evaluations of `steps` steps of `solver`, or None where it is not known in advance."""
     if solver in STAGES_PER_STEP:
