@@ -198,8 +198,8 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type, time_shift=None) -> dict[str, Any]:
         """Call arguments with the scheduler's defaults filled in, validated."""
         config = self.scheduler.config
-        check_stepping(solver or self.scheduler.default_solver, steps, atol if rtol is None else rtol,
-                       tolerance_name="atol" if rtol is None else "rtol")
+        check_stepping(solver or self.scheduler.default_solver, steps, atol)
+        check_stepping(solver or self.scheduler.default_solver, None, rtol, tolerance_name="rtol")
         settings = {
             "solver": solver or self.scheduler.default_solver,
             "steps": config.num_inference_steps if steps is None else steps,
