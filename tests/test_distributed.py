@@ -419,8 +419,10 @@ FIT_SCRIPT = textwrap.dedent('''
                          balance_draws=50, save_every=10, device=None, progress=False)
     try:
         fit_cache_potential(config, stop_at)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # both processes stop at the same step; they leave the process group together, as
+        import torch.distributed  # a finished fit's barrier has them do (apart, one could abort at exit:
+        torch.distributed.barrier()  # "terminate called without an active exception", seen in CI)
+        torch.distributed.destroy_process_group()
 ''')
 
 
