@@ -198,10 +198,11 @@ class LatentFlowPipeline(DiffusionPipeline):
     def _resolve_settings(self, steps, solver, atol, rtol, eta, output_type, time_shift=None) -> dict[str, Any]:
         """Call arguments with the scheduler's defaults filled in, validated."""
         config = self.scheduler.config
-        check_stepping(solver or self.scheduler.default_solver, steps, atol)
-        check_stepping(solver or self.scheduler.default_solver, None, rtol, tolerance_name="rtol")
+        solver = solver or self.scheduler.default_solver
+        check_stepping(solver, steps, atol)
+        check_stepping(solver, None, rtol, tolerance_name="rtol")
         settings = {
-            "solver": solver or self.scheduler.default_solver,
+            "solver": solver,
             "steps": config.num_inference_steps if steps is None else steps,
             "atol": config.atol if atol is None else atol,
             "rtol": config.rtol if rtol is None else rtol,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from latentflow.data.sources import IMAGE_EXTENSIONS, find_image_files
-from latentflow.errors import LatentflowError, require_count
+from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.eval.features import FeatureExtractor
 from latentflow.eval.statistics import FeatureStatistics, feature_statistics
 from latentflow.io import json_sha256, to_uint8_images, write_bytes_atomic
@@ -45,8 +45,8 @@ def _load_uint8(path: Path, resolution: int | None = None) -> torch.Tensor:
                 image = resize_center_crop(image, resolution)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError) as error:  # empty, truncated, or not an image: statistics of every image or none
-        raise LatentflowError(f"{path}: not a readable image ({error}); remove it from the folder or save it "
-                              "again") from None
+        raise LatentflowError(f"{path}: not a readable image ({first_line(error)}); remove it from the folder or "
+                              "save it again") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
