@@ -127,3 +127,20 @@ def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "flowers64_dit_s2_otcfm.yaml", ["train.max_steps=3"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_preview_settings_are_checked_before_the_first_step() -> None:
+    # these failed only at the first preview, sample.every steps into the run
+    base = ["data.cache=x"]
+    with pytest.raises(LatentflowError, match=r"sample.solver \(objective 'otcfm'\): unknown solver 'dopri6'"):
+        validate_config(load_config(None, [*base, "objective.name=otcfm", "sample.solver=dopri6"]))
+    with pytest.raises(LatentflowError, match=r"sample.solver \(objective 'rf'\): solver 'flowmap' needs a flow-map"):
+        validate_config(load_config(None, [*base, "objective.name=rf", "sample.solver=flowmap"]))
+    for scale in ("-1", ".nan", ".inf"):
+        with pytest.raises(LatentflowError, match=r"sample.guidance_scale \(objective 'rf'\): guidance_scale must be "
+                                                  r">= 0 and finite"):
+            validate_config(load_config(None, [*base, "objective.name=rf", f"sample.guidance_scale={scale}"]))
+    # what each objective's previews do sample with is accepted; a noise model previews with ddim whatever it names
+    validate_config(load_config(None, [*base, "objective.name=meanflow", "sample.solver=flowmap"]))
+    validate_config(load_config(None, [*base, "objective.name=rf", "sample.solver=dopri5", "sample.guidance_scale=0"]))
+    validate_config(load_config(None, [*base, "objective.name=ddpm", "sample.solver=euler"]))

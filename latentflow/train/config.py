@@ -20,15 +20,16 @@ import yaml
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import EXACT_SOLVERS
 from latentflow.flow.flow_maps import PAPER_DISTINCT_SHARE
+from latentflow.flow.guidance import check_guidance_scale
 from latentflow.flow.objectives import (
-    FLOW_MAP_OBJECTIVES,
     FLOW_MAP_PAIRINGS,
     FLOW_MAP_VELOCITIES,
     OBJECTIVES,
     OT_OBJECTIVES,
+    make_objective,
     pairs_by_ot,
 )
-from latentflow.flow.solvers import FLOW_MAP_SOLVERS
+from latentflow.flow.solvers import check_solver
 from latentflow.flow.time_samplers import TIME_SAMPLERS
 from latentflow.io import write_text_atomic
 
@@ -380,9 +381,7 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(config.sample.every >= 0 and config.sample.num_images >= 1 and config.sample.steps >= 1,
              "sample.every must be >= 0, sample.num_images and sample.steps >= 1")
     _require(config.log.every >= 1, f"log.every must be >= 1, got {config.log.every}")
-    _require(config.sample.solver not in FLOW_MAP_SOLVERS or objective.name in FLOW_MAP_OBJECTIVES,
-             f"sample.solver {config.sample.solver!r} samples flow maps; objective {objective.name!r} trains a "
-             f"velocity field: use an ODE solver such as euler")
+    _check_sample(config.sample, objective.name)
     unknown_trackers = sorted(set(config.log.trackers) - {"tensorboard", "wandb", "csv"})
     _require(not unknown_trackers, f"log.trackers {unknown_trackers} unknown; choose from tensorboard, wandb, csv")
     stored = objective.coupling == "stored"
@@ -393,6 +392,19 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
     _require(not stored or not data.random_flip,
              "objective.coupling 'stored': a flipped endpoint is not its stored noise's endpoint; set "
              "data.random_flip: false")
+
+
+def _check_sample(sample: SampleConfig, objective: str) -> None:
+    """Refuse preview settings that would fail only at the first preview, `sample.every` steps in: a solver the
+    objective's model cannot be sampled with (a noise model previews with ddim whatever it names), a guidance
+    scale that is not a finite number >= 0."""
+    prediction = make_objective(objective).prediction
+    for name, check in (("solver", lambda: prediction == "noise" or check_solver(sample.solver, prediction)),
+                        ("guidance_scale", lambda: check_guidance_scale(sample.guidance_scale))):
+        try:
+            check()
+        except LatentflowError as error:
+            raise LatentflowError(f"sample.{name} (objective {objective!r}): {error}") from None
 
 
 def _check_dataset_scope(config: Config) -> None:
