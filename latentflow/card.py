@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from latentflow.io import write_text_atomic
+from latentflow.train.checkpoint import CACHE_MANIFEST_FILE
 
 CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
@@ -116,7 +117,7 @@ def model_card(pipe_dir: Path, license_name: str = "other", evaluation_file: Pat
     """The card text for the pipeline folder as it is now (its evaluation from `evaluation_file`, by default
     `PIPE_DIR/evaluation/evaluation.json`, when it exists)."""
     scheduler = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
-    manifest_file, training_file = pipe_dir / "cache_manifest.json", pipe_dir / "training_config.yaml"
+    manifest_file, training_file = pipe_dir / CACHE_MANIFEST_FILE, pipe_dir / "training_config.yaml"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
     training = yaml.safe_load(training_file.read_text()) if training_file.is_file() else None
     name = name or pipe_dir.resolve().name

@@ -44,16 +44,12 @@ from latentflow.io import (
 )
 from latentflow.processes import torch_device
 from latentflow.scheduler import LatentFlowScheduler
-from latentflow.train.checkpoint import MODEL_DIR
+from latentflow.train.checkpoint import CACHE_MANIFEST_FILE, CONFIG_FILE, MODEL_DIR
 from latentflow.vae import check_same_vae, check_vae_fingerprint, vae_fingerprint
 
 __all__ = ["LatentFlowScheduler", "check_vae_fingerprint", "export_run", "load_pipeline", "pipeline_from_run",
            "scheduler_from_run"]
 
-CACHE_MANIFEST_NAME = "cache_manifest.json"
-RUN_MODEL_DIR = MODEL_DIR
-RUN_MANIFEST = "cache_manifest.json"
-RUN_CONFIG = "config.yaml"
 PIPELINE_KIND = "pipeline folder"
 
 
@@ -175,11 +171,11 @@ def pipeline_from_run(run_dir: str | os.PathLike, vae: str | None = None, where:
     from latentflow.vae import load_vae, vae_source
 
     run = Path(run_dir)
-    manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
-    config = load_config(run / RUN_CONFIG)
-    if not (run / RUN_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"no EMA model at {run / RUN_MODEL_DIR}; is {run} a finished `latentflow train` run?")
-    model = load_model(run / RUN_MODEL_DIR).eval()
+    manifest = read_json(run / CACHE_MANIFEST_FILE, "cache manifest of the run")
+    config = load_config(run / CONFIG_FILE)
+    if not (run / MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"no EMA model at {run / MODEL_DIR}; is {run} a finished `latentflow train` run?")
+    model = load_model(run / MODEL_DIR).eval()
     frozen = load_vae(vae or vae_source(manifest["vae"]))
     check_same_vae(manifest["vae"], frozen.identity, f"{where} {run}")
     return LatentFlowPipeline(transformer=model, vae=frozen.module,
@@ -225,12 +221,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
     check_folder_target(out_dir, PIPELINE_MARKER, PIPELINE_KIND)
     run = Path(run_dir)
     pipe = pipeline_from_run(run, vae, guide=guide)
-    manifest = read_json(run / RUN_MANIFEST, "cache manifest of the run")
+    manifest = read_json(run / CACHE_MANIFEST_FILE, "cache manifest of the run")
 
     def fill(staging: Path) -> None:
         pipe.save_pretrained(str(staging), safe_serialization=True)
-        write_json_atomic(staging / CACHE_MANIFEST_NAME, manifest, sort_keys=True)
-        shutil.copyfile(run / RUN_CONFIG, staging / "training_config.yaml")
+        write_json_atomic(staging / CACHE_MANIFEST_FILE, manifest, sort_keys=True)
+        shutil.copyfile(run / CONFIG_FILE, staging / "training_config.yaml")
         if grid_images:
             save_image(image_grid(sample_grid_images(pipe, grid_images)), staging / GRID_NAME)
         write_model_card(staging, license_name, name=Path(out_dir).name)

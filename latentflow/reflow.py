@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from latentflow.data.manifest import SETTINGS_FILE, build_manifest, write_settings
+from latentflow.data.manifest import MANIFEST_FILE, SETTINGS_FILE, build_manifest, write_settings
 from latentflow.data.writer import (
     INDEX_DIR,
     LatentSample,
@@ -36,18 +36,12 @@ from latentflow.data.writer import (
     remove_stale_temporaries,
 )
 from latentflow.errors import LatentflowError
-from latentflow.export import (
-    CACHE_MANIFEST_NAME,
-    RUN_CONFIG,
-    RUN_MANIFEST,
-    RUN_MODEL_DIR,
-    load_pipeline,
-    pipeline_from_run,
-)
+from latentflow.export import load_pipeline, pipeline_from_run
 from latentflow.flow.guidance import check_guidance_scale
 from latentflow.flow.solvers import ADAPTIVE_METHODS, STEPPED_SOLVERS, check_stepping
 from latentflow.io import LOCK_NAME, PIPELINE_MARKER, read_json, write_json_atomic
 from latentflow.processes import Distributed, torch_device
+from latentflow.train.checkpoint import CACHE_MANIFEST_FILE, CONFIG_FILE, MODEL_DIR
 from latentflow.vae import identity_differences, load_vae, sha256_file, weights_sha256
 
 REFLOW_KIND = "reflow"
@@ -181,14 +175,15 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teache
     folder = Path(path)
     if (folder / PIPELINE_MARKER).is_file():
         pipe, kind, weights = load_pipeline(folder, device, progress=False), "pipeline", folder / "transformer"
-        manifest_path = folder / CACHE_MANIFEST_NAME
+        manifest_path = folder / CACHE_MANIFEST_FILE
         manifest = read_json(manifest_path, "cache manifest of the pipeline") if manifest_path.is_file() else None
-    elif all((folder / name).exists() for name in (RUN_MODEL_DIR, RUN_CONFIG, RUN_MANIFEST)):
-        pipe, kind, weights = pipeline_from_run(folder, where="reflow").to(device), "run", folder / RUN_MODEL_DIR
-        manifest = read_json(folder / RUN_MANIFEST, "cache manifest of the run")
+    elif all((folder / name).exists() for name in (MODEL_DIR, CONFIG_FILE, CACHE_MANIFEST_FILE)):
+        pipe, kind, weights = pipeline_from_run(folder, where="reflow").to(device), "run", folder / MODEL_DIR
+        manifest = read_json(folder / CACHE_MANIFEST_FILE, "cache manifest of the run")
     else:
-        raise LatentflowError(f"teacher {folder}: neither a pipeline folder (model_index.json) nor a finished "
-                              f"training run ({RUN_MODEL_DIR}/, {RUN_CONFIG}, {RUN_MANIFEST}); pass one of those")
+        raise LatentflowError(f"teacher {folder}: neither a pipeline folder ({PIPELINE_MARKER}) nor a finished "
+                              f"training run ({MODEL_DIR}/, {CONFIG_FILE}, {CACHE_MANIFEST_FILE}); pass one of "
+                              f"those")
     pipe.set_progress_bar_config(disable=True)
     model_config = {key: value for key, value in dict(pipe.transformer.config).items() if not key.startswith("_")}
     identity = {"path": str(folder.resolve()), "kind": kind, "class": type(pipe.transformer).__name__,
@@ -395,7 +390,7 @@ def _finish(out: Path, settings: dict[str, Any], n: int, command: str) -> dict[s
     indexes = read_indexes(out)
     _check_exactly_once(indexes, n, out)
     manifest = couplings_manifest(settings, indexes, n, command)
-    write_json_atomic(out / "manifest.json", manifest, indent=1)
+    write_json_atomic(out / MANIFEST_FILE, manifest, indent=1)
     return manifest
 
 
@@ -420,8 +415,8 @@ def _make_couplings_locked(config: ReflowConfig, dist: Distributed, out: Path) -
     _check_teacher_settings(teacher.pipe, config)
     settings = couplings_settings(teacher, config)
     done = _prepare_out(out, settings, config.n, dist)
-    if len(done) == config.n and (out / "manifest.json").exists():
-        manifest = read_json(out / "manifest.json", "couplings manifest")
+    if len(done) == config.n and (out / MANIFEST_FILE).exists():
+        manifest = read_json(out / MANIFEST_FILE, "couplings manifest")
         if manifest["num_samples"] == config.n:
             return ReflowResult(out, 0, config.n, True, manifest)
     mine = [index for index in range(config.n) if index not in done and index % dist.world_size == dist.rank]
@@ -433,5 +428,5 @@ def _make_couplings_locked(config: ReflowConfig, dist: Distributed, out: Path) -
     if dist.rank == 0:
         _finish(out, settings, config.n, command)
     dist.barrier()
-    manifest = read_json(out / "manifest.json", "couplings manifest")
+    manifest = read_json(out / MANIFEST_FILE, "couplings manifest")
     return ReflowResult(out, made, manifest["num_samples"], False, manifest, seconds)

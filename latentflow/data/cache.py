@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from latentflow.data.manifest import validate_manifest
+from latentflow.data.manifest import MANIFEST_FILE, validate_manifest
 from latentflow.errors import LatentflowError
 
 RawSample = dict[str, Any]  # {"__key__": str, "mean.npy": bytes, ...}
@@ -71,7 +71,7 @@ class LatentCache:
 
     def __init__(self, path: str | Path, skip_bad_shards: bool = False):
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
+        manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.exists():
             hint = " (an encode run is unfinished: rerun it to resume)" if (self.path / "index").exists() else ""
             raise LatentflowError(f"{manifest_path}: not found; not a latent cache{hint}")

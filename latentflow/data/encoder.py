@@ -22,7 +22,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from latentflow.data.manifest import build_manifest, check_cache_folder, check_compatible, write_settings, write_skipped
+from latentflow.data.manifest import (
+    MANIFEST_FILE,
+    build_manifest,
+    check_cache_folder,
+    check_compatible,
+    write_settings,
+    write_skipped,
+)
 from latentflow.data.preprocess import PreprocessConfig, check_resolution, preprocess_bytes, to_model_input
 from latentflow.data.sources import Record, Source, open_source
 from latentflow.data.writer import INDEX_DIR, LatentSample, ShardWriter, read_indexes, remove_stale_temporaries
@@ -131,7 +138,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, dist: Dis
 
 def _clear_cache(out: Path) -> None:
     for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*")) + \
-            [out / "manifest.json", out / "skipped.jsonl"]:
+            [out / MANIFEST_FILE, out / "skipped.jsonl"]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / INDEX_DIR, ignore_errors=True)
 
@@ -196,7 +203,7 @@ def _finish(out: Path, settings: dict[str, Any], command: str) -> dict[str, Any]
     indexes = read_indexes(out)
     manifest = build_manifest(settings, indexes, settings.get("label_names"), command)
     write_skipped(out, indexes)
-    write_json_atomic(out / "manifest.json", manifest, indent=1)
+    write_json_atomic(out / MANIFEST_FILE, manifest, indent=1)
     return manifest
 
 
@@ -234,7 +241,7 @@ def _encode_locked(config: EncodeConfig, dist: Distributed, out: Path) -> Encode
     pending = _pending(source, out)
     dist.barrier()  # all ranks computed the same pending list before anyone writes
     command = shlex.join(config.command if config.command is not None else sys.argv)
-    if not pending and (out / "manifest.json").exists():
+    if not pending and (out / MANIFEST_FILE).exists():
         manifest = _read_manifest(out)
         return EncodeResult(out, 0, 0, manifest["num_samples"], manifest["num_skipped"], True, manifest)
     started = time.perf_counter()
@@ -249,4 +256,4 @@ def _encode_locked(config: EncodeConfig, dist: Distributed, out: Path) -> Encode
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "manifest.json").read_text())
+    return json.loads((out / MANIFEST_FILE).read_text())

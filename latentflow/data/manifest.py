@@ -17,6 +17,8 @@ from latentflow.io import write_json_atomic, write_text_atomic
 from latentflow.vae import identity_differences
 
 FORMAT = "latentflow-latent-cache"
+MANIFEST_FILE = "manifest.json"
+"""OUT/manifest.json: present only once a cache (encoded latents or stored couplings) is complete."""
 FORMAT_VERSION = 1
 SETTINGS_FILE = "settings.json"
 # settings that must match to resume or extend a cache (anything else, e.g. batch size, may change)
@@ -34,7 +36,7 @@ def _differences(existing: dict[str, Any], settings: dict[str, Any], field: str)
     return None if existing.get(field) == settings.get(field) else (existing.get(field), settings.get(field))
 
 
-CACHE_ENTRIES = ("manifest.json", "skipped.jsonl", INDEX_DIR, "ot")
+CACHE_ENTRIES = (MANIFEST_FILE, "skipped.jsonl", INDEX_DIR, "ot")
 """What a cache folder holds besides its `shard-*.tar` files and hidden temporaries and lock (`ot/`: potentials)."""
 
 
@@ -63,7 +65,7 @@ def check_compatible(out: Path, settings: dict[str, Any]) -> bool:
     """
     path = out / INDEX_DIR / SETTINGS_FILE
     if not path.exists():
-        if (out / "manifest.json").exists() or any(out.glob("shard-*.tar")):
+        if (out / MANIFEST_FILE).exists() or any(out.glob("shard-*.tar")):
             raise LatentflowError(f"{out} holds shards or a manifest but no {INDEX_DIR}/{SETTINGS_FILE}; "
                                   "use another --out or --overwrite")
         return False

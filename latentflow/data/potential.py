@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from latentflow.data.cache import LatentCache
+from latentflow.data.manifest import MANIFEST_FILE
 from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.flow.semidiscrete import (
     Balance,
@@ -50,7 +51,7 @@ leaving out or doubling one image in twenty; a fit that stops short of it is a f
 
 def cache_fingerprint(cache: LatentCache) -> str:
     """sha256 of the cache's manifest.json: any re-encode, extension or edit changes it."""
-    return hashlib.sha256((cache.path / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256((cache.path / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 @dataclass

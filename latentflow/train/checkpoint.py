@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentflow.data.manifest import MANIFEST_FILE
 from latentflow.errors import LatentflowError
 from latentflow.io import PIPELINE_MARKER, replace_folder, write_text_atomic
 
@@ -27,6 +28,10 @@ GUIDE_DIR = "guide"
 """RUN/guide: the EMA model at `train.guide_step` (diffusers format), the pipeline's guide after export."""
 MODEL_DIR = "model"
 """RUN/model: the finished run's EMA model (diffusers format), what export turns into a pipeline."""
+CONFIG_FILE = "config.yaml"
+"""RUN/config.yaml: the run's whole config, as resolved when it started."""
+CACHE_MANIFEST_FILE = "cache_manifest.json"
+"""RUN/cache_manifest.json (and a pipeline's, copied by export): the manifest of the cache the run trained on."""
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -154,7 +159,7 @@ def check_fresh_output(output_dir: str | Path) -> None:
 def held_work(folder: str | Path) -> tuple[str, str] | None:
     """(the file that shows it, what it is) for the work `folder` holds, a finished run's model, a latent cache or
     a pipeline folder, or None: the one rule for telling a folder of work from a folder to write in."""
-    kinds = {f"{MODEL_DIR}/config.json": "a finished run's model", "manifest.json": "a latent cache",
+    kinds = {f"{MODEL_DIR}/config.json": "a finished run's model", MANIFEST_FILE: "a latent cache",
              PIPELINE_MARKER: "a pipeline folder"}
     for name, what in kinds.items():
         if (Path(folder) / name).is_file():

@@ -17,6 +17,7 @@ from diffusers import ModelMixin
 from latentflow.errors import LatentflowError
 from latentflow.flow.flow_maps import INTERVAL_TIME_SCALE
 from latentflow.io import read_json
+from latentflow.train.checkpoint import CACHE_MANIFEST_FILE, CONFIG_FILE, is_checkpoint, load_ema_model
 from latentflow.vae import identity_differences
 
 FLOW_MAP_KEYS = ("interval_embedder.",)
@@ -57,19 +58,18 @@ def load_initial_model(path: str | Path, flag: str = "--init") -> InitialModel:
     """Load the model and the cache manifest of a run or pipeline folder, or the EMA model of a checkpoint of a
     finished run (RUN/checkpoints/step-N) (`flag` names the option in errors)."""
     from latentflow.models import load_model
-    from latentflow.train.checkpoint import is_checkpoint, load_ema_model
     from latentflow.train.config import load_config
 
     path = Path(path)
     checkpoint_run = path.parent.parent if is_checkpoint(path) else None
     folder = None if checkpoint_run is not None else model_folder(path, flag)
-    manifest_file = (checkpoint_run or path) / "cache_manifest.json"
+    manifest_file = (checkpoint_run or path) / CACHE_MANIFEST_FILE
     if not manifest_file.is_file():
-        raise LatentflowError(f"{flag} {path}: no cache_manifest.json in {manifest_file.parent}, so its latents "
+        raise LatentflowError(f"{flag} {path}: no {CACHE_MANIFEST_FILE} in {manifest_file.parent}, so its latents "
                               f"cannot be checked against this run's cache; use a finished training run folder "
                               f"(or one of its checkpoints) or a pipeline written by export")
     if checkpoint_run is not None:
-        model = load_ema_model(path, load_config(checkpoint_run / "config.yaml").model.name)
+        model = load_ema_model(path, load_config(checkpoint_run / CONFIG_FILE).model.name)
     else:
         model = load_model(folder).eval()
     settings = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}

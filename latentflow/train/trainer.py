@@ -548,7 +548,7 @@ class Trainer:
         csv_log = None
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
+            save_config(config, self.output_dir / ckpt.CONFIG_FILE)
             csv_log = CsvLog(self.output_dir / "log.csv", self.state.step if resume else None)
         if accelerator.log_with:
             accelerator.init_trackers(config.log.project, config=flat_config(config))
@@ -625,7 +625,7 @@ class Trainer:
         """Write the EMA model to OUT/model and the cache manifest beside it."""
         target = self.write_model(ckpt.MODEL_DIR)
         if target is not None:
-            write_json_atomic(self.output_dir / "cache_manifest.json", self.cache.manifest, indent=1)
+            write_json_atomic(self.output_dir / ckpt.CACHE_MANIFEST_FILE, self.cache.manifest, indent=1)
         return target
 
 
