@@ -184,6 +184,29 @@ def test_unknown_block_options_list_the_choices() -> None:
         small_dit(mlp="relu")
 
 
+@pytest.mark.parametrize(("name", "settings", "message"), [
+    ("dit", {"depth": 0}, "DiT depth must be an integer >= 1, got 0"),  # built, and trained, with no blocks
+    ("dit", {"num_heads": 0}, "DiT num_heads must be an integer >= 1"),  # ZeroDivisionError
+    ("dit", {"num_heads": -2}, "DiT num_heads must be an integer >= 1"),  # built
+    ("dit", {"patch_size": 0}, "DiT patch_size must be an integer >= 1"),
+    ("dit", {"hidden_size": 0}, "DiT hidden_size must be an integer >= 1"),
+    ("dit", {"mlp_ratio": 0}, r"DiT mlp_ratio must be a number > 0"),  # built with an empty MLP
+    ("dit", {"mlp_ratio": -1}, r"DiT mlp_ratio must be a number > 0"),  # torch's negative-dimension error
+    ("unet", {"layers_per_block": 0}, "UNet layers_per_block must be an integer >= 1"),
+    ("unet", {"attention_head_dim": 0}, "UNet attention_head_dim must be an integer >= 1"),
+    ("unet", {"norm_num_groups": 0}, "UNet norm_num_groups must be an integer >= 1"),
+    ("unet", {"block_out_channels": [30, 60], "attention_levels": [False, True]},
+     r"UNet block_out_channels must be one or more integers divisible by norm_num_groups \(32\), got \[30, 60\]"),
+    ("unet", {"block_out_channels": [], "attention_levels": []}, "UNet block_out_channels must be one or more"),
+    ("unet", {"sample_size": 6}, r"UNet sample_size 6 is not divisible by 4 \(2 \*\* \(levels - 1\) for 3 levels\)"),
+])
+def test_impossible_model_settings_are_one_line_naming_the_setting(name: str, settings: dict, message: str) -> None:
+    # each of these was a traceback from torch or diffusers (at construction or at the first forward) or a model
+    # built without the part the setting names
+    with pytest.raises(LatentflowError, match=message):
+        make_model(name, **{"in_channels": 4, "sample_size": 8, **settings})
+
+
 @pytest.mark.parametrize("option", [{}, LIGHTNING])
 def test_fused_modulation_computes_the_same_dit(option: dict) -> None:
     """The addcmul form of adaLN modulate and gate: same weights, same outputs and gradients (fp32; bf16 autocast

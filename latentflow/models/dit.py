@@ -15,6 +15,7 @@ labels; id `num_classes` is the null class used for classifier-free guidance.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.models.attention import attention
 
 
@@ -287,6 +288,13 @@ class DiT(ModelMixin, ConfigMixin):
         interval_time_scale: float | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("sample_size", sample_size), ("patch_size", patch_size),
+                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+            require_count(f"DiT {name}", value, 1)
+        require_count("DiT num_classes", num_classes, 0)
+        if not (isinstance(mlp_ratio, numbers.Real) and math.isfinite(mlp_ratio) and hidden_size * mlp_ratio >= 1):
+            raise LatentflowError(f"DiT mlp_ratio must be a number > 0 (hidden_size x mlp_ratio >= 1), got "
+                                  f"{mlp_ratio!r}")
         if sample_size % patch_size:
             raise LatentflowError(f"DiT sample_size {sample_size} is not divisible by patch_size {patch_size}")
         self.grid_size = sample_size // patch_size

@@ -13,9 +13,29 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, require_count
 from latentflow.models.attention import use_jvp_attention
 from latentflow.models.dit import TimestepEmbedder, broadcast_time
+
+
+def _check_settings(in_channels: int, sample_size: int, block_out_channels: tuple[int, ...], layers_per_block: int,
+                    attention_head_dim: int, norm_num_groups: int, num_classes: int) -> None:
+    """Refuse U-Net settings that diffusers would turn into a traceback at construction or at the first forward."""
+    for name, value in (("in_channels", in_channels), ("sample_size", sample_size),
+                        ("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim),
+                        ("norm_num_groups", norm_num_groups)):
+        require_count(f"UNet {name}", value, 1)
+    require_count("UNet num_classes", num_classes, 0)
+    channels = list(block_out_channels)
+    if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % norm_num_groups
+                           for c in channels):
+        raise LatentflowError(f"UNet block_out_channels must be one or more integers divisible by norm_num_groups "
+                              f"({norm_num_groups}), got {channels}")
+    factor = 2 ** (len(channels) - 1)
+    if sample_size % factor:
+        raise LatentflowError(f"UNet sample_size {sample_size} is not divisible by {factor} (2 ** (levels - 1) for "
+                              f"{len(channels)} levels); use fewer levels in block_out_channels or another "
+                              f"resolution")
 
 
 class UNet(ModelMixin, ConfigMixin):
@@ -57,6 +77,8 @@ class UNet(ModelMixin, ConfigMixin):
         interval_time_scale: float | None = None,
     ) -> None:
         super().__init__()
+        _check_settings(in_channels, sample_size, block_out_channels, layers_per_block, attention_head_dim,
+                        norm_num_groups, num_classes)
         if len(attention_levels) != len(block_out_channels):
             raise LatentflowError(
                 f"UNet attention_levels {list(attention_levels)} must have one entry per block_out_channels "
