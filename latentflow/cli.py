@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from latentflow.errors import LatentflowError
+from latentflow.errors import LatentflowError, user_message
 
 COMMAND_MODULES = ("toy", "encode", "train", "plot_log", "export", "sample", "fid_stats", "evaluate", "plot_eval",
                    "demo", "reflow", "ot_fit")
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except (LatentflowError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
-        print(f"latentflow {args.command}: error: {error}", file=sys.stderr)  # OS errors name the path
+        print(f"latentflow {args.command}: error: {user_message(error)}", file=sys.stderr)  # OS errors name the path
         return 2
     except KeyboardInterrupt:
         print(f"latentflow {args.command}: interrupted", file=sys.stderr)

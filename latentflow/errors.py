@@ -4,6 +4,8 @@ The CLI prints these as a single line and exits with status 2; anything else is 
 bug and keeps its traceback.
 """
 
+import re
+
 
 class LatentflowError(ValueError):
     """A user-facing error whose message names the thing at fault and the fix."""
@@ -20,6 +22,17 @@ def first_line(error: BaseException) -> str:
     one-line error quotes of it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def user_message(error: BaseException) -> str:
+    """What the CLI prints of a user error: its message, or for one that torch re-raised from a DataLoader worker
+    ("Caught LatentflowError in DataLoader worker process 0. Original Traceback ...: the message") the message the
+    worker raised, without the worker's traceback."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last.strip(), count=1)
 
 
 class DiskFullError(LatentflowError):

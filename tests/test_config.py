@@ -144,3 +144,14 @@ def test_preview_settings_are_checked_before_the_first_step() -> None:
     validate_config(load_config(None, [*base, "objective.name=meanflow", "sample.solver=flowmap"]))
     validate_config(load_config(None, [*base, "objective.name=rf", "sample.solver=dopri5", "sample.guidance_scale=0"]))
     validate_config(load_config(None, [*base, "objective.name=ddpm", "sample.solver=euler"]))
+
+
+def test_optimizer_and_seed_settings_that_were_tracebacks_are_refused() -> None:
+    # torch's "Invalid weight_decay value" and numpy's "Seed must be between 0 and 2**32 - 1", at the trainer's start
+    for setting, message in (("optim.weight_decay=-1", r"optim.weight_decay must be >= 0, got -1.0"),
+                             ("optim.weight_decay=.nan", r"optim.weight_decay must be >= 0, got nan"),
+                             ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+                             ("sample.seed=4294967296", r"sample.seed must be in \[0, 2\*\*32\), got 4294967296")):
+        with pytest.raises(LatentflowError, match=message):
+            validate_config(load_config(None, ["data.cache=x", setting]))
+    validate_config(load_config(None, ["data.cache=x", "optim.weight_decay=0.01", "train.seed=4294967295"]))

@@ -90,3 +90,6 @@ def test_couplings_refuse_mismatched_batches():
         make_coupling("hungarian")
     with pytest.raises(LatentflowError, match="exact OT solver"):
         ExactOTCoupling(solver="auction")
+    for reg in (0.0, float("nan"), float("inf")):  # NaN failed in a loader worker, printed with its traceback
+        with pytest.raises(LatentflowError, match="sinkhorn reg must be > 0 and finite"):
+            SinkhornOTCoupling(reg=reg)

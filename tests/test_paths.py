@@ -39,8 +39,9 @@ def test_cfm_path_noise_has_the_configured_sigma():
 def test_bad_time_shape_and_sigma_are_refused():
     with pytest.raises(LatentflowError, match="t must have shape"):
         expand_time(torch.zeros(3), torch.zeros(4, 2))
-    with pytest.raises(LatentflowError, match="sigma"):
-        CFMPath(sigma=-1.0)
+    for sigma in (-1.0, float("nan"), float("inf")):  # NaN was accepted and trained on
+        with pytest.raises(LatentflowError, match="path sigma must be >= 0 and finite"):
+            CFMPath(sigma=sigma)
 
 
 def test_time_samplers_cover_the_unit_interval():

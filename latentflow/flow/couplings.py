@@ -7,6 +7,7 @@ treated alike, with the squared Euclidean cost.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -204,8 +205,8 @@ class SinkhornOTCoupling(_BlockwiseCoupling):
 
     def __init__(self, reg: float = 0.05, class_aware: bool = False):
         super().__init__(class_aware)
-        if reg <= 0:
-            raise LatentflowError(f"sinkhorn reg must be > 0, got {reg}")
+        if not (math.isfinite(reg) and reg > 0):
+            raise LatentflowError(f"sinkhorn reg must be > 0 and finite, got {reg}")
         self.reg = float(reg)
 
     def plan(self, cost: np.ndarray) -> np.ndarray:

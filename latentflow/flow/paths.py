@@ -6,6 +6,7 @@ at t=1, and the conditional velocity target is u_t = x1 - x0.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -55,8 +56,8 @@ class CFMPath(ProbabilityPath):
     """
 
     def __init__(self, sigma: float = 0.01):
-        if sigma < 0:
-            raise LatentflowError(f"path sigma must be >= 0, got {sigma}")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise LatentflowError(f"path sigma must be >= 0 and finite, got {sigma}")
         self.sigma = float(sigma)
 
     def mean(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -352,6 +352,9 @@ def validate_config(config: Config, num_processes: int = 1) -> None:
              f"be >= 0 (0: none), got {data.num_workers} and {data.shuffle_buffer}")
     _require(config.train.max_steps >= 1, f"train.max_steps must be >= 1, got {config.train.max_steps}")
     _require(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
+    _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    for name, seed in (("train.seed", config.train.seed), ("sample.seed", config.sample.seed)):
+        _require(0 <= seed < 2**32, f"{name} must be in [0, 2**32), got {seed}")
     _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
              f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
     _require(optim.warmup_steps >= 0 and optim.grad_clip >= 0 and optim.grad_accumulation >= 1,
