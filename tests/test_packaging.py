@@ -1,4 +1,4 @@
-"""The built wheel: a non-editable install finds its shipped configs (the demo's default among them)."""
+"""The built wheel: a non-editable install finds its shipped configs (the demo's default among them); the CLI's help."""
 
 import os
 import subprocess
@@ -41,3 +41,18 @@ def own_install(cwd: Path) -> str:
     """Where this environment imports latentflow from (run outside the repository)."""
     probe = [sys.executable, "-c", "import latentflow; print(latentflow.__file__)"]
     return subprocess.run(probe, capture_output=True, text=True, check=True, cwd=cwd).stdout.strip()
+
+
+def test_every_commands_help_states_each_default_once_and_no_empty_one():
+    from latentflow.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())  # argparse wraps lines anywhere
+        for empty in ("(default: None)", "(default: [])", "(default: True)", "(default: False)"):
+            assert empty not in text, (name, empty)
+        for option in text.split(" --"):
+            assert option.count("default") <= 1 + option.count("defaults"), (name, option)
+    sample = " ".join(commands["sample"].format_help().split())
+    assert "(default: the pipeline's)" in sample and "number of images (default: 64)" in sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
 from latentflow.demo import DEFAULT_CONFIG, FEW_STEP_CONFIG, DemoSettings
 
 
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
     defaults = DemoSettings()
     parser = subparsers.add_parser("demo", help="encode, fit the dataset OT potential, train (OT-CFM), export, "
                                    "sample and evaluate, end to end (--few-step: then a 1-2 step flow map)",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("--data", default=defaults.data,
                         help="image folder (with train/ and val/ if any), shards or hf:NAME")
     parser.add_argument("--vae", default=defaults.vae,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="FID/KID vs NFE of a pipeline over solver settings (JSON, CSV, PNG)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("pipe_dir", type=Path, help="pipeline folder (from `latentflow export`)")
     parser.add_argument("--ref", type=Path, required=True, help="reference image folder or .npz from fid-stats")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write a LatentFlowPipeline folder from a training run",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("run_dir", type=Path, help="output folder of `latentflow train`")
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument("--vae", default=None,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "fid-stats", help="Inception (and DINOv2) feature statistics of an image folder -> .npz",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("plot-eval", help="FID vs NFE of several evaluations in one PNG",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("evaluations", type=Path, nargs="+",
                         help="evaluation.json files or the folders holding them (from `latentflow evaluate`)")
     parser.add_argument("--labels", nargs="+", default=None, help="one per evaluation (default: folder names)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="generate images with a pipeline folder",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("pipe_dir", type=Path, help="pipeline folder (from `latentflow export`)")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--steps", type=int, default=None,

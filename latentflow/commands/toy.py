@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
 from latentflow.errors import LatentflowError
 from latentflow.toy.lab import LAB_OBJECTIVES, LabSettings
 
@@ -20,7 +21,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("toy", help="2D lab: train and compare objectives on point clouds",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     defaults = LabSettings()
     parser.add_argument("--source", default=defaults.source, help="built-in name or FILE.npy of shape (N, 2) (t=0)")
     parser.add_argument("--target", default=defaults.target, help="built-in name or FILE.npy of shape (N, 2) (t=1)")
