@@ -56,3 +56,6 @@ def test_every_commands_help_states_each_default_once_and_no_empty_one():
             assert option.count("default") <= 1 + option.count("defaults"), (name, option)
     sample = " ".join(commands["sample"].format_help().split())
     assert "(default: the pipeline's)" in sample and "number of images (default: 64)" in sample
+    for name, shown in (("encode", "(default: stabilityai/sd-vae-ft-mse)"), ("ot-fit", "(default: 1000)"),
+                        ("plot-log", "(default RUN_DIR/log.png)")):  # every command shows its defaults
+        assert shown in " ".join(commands[name].format_help().split()), name

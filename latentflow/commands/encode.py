@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latentflow.commands import HelpFormatter
 from latentflow.data.encoder import EncodeConfig, EncodeResult, encode_dataset
 from latentflow.vae import DEFAULT_VAE
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("encode", help="encode images into a latent cache", description=__doc__)
+    parser = subparsers.add_parser("encode", help="encode images into a latent cache", description=__doc__,
+                                   formatter_class=HelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)

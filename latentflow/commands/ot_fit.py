@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from latentflow.commands import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ot-fit options."""
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ot-fit", help="fit the dataset-scale OT potential of a latent cache",
-                                   description=__doc__)
+                                   description=__doc__,
+                                   formatter_class=HelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentflow.commands import HelpFormatter
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("plot-log", help="plot a training run's log.csv to PNG")
+    parser = subparsers.add_parser("plot-log", help="plot a training run's log.csv to PNG",
+                                   formatter_class=HelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the training output_dir holding log.csv")
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/log.png)")
     parser.set_defaults(func=run)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latentflow.commands import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The reflow options."""
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reflow", help="store a teacher's noise-endpoint couplings for reflow",
-                                   description=__doc__)
+                                   description=__doc__,
+                                   formatter_class=HelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)

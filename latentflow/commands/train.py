@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from latentflow.commands import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train arguments, shared with scripts/train.py."""
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a velocity field on cached latents (accelerate)")
+    parser = subparsers.add_parser("train", help="train a velocity field on cached latents (accelerate)",
+                                   formatter_class=HelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
 
