@@ -6,6 +6,7 @@ way the pipeline class itself was loaded (folders written before 0.2 name `laten
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -121,6 +122,9 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
                 label = int(label)
             else:
                 raise LatentflowError(f"unknown class {label!r}; choose one of {names or 'the ids 0..num_classes-1'}")
+        if isinstance(label, bool) or not isinstance(label, numbers.Real) or not float(label).is_integer():
+            raise LatentflowError(f"class label {label!r} is neither a class name nor an integer id; choose one of "
+                                  f"{names or 'the ids 0..num_classes-1'}")
         if not 0 <= int(label) < self.config.num_classes:
             raise LatentflowError(f"class id {label} out of range 0..{self.config.num_classes - 1} ({names})")
         return int(label)

@@ -261,6 +261,9 @@ class LatentFlowPipeline(DiffusionPipeline):
             drawn = torch.randint(num_classes, (batch_size,), generator=first, device=_generator_device(first))
             return drawn.to(device)
         if isinstance(class_labels, torch.Tensor):
+            if class_labels.ndim > 1:
+                raise LatentflowError(f"class_labels tensor has shape {tuple(class_labels.shape)}; give one label "
+                                      f"(0-D) or one per image (B,)")
             class_labels = class_labels.reshape(-1).tolist()
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels] * batch_size
@@ -288,6 +291,8 @@ class LatentFlowPipeline(DiffusionPipeline):
                       guidance_interval: tuple[float, float] | None = None, use_guide: bool = True) -> Field:
         """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1 (the
         unconditional branch from the guide when there is one and `use_guide`)."""
+        if not isinstance(use_guide, bool):
+            raise LatentflowError(f"use_guide must be True or False, got {use_guide!r}")
         guide = self._guide_model if use_guide and self.guide is not None else None
         return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale, guidance_interval,
                             guide=guide)
@@ -399,6 +404,10 @@ def _check_latents(latents: Any, expected: tuple[int, ...]) -> None:
         raise LatentflowError(f"latents must be a torch.Tensor of shape (B, *{expected}), got {type(latents).__name__}")
     if latents.ndim != len(expected) + 1 or tuple(latents.shape[1:]) != expected or latents.shape[0] < 1:
         raise LatentflowError(f"latents have shape {tuple(latents.shape)}; expected (B, *{expected}) with B >= 1")
+    if not latents.is_floating_point():
+        raise LatentflowError(f"latents must be floating-point noise (e.g. torch.randn), got {latents.dtype}")
+    if not torch.isfinite(latents).all():
+        raise LatentflowError("latents hold NaN or infinite values; pass finite noise (e.g. torch.randn)")
 
 
 def _check_generators(generator: Any, batch_size: int) -> None:

@@ -181,6 +181,14 @@ def test_class_names_and_errors(pipe):
     ({"batch_size": 2, "generator": []}, "got 0 generators for a batch of 2"),
     ({"batch_size": 2, "generator": [torch.Generator(), 7]}, "generator list holds something other than"),
     ({"class_labels": []}, "class_labels is empty; give one label, or one per image"),
+    # these four were sampled: NaN images (with numpy's cast warning), a bool or 0.5 taken as a class, use_guide "no"
+    ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents hold NaN or infinite values; pass finite noise"),
+    ({"latents": torch.zeros(1, 4, 8, 8, dtype=torch.long)}, "latents must be floating-point noise .*got torch.int64"),
+    ({"class_labels": True}, "class label True is neither a class name nor an integer id"),
+    ({"class_labels": torch.tensor([0.5, 1.0])}, "class label 0.5 is neither a class name nor an integer id"),
+    ({"class_labels": torch.tensor([[0, 1]])}, r"class_labels tensor has shape \(1, 2\); give one label \(0-D\) or one "
+                                               r"per image \(B,\)"),  # was "got 2 class labels for a batch of 1"
+    ({"use_guide": "no"}, "use_guide must be True or False, got 'no'"),
     ({"solver": "dopri5", "atol": 0.0}, r"atol must be a finite number > 0 \(an adaptive .*\), got 0.0"),
     ({"solver": "dopri5", "rtol": float("nan")}, "rtol must be a finite number > 0 .*got nan"),
     ({"solver": "dopri5", "atol": True}, "atol must be a finite number > 0 .*got True"),
