@@ -129,6 +129,25 @@ def test_resume_gives_the_same_losses_as_continuing(finished_run: Path, cache: P
     assert losses(tmp_path / "resumed") == losses(finished_run)
 
 
+def test_resume_into_other_model_settings_names_them_before_loading(finished_run: Path, cache: Path,
+                                                                     tmp_path: Path, capsys) -> None:
+    """Found trying the command from outside: --resume with other model settings was torch's state-dict traceback
+    (missing and unexpected keys), or, for a setting without weights (qk_norm off keeps none), a silent resume."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before = sorted(path.name for path in (run / "checkpoints").iterdir())
+    base = ["train", "--config", str(FLOWERS_CONFIG), "--resume", "latest"]
+    for override in [*full_run_overrides(cache, run), "train.max_steps=9"]:
+        base += ["--set", override]
+    for setting, message in (("model.settings.depth=1", "depth 2 (this config: 1)"),
+                             ("model.settings.hidden_size=64", "hidden_size 32 (this config: 64)")):
+        assert cli.main([*base, "--set", setting]) == 2
+        error = capsys.readouterr().err
+        assert (f"error: checkpoint {run}/checkpoints/step-00000006 holds a model with {message}; resume with the "
+                f"run's own model settings ({run}/config.yaml)") in error and error.count("\n") == 1
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == before
+
+
 def test_truncated_checkpoint_is_named_and_latest_falls_back(finished_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)

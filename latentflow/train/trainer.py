@@ -207,6 +207,24 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return True
 
 
+def check_same_model(saved: dict[str, Any], built: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume `checkpoint` (model settings `saved`) into a model built with other settings (`built`),
+    naming each differing setting, where torch would raise its missing/unexpected state-dict keys or shape
+    mismatches (or, for a setting without weights, resume a different model silently)."""
+    def plain(config: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps({key: value for key, value in config.items()
+                                      if key == "_class_name" or not key.startswith("_")}, default=list))
+
+    saved, built = plain(saved), plain(built)
+    differing = {key: (saved[key], built.get(key)) for key in sorted(saved)  # a key it lacks: an older version's
+                 if saved[key] != built.get(key)}
+    if differing:
+        listed = ", ".join(f"{key} {had!r} (this config: {has!r})" for key, (had, has) in differing.items())
+        raise LatentflowError(f"checkpoint {checkpoint} holds a model with {listed}; resume with the run's own "
+                              f"model settings ({checkpoint.parent.parent / ckpt.CONFIG_FILE}) or train a new "
+                              f"run in another output_dir")
+
+
 class Trainer:
     """Everything for one training job; see the module docstring.
 
@@ -473,6 +491,7 @@ class Trainer:
         model_config = json.loads((info.path / MODEL_CONFIG_FILE).read_text())
         check_model_matches_cache(model_config, tuple(self.cache.latent_shape), self.num_classes,
                                   self.config.data.cache, f"checkpoint {info.path}")
+        check_same_model(model_config, dict(self.unwrapped.config), info.path)
         self.accelerator.load_state(str(info.path))
         # read on the CPU and copied into the EMA's tensors: safetensors refuses the 'cpu:0' of a gloo process
         self.ema.load_state_dict(load_file(info.path / EMA_FILE))
