@@ -6,6 +6,7 @@ potential, about W times faster)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from latentflow.commands import HelpFormatter
 
@@ -35,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "process its own card), else cpu")
     parser.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _warn_if_unbalanced(excess: float, steps: int) -> None:
+    """Say at once when training would refuse the potential (its balance excess above what it accepts)."""
+    from latentflow.data.potential import MAX_IMBALANCE
+
+    if not excess <= MAX_IMBALANCE:
+        print(f"warning: balance excess {excess:.3f} is above the {MAX_IMBALANCE} training accepts "
+              f"(objective.ot_max_imbalance), so training refuses this potential: fit it longer under another "
+              f"--name (more --steps; this fit ran {steps})", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     balance = result.report["balance"]
     if result.already_complete:
         print(f"{result.path}: complete, nothing to do ({result.points} points)")
+        _warn_if_unbalanced(balance["excess"], settings.steps)
         return 0
     processes = result.report["processes"]
     print(f"{result.path}: {result.points} points, {result.steps_run} steps in {result.seconds:.1f} s"
@@ -78,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
           f"{balance['min_over_mean']:.2f}x the mean; pairs: mean squared distance {balance['pair_cost']:.4g}, "
           f"{balance['pair_cost'] / balance['independent_cost']:.3f}x independent pairing's "
           f"{balance['independent_cost']:.4g}")
+    _warn_if_unbalanced(balance["excess"], settings.steps)
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from latentflow.data.potential import MAX_IMBALANCE
 from latentflow.errors import LatentflowError
 from latentflow.flow.couplings import EXACT_SOLVERS
 from latentflow.flow.flow_maps import PAPER_DISTINCT_SHARE
@@ -124,7 +125,7 @@ class ObjectiveConfig:
     ot_scope: Literal["local", "global", "dataset"] = "local"
     ot_potential: str = "potential"
     ot_null_potential: str | None = None
-    ot_max_imbalance: float = 0.05
+    ot_max_imbalance: float = MAX_IMBALANCE
     ot_dataset_on: Literal["loader", "device", "sharded"] = "loader"
     ot_screen: bool = True
     label_dropout: float = 0.1
