@@ -427,6 +427,8 @@ def test_fid_stats_and_evaluate_sweep(pipe_dir: Path, photos: Path, tmp_path: Pa
                            (["--kid-subset-size", "0"], "--kid-subset-size must be an integer >= 2, got 0"),
                            (["--ref", str(photos), "--ref-resolution", "0"],
                             "--ref-resolution must be an integer >= 1"),
+                           (["--ref-resolution", "32"],  # session 30: ignored with statistics
+                            f"--ref-resolution resizes the images of a folder --ref; {ref} holds statistics"),
                            (["--out", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file, not a folder for the "
                                                                "evaluation"),
                            (["--out", str(pipe_dir)], f"{pipe_dir} holds a pipeline folder (model_index.json); "

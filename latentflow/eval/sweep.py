@@ -360,6 +360,9 @@ class EvaluationSettings:
         require_count("--kid-subset-size", self.kid_subset_size, 2)
         if self.reference_resolution is not None:
             require_count("--ref-resolution", self.reference_resolution, 1)
+            if Path(self.reference).is_file():
+                raise LatentflowError(f"--ref-resolution resizes the images of a folder --ref; {self.reference} "
+                                      f"holds statistics computed already (fid-stats --resolution): leave it out")
         check_guidance_interval(self.guidance_interval)
         return parse_sweep(self.sweep, self.time_shifts)
 
