@@ -10,12 +10,14 @@ from typing import Any
 
 import yaml
 
+from latentflow.eval.sweep import EVALUATION_FILE
 from latentflow.io import write_text_atomic
 from latentflow.train.checkpoint import CACHE_MANIFEST_FILE
 
 CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
-EVALUATION_NAME = "evaluation.json"
+TRAINING_CONFIG_NAME = "training_config.yaml"
+"""PIPE/training_config.yaml: the run's config, copied by export; the card quotes it."""
 
 
 def card_metadata(scheduler_config: dict[str, Any], manifest: dict[str, Any] | None,
@@ -117,7 +119,7 @@ def model_card(pipe_dir: Path, license_name: str = "other", evaluation_file: Pat
     """The card text for the pipeline folder as it is now (its evaluation from `evaluation_file`, by default
     `PIPE_DIR/evaluation/evaluation.json`, when it exists)."""
     scheduler = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
-    manifest_file, training_file = pipe_dir / CACHE_MANIFEST_FILE, pipe_dir / "training_config.yaml"
+    manifest_file, training_file = pipe_dir / CACHE_MANIFEST_FILE, pipe_dir / TRAINING_CONFIG_NAME
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
     training = yaml.safe_load(training_file.read_text()) if training_file.is_file() else None
     name = name or pipe_dir.resolve().name
@@ -136,7 +138,7 @@ def model_card(pipe_dir: Path, license_name: str = "other", evaluation_file: Pat
              "```", "", f"or `latentflow sample {name} --n 64 --steps 8 --grid grid.png`."]
     if (pipe_dir / GRID_NAME).is_file():
         parts += ["", "## Samples", "", f"![samples]({GRID_NAME})"]
-    evaluation_file = Path(evaluation_file or pipe_dir / "evaluation" / EVALUATION_NAME)
+    evaluation_file = Path(evaluation_file or pipe_dir / "evaluation" / EVALUATION_FILE)
     if evaluation_file.is_file():
         parts += ["", "## Evaluation", "", *_evaluation_lines(json.loads(evaluation_file.read_text()))]
     return "\n".join(parts) + "\n"

@@ -20,6 +20,7 @@ from PIL import Image
 from latentflow.card import GRID_NAME
 from latentflow.errors import LatentflowError
 from latentflow.io import check_folder_target, write_folder_atomic
+from latentflow.train.checkpoint import checkpoint_root
 from latentflow.vae import DEFAULT_VAE
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def train_stage(stages: Stages, config) -> Path:
     done = stages.start(f"train {config.model.name} with {config.objective.name}"
                         f"{' over the whole cache (dataset OT)' if config.objective.ot_scope == 'dataset' else ''}"
                         f" for {config.train.max_steps} steps")
-    resume = "latest" if (run_dir / "checkpoints").is_dir() else None
+    resume = "latest" if checkpoint_root(run_dir).is_dir() else None
     train(config, resume=resume)
     print(f"   run: {run_dir} (log.csv, samples/, model/)")
     done()

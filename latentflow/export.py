@@ -28,7 +28,7 @@ import torch
 from diffusers import SchedulerMixin  # noqa: F401  (diffusers finds a component's loader through the module
 
 # model_index.json names: 0.1.0 folders name this one for the scheduler)
-from latentflow.card import GRID_NAME, write_model_card
+from latentflow.card import GRID_NAME, TRAINING_CONFIG_NAME, write_model_card
 from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.flow.objectives import make_objective
 from latentflow.flow.schedules import DDPMSchedule
@@ -226,7 +226,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, vae: str 
     def fill(staging: Path) -> None:
         pipe.save_pretrained(str(staging), safe_serialization=True)
         write_json_atomic(staging / CACHE_MANIFEST_FILE, manifest, sort_keys=True)
-        shutil.copyfile(run / CONFIG_FILE, staging / "training_config.yaml")
+        shutil.copyfile(run / CONFIG_FILE, staging / TRAINING_CONFIG_NAME)
         if grid_images:
             save_image(image_grid(sample_grid_images(pipe, grid_images)), staging / GRID_NAME)
         write_model_card(staging, license_name, name=Path(out_dir).name)

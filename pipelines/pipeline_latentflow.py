@@ -51,7 +51,7 @@ from latentflow.flow.solvers import (
     sample_flow_map,
     step_grid,
 )
-from latentflow.io import write_bytes_atomic
+from latentflow.io import PIPELINE_MARKER, write_bytes_atomic
 from latentflow.scheduler import LatentFlowScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -370,7 +370,7 @@ class LatentFlowPipeline(DiffusionPipeline):
 
 def _import_named_latentflow_modules(folder: Path) -> None:
     """Import the modules of `latentflow` (and nothing else) that `folder/model_index.json` names."""
-    index = folder / "model_index.json"
+    index = folder / PIPELINE_MARKER
     if not index.is_file():
         return
     for value in json.loads(index.read_text()).values():

@@ -21,11 +21,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from latentflow.errors import LatentflowError
-    from latentflow.eval.sweep import check_evaluation, plot_evaluations
+    from latentflow.eval.sweep import EVALUATION_FILE, check_evaluation, plot_evaluations
     from latentflow.io import check_png_target, read_json, write_bytes_atomic
 
     check_png_target(args.out)
-    files = [path / "evaluation.json" if path.is_dir() else path for path in args.evaluations]
+    files = [path / EVALUATION_FILE if path.is_dir() else path for path in args.evaluations]
     labels = args.labels or [file.parent.name for file in files]
     if len(labels) != len(files):
         raise LatentflowError(f"--labels gives {len(labels)} names for {len(files)} evaluations")

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentflow.data.manifest import MANIFEST_FILE, validate_manifest
+from latentflow.data.writer import INDEX_DIR
 from latentflow.errors import LatentflowError
 
 RawSample = dict[str, Any]  # {"__key__": str, "mean.npy": bytes, ...}
@@ -73,7 +74,7 @@ class LatentCache:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.exists():
-            hint = " (an encode run is unfinished: rerun it to resume)" if (self.path / "index").exists() else ""
+            hint = " (an encode run is unfinished: rerun it to resume)" if (self.path / INDEX_DIR).exists() else ""
             raise LatentflowError(f"{manifest_path}: not found; not a latent cache{hint}")
         try:
             manifest = json.loads(manifest_path.read_text())

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from latentflow.data.manifest import (
     MANIFEST_FILE,
+    SKIPPED_FILE,
     build_manifest,
     check_cache_folder,
     check_compatible,
@@ -138,7 +139,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, dist: Dis
 
 def _clear_cache(out: Path) -> None:
     for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*")) + \
-            [out / MANIFEST_FILE, out / "skipped.jsonl"]:
+            [out / MANIFEST_FILE, out / SKIPPED_FILE]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / INDEX_DIR, ignore_errors=True)
 

@@ -36,7 +36,9 @@ def _differences(existing: dict[str, Any], settings: dict[str, Any], field: str)
     return None if existing.get(field) == settings.get(field) else (existing.get(field), settings.get(field))
 
 
-CACHE_ENTRIES = (MANIFEST_FILE, "skipped.jsonl", INDEX_DIR, "ot")
+SKIPPED_FILE = "skipped.jsonl"
+"""OUT/skipped.jsonl: one JSON line per input left out (unreadable, too small), with the reason."""
+CACHE_ENTRIES = (MANIFEST_FILE, SKIPPED_FILE, INDEX_DIR, "ot")
 """What a cache folder holds besides its `shard-*.tar` files and hidden temporaries and lock (`ot/`: potentials)."""
 
 
@@ -178,5 +180,5 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
 def write_skipped(out: Path, indexes: list[ShardIndex]) -> int:
     """Write ``skipped.jsonl`` (sorted by key) from the indexes; returns the count."""
     entries = sorted((entry for index in indexes for entry in index.skipped), key=lambda entry: entry["key"])
-    write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
+    write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
     return len(entries)

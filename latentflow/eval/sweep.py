@@ -22,6 +22,9 @@ from latentflow.flow.schedules import check_time_shift
 from latentflow.flow.solvers import SHIFTABLE_SOLVERS, STEPPED_SOLVERS
 from latentflow.io import PIPELINE_MARKER, check_folder_target, json_sha256, read_json, write_bytes_atomic
 
+EVALUATION_FILE = "evaluation.json"
+"""OUT/evaluation.json: every setting's FID, KID, NFE and time, the floors, and what decides them."""
+
 
 @dataclass(frozen=True)
 class SamplerSetting:
@@ -242,7 +245,7 @@ def write_sweep_results(results: Sequence[dict[str, Any]], out_dir: str | os.Pat
     rows = [{key: value for key, value in record.items() if key != "nfe_per_batch"} for record in results]
     floor_rows = floors.rows() if floors is not None else []
     document = {**info, "results": list(results), "floors": floor_rows}
-    paths = {"json": out / "evaluation.json", "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
+    paths = {"json": out / EVALUATION_FILE, "csv": out / "evaluation.csv", "png": out / "fid_vs_nfe.png"}
     write_bytes_atomic(paths["json"], json.dumps(document, indent=2).encode() + b"\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), restval="")

@@ -12,6 +12,8 @@ from typing import Any
 from latentflow.errors import LatentflowError
 from latentflow.io import append_text, write_bytes_atomic, write_text_atomic
 
+LOG_FILE = "log.csv"
+"""RUN/log.csv: one row of `LOG_COLUMNS` every `log.every` steps."""
 LOG_COLUMNS = ("step", "loss", "error", "grad_norm", "lr", "images_per_s", "ot_cost", "skipped_steps",
                "straightness")
 """`error`: the unweighted squared error where the loss weights it (meanflow), else empty."""
@@ -112,7 +114,7 @@ def plot_log(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    log_file = run_dir / "log.csv"
+    log_file = run_dir / LOG_FILE
     if not log_file.is_file():
         raise FileNotFoundError(f"no training log at {log_file}; pass the output_dir of a training run")
     rows = CsvLog.read(log_file)

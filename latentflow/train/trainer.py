@@ -55,7 +55,7 @@ from latentflow.train.init import (
     merged_settings,
     new_flow_map_settings,
 )
-from latentflow.train.logs import CsvLog, KeyRecord
+from latentflow.train.logs import LOG_FILE, CsvLog, KeyRecord
 from latentflow.train.optim import learning_rate, make_adamw
 from latentflow.train.pairing import (
     PairingTransform,
@@ -568,7 +568,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / ckpt.CONFIG_FILE)
-            csv_log = CsvLog(self.output_dir / "log.csv", self.state.step if resume else None)
+            csv_log = CsvLog(self.output_dir / LOG_FILE, self.state.step if resume else None)
         if accelerator.log_with:
             accelerator.init_trackers(config.log.project, config=flat_config(config))
         result = self._loop(csv_log, vae)
