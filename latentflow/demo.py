@@ -20,6 +20,7 @@ from PIL import Image
 from latentflow.card import GRID_NAME
 from latentflow.errors import LatentflowError
 from latentflow.io import check_folder_target, write_folder_atomic
+from latentflow.processes import local_device
 from latentflow.train.checkpoint import checkpoint_root
 from latentflow.vae import DEFAULT_VAE
 
@@ -248,7 +249,7 @@ def sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> Path
 
     done = stages.start(f"sample a grid of {settings.grid_images} images, euler {settings.grid_steps} steps, "
                         f"guidance {settings.guidance_scale:g} (class-conditional models)")
-    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    pipe = load_pipeline(pipe_dir, local_device(None), progress=False)
     grid = write_grids(settings, pipe, pipe_dir, "euler", settings.grid_steps, demo_guidance(settings, pipe),
                        "samples")
     done()
@@ -260,7 +261,7 @@ def few_step_sample_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path
     from latentflow.export import load_pipeline
 
     done = stages.start(f"sample grids of {settings.grid_images} images from the flow map in 1 and 2 steps")
-    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    pipe = load_pipeline(pipe_dir, local_device(None), progress=False)
     grids = [write_grids(settings, pipe, pipe_dir, "flowmap", steps, 1.0, f"samples_flow_map_{steps}step")
              for steps in (1, 2)]
     done()
@@ -274,7 +275,7 @@ def couplings_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path) -> P
     from latentflow.export import load_pipeline
     from latentflow.reflow import ReflowConfig, make_couplings
 
-    guidance = demo_guidance(settings, load_pipeline(pipe_dir, "cpu", progress=False))
+    guidance = demo_guidance(settings, load_pipeline(pipe_dir, local_device(None), progress=False))
     done = stages.start(f"few steps: {settings.few_step_couplings} samples of the model (euler {settings.grid_steps}"
                         f" steps, guidance {guidance:g}) as the flow map's couplings")
     result = make_couplings(ReflowConfig(teacher=pipe_dir, n=settings.few_step_couplings, out=settings.out /
@@ -297,8 +298,8 @@ def reference_statistics_file(settings: DemoSettings, reference: Path) -> Path:
 
     path = settings.out / "reference_statistics" / f"{folder_identity(reference)[:16]}-{settings.resolution}px.npz"
     if not path.is_file():
-        write_folder_statistics(reference, path, make_extractors("cpu"), progress=lambda it: tqdm(it, desc="reference"),
-                                resolution=settings.resolution)
+        write_folder_statistics(reference, path, make_extractors(local_device(None)),
+                                progress=lambda it: tqdm(it, desc="reference"), resolution=settings.resolution)
     return path
 
 
@@ -319,9 +320,9 @@ def evaluate_stage(settings: DemoSettings, stages: Stages, pipe_dir: Path, split
     done = stages.start(f"FID against {reference} with {n} images per setting: {' '.join(sweep)}"
                         + (f", floors from {n} images of {train_folder}" if floors else ""))
     out = settings.out / name
-    pipe = load_pipeline(pipe_dir, "cpu", progress=False)
+    pipe = load_pipeline(pipe_dir, local_device(None), progress=False)
     evaluation = EvaluationSettings(reference=reference_statistics_file(settings, reference), n=n, sweep=sweep,
-                                    seed=settings.seed,
+                                    seed=settings.seed, device=str(local_device(None)),
                                     kid_subset_size=min(1000, n), floors=floors,
                                     guidance_scale=demo_guidance(settings, pipe) if guidance is None else guidance,
                                     guidance_interval=settings.guidance_interval)

@@ -13,6 +13,14 @@ from latentflow.errors import LatentflowError
 from latentflow.io import folder_lock
 
 
+def local_device(device: torch.device | str | None) -> torch.device:
+    """`device` checked by `torch_device`, or for None this machine's GPU when torch sees one, else the CPU: the
+    default of every command that runs in one process."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch_device(device)
+
+
 def torch_device(device: torch.device | str) -> torch.device:
     """`device` as a torch.device this machine can run on. An unknown name, or a GPU this torch cannot see (a CPU
     build asked for cuda, cuda:3 on a machine with two cards), is a one-line error naming the fix, before any model
@@ -54,7 +62,7 @@ class Distributed:
                                       f"{self.state.num_processes} process(es); check the accelerate config")
         self.rank = self.state.process_index if self.state else 0
         self.world_size = self.state.num_processes if self.state else 1
-        default = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        default = self.state.device if self.state else local_device(None)
         self.device = torch_device(device) if device else default
         if self.state is not None and self.device.type == default.type and self.device.index is None:
             self.device = default  # "cuda" under several processes: each its own card

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                         help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
@@ -47,15 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.card import CARD_NAME, card_evaluation_size, write_model_card
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
+    from latentflow.processes import local_device
 
+    device = str(local_device(args.device))
     settings = EvaluationSettings(
         reference=args.ref, n=args.n, sweep=list(args.sweep), batch_size=args.batch_size, seed=args.seed,
         guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
-        device=args.device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
+        device=device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors,
         time_shifts=args.time_shift)
     settings.check()
-    pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
+    pipe = load_pipeline(args.pipe_dir, device, progress=False, guide=not args.no_guide)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
     shown = card_evaluation_size(args.pipe_dir)
     if shown is not None and shown > settings.n:  # a quick check does not replace a larger evaluation

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grid", type=Path, default=None, help="write all images as one grid PNG")
     parser.add_argument("--outdir", type=Path, default=None, help="write one PNG per image")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.set_defaults(func=run)
 
 
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from latentflow.export import load_pipeline
     from latentflow.flow.solvers import check_stepping
     from latentflow.io import check_folder_target, image_format, image_grid, save_image
+    from latentflow.processes import local_device
     from latentflow.train.checkpoint import check_holds_no_work
 
     if args.grid is None and args.outdir is None:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.outdir is not None:
         check_folder_target(args.outdir, what="folder for the images")
         check_holds_no_work(args.outdir, "the images")
-    pipe = load_pipeline(args.pipe_dir, args.device, progress=False, guide=not args.no_guide)
+    pipe = load_pipeline(args.pipe_dir, local_device(args.device), progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     check_stepping(setting.solver, setting.steps, setting.tolerance, "--steps", "--atol")
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
