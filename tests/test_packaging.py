@@ -54,6 +54,8 @@ def test_every_commands_help_states_each_default_once_and_no_empty_one():
             assert empty not in text, (name, empty)
         for option in text.split(" --"):
             assert option.count("default") <= 1 + option.count("defaults"), (name, option)
+        bare = [action.dest for action in command._actions if not action.help]  # argparse shows no default then
+        assert bare == [], (name, bare)
     sample = " ".join(commands["sample"].format_help().split())
     assert "(default: the pipeline's)" in sample and "number of images (default: 64)" in sample
     for name, shown in (("encode", "(default: stabilityai/sd-vae-ft-mse)"), ("ot-fit", "(default: 1000)"),

@@ -18,11 +18,11 @@ def register(subparsers) -> None:
                         help="image folder (with train/ and val/ if any), shards or hf:NAME")
     parser.add_argument("--vae", default=defaults.vae,
                         help="diffusers VAE (hub id or folder) or a TAESD-family .pth folder")
-    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--out", type=Path, default=defaults.out, help="folder of every stage's output")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training config override (repeatable)")
-    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the config's train.max_steps")
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
                         help="generated images per FID setting (default: as many as the reference holds)")
@@ -33,10 +33,10 @@ def register(subparsers) -> None:
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip the floors (real vs real, the VAE floor) beside the FIDs")
     parser.add_argument("--sweep", nargs="+", default=defaults.sweep, help="solver settings to evaluate")
-    parser.add_argument("--grid-images", type=int, default=defaults.grid_images)
+    parser.add_argument("--grid-images", type=int, default=defaults.grid_images, help="images in the sample grid")
     parser.add_argument("--ot-fit-steps", type=int, default=defaults.ot_fit_steps,
                         help="ascent steps of the dataset OT potential (configs with objective.ot_scope: dataset)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the grids and the evaluation")
     few = parser.add_argument_group("few steps", "then a flow map fine-tuned from the trained model on its own "
                                     "samples, sampled and evaluated in 1 and 2 evaluations per image")
     few.add_argument("--few-step", action="store_true", help="add the few-step stages (about 10 minutes here)")

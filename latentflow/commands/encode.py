@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hf:imagefolder:DIR, hf:webdataset:GLOB")
     parser.add_argument("--out", required=True, help="cache folder")
     parser.add_argument("--resolution", type=int, default=64, help="square side, a multiple of the VAE factor")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="image decoding workers (default: 1 on CPU, min(8, cpus-1) on GPU)")
     parser.add_argument("--flip", action="store_true", help="also encode the horizontally flipped image")
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="VAE compute dtype")
     parser.add_argument("--labels", dest="labels", action="store_true", default=None,
                         help="class labels (folder: first-level subfolders; hf: ClassLabel/--label-column)")
-    parser.add_argument("--no-labels", dest="labels", action="store_false")
+    parser.add_argument("--no-labels", dest="labels", action="store_false", help="store no class labels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache made differently")
     parser.add_argument("--split", default=None,
                         help="Hugging Face dataset split (default train; hf: sources only)")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default=None, help="hf: sources only")
     parser.add_argument("--min-size", type=int, default=1, help="skip inputs whose shorter side is smaller")
     parser.add_argument("--device", default=None, help="default: the accelerate device, else cuda if present, else cpu")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:

@@ -26,17 +26,19 @@ def register(subparsers) -> None:
                              "towards the noise, t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: "
                              "the pipeline's)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (None: PIPE_DIR/evaluation)")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per pipeline call and feature batch")
+    parser.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i, in every setting")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (class-conditional models; 1: none)")
     parser.add_argument("--no-guide", action="store_true",
                         help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID averages over")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="images per KID subset (at most the smaller set)")
     parser.add_argument("--floors", type=Path, default=None,
                         help="training image folder: report real-vs-real and the VAE floor at the same --n beside "
                              "every FID (computed once, cached beside the reference)")

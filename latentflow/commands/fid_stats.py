@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--resolution", type=int, default=None,
                         help="resize + centre-crop to this square size first, as `latentflow encode` does "
                              "(use the generated images' size, e.g. 64)")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per feature batch")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--dinov2", type=Path, default=None, help="local transformers Dinov2Model folder (FD-DINOv2)")
     parser.set_defaults(func=run)

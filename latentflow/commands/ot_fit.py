@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "typical spread (cosine-decayed)")
     parser.add_argument("--average-from", type=float, default=defaults.average_from,
                         help="share of the steps after which the iterates are averaged (1: the final iterate)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the noise draws")
     parser.add_argument("--class-aware", action="store_true", help="one potential per class (pairs within a class)")
     parser.add_argument("--flips", action="store_true", help="include the cache's flip variants as points")
     parser.add_argument("--raw", dest="normalized", action="store_false",
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if present (under accelerate launch: each "
                         "process its own card), else cpu")
     parser.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _warn_if_unbalanced(excess: float, steps: int) -> None:

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                         help="evaluation.json files or the folders holding them (from `latentflow evaluate`)")
     parser.add_argument("--labels", nargs="+", default=None, help="one per evaluation (default: folder names)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    parser.add_argument("--title", default="")
+    parser.add_argument("--title", default="", help="the plot's title")
     parser.set_defaults(func=run)
 
 

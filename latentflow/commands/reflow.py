@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps of a fixed-step solver (default: the pipeline's; an adaptive one picks its own)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of the teacher")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="couplings per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="sample i's noise comes from a generator seeded (seed, i)")
     parser.add_argument("--shard-size", type=int, default=1000, help="couplings per shard")
     parser.add_argument("--device", default=None, help="default: the accelerate device, else cuda if present, else cpu")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,15 +20,16 @@ def register(subparsers) -> None:
     parser.add_argument("--time-shift", type=float, default=None, metavar="S",
                         help="fixed-step ODE solvers and flow-map jumps: steps shifted towards the noise, "
                              "t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i")
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (class-conditional models; 1: none)")
     parser.add_argument("--no-guide", action="store_true",
                         help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at times LOW <= t <= HIGH (t=0 noise, t=1 data); default: every time")
     parser.add_argument("--eta", type=float, default=None, help="DDIM stochasticity (ddpm models)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     parser.add_argument("--grid", type=Path, default=None, help="write all images as one grid PNG")
     parser.add_argument("--outdir", type=Path, default=None, help="write one PNG per image")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")

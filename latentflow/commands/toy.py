@@ -31,14 +31,15 @@ def register(subparsers) -> None:
                              "fine-tuned from it on its velocity; meanflow-reflow: rf, then a flow map fine-tuned "
                              "from it on its own (noise, endpoint) pairs)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per training step")
     parser.add_argument("--nfe", default="1,2,4,8,100", help="solver step counts to evaluate")
     parser.add_argument("--solver", default=defaults.solver,
                         help="torchdiffeq fixed-step method (ddpm samples with DDIM)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of training and evaluation")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
     parser.add_argument("--lr-schedule", default=defaults.lr_schedule, help="constant or cosine (decay to zero)")
-    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
+    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
+                        help="samples per NFE for W2 (against as many held-out target points)")
     parser.add_argument("--sigma", type=float, default=None, help="path sigma (default: 0 for rf, 0.01 otherwise)")
     parser.add_argument("--reg", type=float, default=defaults.reg,
                         help="Sinkhorn regularisation (relative to max cost)")
