@@ -47,8 +47,8 @@ def tiled_cache(source: Path, tile: int, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from latentflow.data.cache import LatentCache
-    from latentflow.data.potential import cache_fingerprint, potential_paths
+    from latentflow.data.cache import LatentCache, cache_fingerprint
+    from latentflow.data.potential import potential_paths
     from latentflow.io import write_json_atomic
 
     manifest = json.loads((source / "manifest.json").read_text())

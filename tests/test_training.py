@@ -148,6 +148,26 @@ def test_resume_into_other_model_settings_names_them_before_loading(finished_run
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == before
 
 
+def test_resume_on_another_cache_is_refused_before_loading(finished_run: Path, cache: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    """Found trying the command from outside: --resume with data.cache naming another cache (or the same one
+    re-encoded or extended since) continued silently, on other latents under another normalisation."""
+    other = encode_flower_cache(link_flower_photos(tmp_path / "photos", 2), tmp_path / "other", batch_size=10,
+                                shard_size=10)
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    manifest = (run / "cache_manifest.json").read_text()
+    args = ["train", "--config", str(FLOWERS_CONFIG), "--resume", "latest"]
+    for override in [*full_run_overrides(other, run), "train.max_steps=9"]:
+        args += ["--set", override]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert (f"error: checkpoint {run}/checkpoints/step-00000006 was trained on another cache than data.cache {other} "
+            f"(or on it before it was re-encoded or extended: its manifest differs)") in error
+    assert error.count("\n") == 1 and (run / "cache_manifest.json").read_text() == manifest
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
 def test_truncated_checkpoint_is_named_and_latest_falls_back(finished_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
@@ -391,6 +411,13 @@ def test_sigkill_during_training_then_resume_loses_nothing(finished_run: Path, c
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
     assert not (out / "model").exists()  # killed before the end
+    # a killed run is a start for another: its cache manifest is written when it starts (it was written at the end,
+    # so --init from an unfinished run's checkpoint was refused)
+    started = tmp_path / "from_killed"
+    init = ["train", "--config", str(FLOWERS_CONFIG), "--init", str(sorted((out / "checkpoints").glob("step-*"))[0])]
+    for override in full_run_overrides(cache, started) + ["train.max_steps=1", "sample.every=0"]:
+        init += ["--set", override]
+    assert cli.main(init) == 0 and (started / "model" / "config.json").is_file()
     resumed = args + ["--resume", "latest"]
     result = subprocess.run(resumed, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,6 +17,7 @@ of shards (read and decoded shard by shard, which is cheap).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 import json
@@ -48,6 +49,11 @@ class ShardInfo:
 def _split_member(name: str) -> tuple[str, str]:
     stem, _, extension = name.partition(".")
     return stem, extension
+
+
+def cache_fingerprint(cache: LatentCache) -> str:
+    """sha256 of the cache's manifest.json: any re-encode, extension or edit changes it."""
+    return hashlib.sha256((cache.path / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 class LatentCache:

@@ -14,7 +14,6 @@ Every file is written to a temporary name and renamed, so an interrupted fit res
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import sys
@@ -27,8 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from latentflow.data.cache import LatentCache
-from latentflow.data.manifest import MANIFEST_FILE
+from latentflow.data.cache import LatentCache, cache_fingerprint
 from latentflow.errors import LatentflowError, first_line, require_count
 from latentflow.flow.semidiscrete import (
     Balance,
@@ -47,11 +45,6 @@ MAX_IMBALANCE = 0.05
 """The largest balance excess (total variation beyond sampling noise) training accepts: a potential within it
 gives a data marginal at most 5% (in total variation) away from the cache's uniform one, about the effect of
 leaving out or doubling one image in twenty; a fit that stops short of it is a fit that needs more steps."""
-
-
-def cache_fingerprint(cache: LatentCache) -> str:
-    """sha256 of the cache's manifest.json: any re-encode, extension or edit changes it."""
-    return hashlib.sha256((cache.path / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 @dataclass

@@ -31,7 +31,8 @@ MODEL_DIR = "model"
 CONFIG_FILE = "config.yaml"
 """RUN/config.yaml: the run's whole config, as resolved when it started."""
 CACHE_MANIFEST_FILE = "cache_manifest.json"
-"""RUN/cache_manifest.json (and a pipeline's, copied by export): the manifest of the cache the run trained on."""
+"""RUN/cache_manifest.json (and a pipeline's, copied by export): the manifest of the cache the run trains on, written
+when it starts."""
 _STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 

@@ -30,6 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from latentflow.data.cache import cache_fingerprint
 from latentflow.errors import LatentflowError
 from latentflow.flow.objectives import (
     FLOW_MAP_OBJECTIVES,
@@ -82,6 +83,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     data_streams: int = 1  # K, the streams the global batches are drawn from (latentflow.data.elastic)
+    cache_fingerprint: str | None = None  # the cache trained on (None: a checkpoint from before it was recorded)
 
 
 @dataclass
@@ -250,7 +252,8 @@ class Trainer:
         self.num_classes = int(self.cache.num_classes)
         self.micro_batch = config.data.batch_size // (self.accelerator.num_processes * config.optim.grad_accumulation)
         self.objective: Objective = objective_from_config(config.objective)
-        self.state = TrainState(data_streams=config.data.streams or self.accelerator.num_processes)
+        self.state = TrainState(data_streams=config.data.streams or self.accelerator.num_processes,
+                                cache_fingerprint=cache_fingerprint(self.cache))
         self.layout()  # refuse a batch the streams cannot split before any work
         self._build_model()
 
@@ -508,7 +511,14 @@ class Trainer:
             raise LatentflowError(
                 f"data.streams {wanted} differs from checkpoint {folder}'s {saved['data_streams']}: the data "
                 f"position would not carry over; set data.streams: {saved['data_streams']} or leave it unset")
-        return TrainState(**saved)
+        trained_on = saved.get("cache_fingerprint")
+        if trained_on is not None and trained_on != self.state.cache_fingerprint:
+            raise LatentflowError(
+                f"checkpoint {folder} was trained on another cache than data.cache {self.config.data.cache} (or on "
+                f"it before it was re-encoded or extended: its manifest differs), so neither the data position nor "
+                f"the latents' normalisation would carry over; resume on the cache it trained on, or start a new "
+                f"run from these weights with --init")
+        return TrainState(**{**saved, "cache_fingerprint": self.state.cache_fingerprint})
 
     # --------------------------------------------------------------- samples
     def sample_latents(self) -> tuple[torch.Tensor, float | None]:
@@ -568,6 +578,8 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / ckpt.CONFIG_FILE)
+            # from the start, so that --init from any of the run's checkpoints can check its latents
+            write_json_atomic(self.output_dir / ckpt.CACHE_MANIFEST_FILE, self.cache.manifest, indent=1)
             csv_log = CsvLog(self.output_dir / LOG_FILE, self.state.step if resume else None)
         if accelerator.log_with:
             accelerator.init_trackers(config.log.project, config=flat_config(config))
@@ -641,11 +653,8 @@ class Trainer:
         return write_folder_atomic(self.output_dir / name, lambda folder: self.ema.model.save_pretrained(folder))
 
     def export(self) -> Path | None:
-        """Write the EMA model to OUT/model and the cache manifest beside it."""
-        target = self.write_model(ckpt.MODEL_DIR)
-        if target is not None:
-            write_json_atomic(self.output_dir / ckpt.CACHE_MANIFEST_FILE, self.cache.manifest, indent=1)
-        return target
+        """Write the EMA model to OUT/model (the cache manifest beside it is written when the run starts)."""
+        return self.write_model(ckpt.MODEL_DIR)
 
 
 def train(config: Config, resume: str | None = None) -> FitResult:
