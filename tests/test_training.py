@@ -132,7 +132,8 @@ def test_resume_gives_the_same_losses_as_continuing(finished_run: Path, cache: P
 def test_resume_into_other_model_settings_names_them_before_loading(finished_run: Path, cache: Path,
                                                                      tmp_path: Path, capsys) -> None:
     """Found trying the command from outside: --resume with other model settings was torch's state-dict traceback
-    (missing and unexpected keys), or, for a setting without weights (qk_norm off keeps none), a silent resume."""
+    (missing and unexpected keys), or, for a setting without weights (qk_norm off keeps none), a silent resume; with
+    another objective's prediction or data.normalize, a silent resume."""
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
     before = sorted(path.name for path in (run / "checkpoints").iterdir())
@@ -145,6 +146,15 @@ def test_resume_into_other_model_settings_names_them_before_loading(finished_run
         error = capsys.readouterr().err
         assert (f"error: checkpoint {run}/checkpoints/step-00000006 holds a model with {message}; resume with the "
                 f"run's own model settings ({run}/config.yaml)") in error and error.count("\n") == 1
+    # what the same weights compute: a velocity run resumed as ddpm (noise prediction), or on other latent scales
+    normalize = load_config(run / "config.yaml").data.normalize
+    for setting, message in (("objective.name=ddpm", "objective.name 'otcfm' (this config: 'ddpm')"),
+                             (f"data.normalize={str(not normalize).lower()}",
+                              f"data.normalize {normalize} (this config: {not normalize})")):
+        assert cli.main([*base, "--set", setting]) == 2
+        error = capsys.readouterr().err
+        assert (f"error: checkpoint {run}/checkpoints/step-00000006 was trained with {message}, which changes what "
+                f"its model computes") in error and error.count("\n") == 1
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == before
 
 

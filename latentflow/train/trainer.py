@@ -227,6 +227,28 @@ def check_same_model(saved: dict[str, Any], built: dict[str, Any], checkpoint: P
                               f"run in another output_dir")
 
 
+def check_same_task(run_config: Path, config: Config, checkpoint: Path) -> None:
+    """Refuse to resume `checkpoint` with settings that change what its model computes: what it predicts (velocity,
+    noise, a flow map's average velocity: its objective) or the latents' scale (`data.normalize`), as the run's
+    saved config (`run_config`, when there is one) records them. Other settings (lr, steps, pairing) may change."""
+    if not run_config.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(run_config.read_text()) or {}  # read as YAML: a config of an older version may not load
+    objective = (saved.get("objective") or {}).get("name", config.objective.name)
+    normalize = (saved.get("data") or {}).get("normalize", config.data.normalize)
+    changes = []
+    if make_objective(objective).prediction != make_objective(config.objective.name).prediction:
+        changes.append(f"objective.name {objective!r} (this config: {config.objective.name!r})")
+    if normalize != config.data.normalize:
+        changes.append(f"data.normalize {normalize!r} (this config: {config.data.normalize!r})")
+    if changes:
+        raise LatentflowError(f"checkpoint {checkpoint} was trained with {', '.join(changes)}, which changes what "
+                              f"its model computes; resume with the run's settings ({run_config}) or start a new "
+                              f"run from these weights with --init")
+
+
 class Trainer:
     """Everything for one training job; see the module docstring.
 
@@ -495,6 +517,7 @@ class Trainer:
         check_model_matches_cache(model_config, tuple(self.cache.latent_shape), self.num_classes,
                                   self.config.data.cache, f"checkpoint {info.path}")
         check_same_model(model_config, dict(self.unwrapped.config), info.path)
+        check_same_task(info.path.parent.parent / ckpt.CONFIG_FILE, self.config, info.path)
         self.accelerator.load_state(str(info.path))
         # read on the CPU and copied into the EMA's tensors: safetensors refuses the 'cpu:0' of a gloo process
         self.ema.load_state_dict(load_file(info.path / EMA_FILE))
