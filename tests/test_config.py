@@ -82,6 +82,8 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path: Path) -> None:
 
 def test_a_file_or_override_that_is_not_yaml_is_one_line_naming_it(tmp_path: Path) -> None:
     """Found trying the command from outside: a YAML syntax error was a 40-line traceback."""
+    with pytest.raises(LatentflowError, match=f"config file {tmp_path} is a folder; give a YAML file"):
+        load_config(tmp_path)  # was "does not exist"
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  max_steps: [\n")
     with pytest.raises(LatentflowError, match=rf"{broken}: not valid YAML \(.* at line 3, column 1\)"):

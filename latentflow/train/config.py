@@ -323,6 +323,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise LatentflowError(f"config file {path} is a folder; give a YAML file, e.g. configs/flowers64_demo.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         data = _parse_yaml(path.read_text(), str(path)) or {}
