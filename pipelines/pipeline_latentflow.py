@@ -291,7 +291,7 @@ class LatentFlowPipeline(DiffusionPipeline):
                       guidance_interval: tuple[float, float] | None = None, use_guide: bool = True) -> Field:
         """field(x (B, C, h, w), t (B,)): the model's prediction, with classifier-free guidance when w != 1 (the
         unconditional branch from the guide when there is one and `use_guide`)."""
-        if not isinstance(use_guide, bool):
+        if use_guide not in (True, False):  # numpy's bools and 0/1 too; a string such as "no" is not
             raise LatentflowError(f"use_guide must be True or False, got {use_guide!r}")
         guide = self._guide_model if use_guide and self.guide is not None else None
         return guided_field(self._model, labels, self.scheduler.null_class_id, guidance_scale, guidance_interval,

@@ -208,7 +208,8 @@ def test_bad_inputs_name_the_argument_and_what_is_valid(pipe, arguments, message
 def test_good_generator_lists_and_numpy_guidance_scales_pass(pipe):
     latents = torch.randn(2, 4, 8, 8, generator=seeded(9))
     listed = pipe(latents=latents, class_labels=[0, 1], generator=[seeded(1), seeded(2)], output_type="latent")
-    scalar = pipe(latents=latents, class_labels=[0, 1], guidance_scale=np.float32(1.0), output_type="latent")
+    scalar = pipe(latents=latents, class_labels=[0, 1], guidance_scale=np.float32(1.0), use_guide=np.bool_(True),
+                  output_type="latent")
     assert torch.equal(listed.images, scalar.images)  # latents given: generators only draw what is missing
     deterministic = pipe(latents=latents, class_labels=[0, 1], eta=0.0, output_type="latent")  # as reflow asks
     assert torch.equal(deterministic.images, scalar.images)
