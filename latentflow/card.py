@@ -59,7 +59,9 @@ def _training_lines(scheduler_config: dict[str, Any], manifest: dict[str, Any] |
     lines = [f"- objective: `{scheduler_config.get('objective')}` ({scheduler_config.get('prediction_type')} "
              f"prediction); default sampler `{scheduler_config.get('solver')}`, {steps} step{'' if steps == 1 else 's'}"
              + ("" if scheduler_config.get("time_shift", 1.0) == 1 else
-                f", shifted towards the noise by {scheduler_config['time_shift']:g} (`time_shift`)")]
+                f", shifted towards the noise by {scheduler_config['time_shift']:g} (`time_shift`)")
+             + ("" if scheduler_config.get("guidance_scale", 1.0) == 1 else
+                f", guidance {scheduler_config['guidance_scale']:g} (`guidance_scale`)")]
     if manifest:
         vae = manifest.get("vae", {})
         lines.append(f"- latents: {manifest.get('num_samples')} images encoded at {manifest.get('resolution')} px "

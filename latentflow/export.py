@@ -118,6 +118,7 @@ def scheduler_from_run(config: Any, manifest: dict[str, Any], vae_module: torch.
         prediction_type=prediction,
         solver=solver,
         num_inference_steps=steps,
+        guidance_scale=float(config.sample.guidance_scale) if manifest.get("num_classes") else 1.0,
         ddpm_num_train_timesteps=defaults.num_train_timesteps,
         ddpm_beta_start=defaults.beta_start,
         ddpm_beta_end=defaults.beta_end,

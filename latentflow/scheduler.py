@@ -14,6 +14,7 @@ from diffusers import SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from latentflow.errors import LatentflowError
+from latentflow.flow.guidance import check_guidance_scale
 from latentflow.flow.schedules import DDPMSchedule, check_time_shift
 from latentflow.flow.solvers import PREDICTIONS
 
@@ -35,6 +36,8 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         eta: default DDIM stochasticity (0 deterministic, 1 ancestral DDPM).
         time_shift: default shift of the grid of fixed-step ODE solvers and flow-map jumps towards the noise (1:
             evenly spaced steps; `latentflow.flow.schedules.shift_times`).
+        guidance_scale: default classifier-free guidance w of class-conditional models (1: none; export takes the
+            run's `sample.guidance_scale`, what its previews were sampled with).
         ddpm_num_train_timesteps, ddpm_beta_start, ddpm_beta_end: the DDPM schedule a noise model was trained with.
         latent_channels: C of the model-space latents.
         latent_size: [h, w] of the latents.
@@ -60,6 +63,7 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         rtol: float = 1e-5,
         eta: float = 0.0,
         time_shift: float = 1.0,
+        guidance_scale: float = 1.0,
         ddpm_num_train_timesteps: int = DDPMSchedule.num_train_timesteps,
         ddpm_beta_start: float = DDPMSchedule.beta_start,
         ddpm_beta_end: float = DDPMSchedule.beta_end,
@@ -76,6 +80,9 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type not in PREDICTION_TYPES:
             raise LatentflowError(f"prediction_type {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
         check_time_shift(time_shift)
+        check_guidance_scale(guidance_scale)
+        if guidance_scale != 1.0 and not num_classes:
+            raise LatentflowError(f"guidance_scale {guidance_scale} needs a class-conditional model (num_classes > 0)")
         if (latent_mean is None) != (latent_std is None):
             raise LatentflowError("latent_mean and latent_std must be given together (or both None)")
         for name, values in (("latent_mean", latent_mean), ("latent_std", latent_std)):

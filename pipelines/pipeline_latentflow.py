@@ -132,7 +132,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         atol: float | None = None,
         rtol: float | None = None,
         class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         use_guide: bool = True,
         eta: float | None = None,
@@ -156,7 +156,8 @@ class LatentFlowPipeline(DiffusionPipeline):
             class_labels: ids or label names, one or one per image; None on a class-conditional model draws
                 uniform labels with `generator`.
             guidance_scale: classifier-free guidance w, v = v_null + w (v_class - v_null); 1 means none (and no
-                extra evaluations).
+                extra evaluations); default: the scheduler's `guidance_scale` (what the run's previews used; 1 in a
+                pipeline exported before it was recorded).
             guidance_interval: (t_low, t_high): guide only at times low <= t <= high (t=0 noise, t=1 data), the
                 conditional model alone elsewhere (None: guide at every time).
             use_guide: with guidance and a `guide` component, take the unconditional branch from the guide,
@@ -182,6 +183,8 @@ class LatentFlowPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
         labels = self._class_labels(class_labels, x0.shape[0], generator, device)
+        if guidance_scale is None:
+            guidance_scale = self.scheduler.config.guidance_scale
         field = self._guided_field(labels, guidance_scale, guidance_interval, use_guide)
         if callback_on_step_end is not None:
             _check_callback(settings["solver"], callback_on_step_end_tensor_inputs)

@@ -85,6 +85,31 @@ def perturbed_copy(pipe_dir: Path, out: Path) -> Path:
     return out
 
 
+def test_a_pipeline_samples_with_its_runs_preview_guidance_by_default(run_dir: Path, tmp_path: Path, capsys):
+    """Found trying the tool from outside: a pipeline's samples were unguided unless guidance was asked for (the
+    demo's grids use 4), so `latentflow sample PIPE` gave worse images than the run's previews and the card."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["sample"]["guidance_scale"] = 3.0
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    pipe_dir = tmp_path / "pipe"
+    assert cli.main(["export", str(run), "--out", str(pipe_dir), "--grid-images", "0"]) == 0
+    pipe = perturbed_copy(pipe_dir, pipe_dir) and load_pipeline(pipe_dir)
+    assert pipe.scheduler.config.guidance_scale == 3.0 and "guidance 3 (`guidance_scale`)" in (
+        pipe_dir / "README.md").read_text()
+    shape = (pipe.scheduler.config.latent_channels, *pipe.scheduler.config.latent_size)
+    noise = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    images = {scale: pipe(latents=noise, class_labels=[0, 3], num_inference_steps=2, guidance_scale=scale,
+                          output_type="latent").images for scale in (None, 3.0, 1.0)}
+    assert torch.equal(images[None], images[3.0]) and not torch.allclose(images[None], images[1.0])
+    capsys.readouterr()
+    assert cli.main(["sample", str(pipe_dir), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "g.png")]) == 0
+    assert "2 images, midpoint-2, guidance 3, NFE per batch" in capsys.readouterr().out
+
+
 def test_export_writes_a_standard_pipeline_folder(pipe_dir: Path, run_dir: Path):
     index = json.loads((pipe_dir / "model_index.json").read_text())
     assert index["_class_name"] == "LatentFlowPipeline"

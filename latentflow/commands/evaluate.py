@@ -28,8 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (None: PIPE_DIR/evaluation)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per pipeline call and feature batch")
     parser.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i, in every setting")
-    parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance (class-conditional models; 1: none)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (class-conditional models; 1: none; default: the pipeline's, "
+                             "what the run's previews used)")
     parser.add_argument("--no-guide", action="store_true",
                         help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from latentflow.card import CARD_NAME, card_evaluation_size, write_model_card
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
@@ -54,12 +57,15 @@ def run(args: argparse.Namespace) -> int:
     device = str(local_device(args.device))
     settings = EvaluationSettings(
         reference=args.ref, n=args.n, sweep=list(args.sweep), batch_size=args.batch_size, seed=args.seed,
-        guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         device=device, dinov2=args.dinov2, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, reference_resolution=args.ref_resolution, floors=args.floors,
         time_shifts=args.time_shift)
     settings.check()
     pipe = load_pipeline(args.pipe_dir, device, progress=False, guide=not args.no_guide)
+    if args.guidance_scale is None:  # the pipeline's default
+        settings = dataclasses.replace(settings, guidance_scale=pipe.scheduler.config.guidance_scale)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
     shown = card_evaluation_size(args.pipe_dir)
     if shown is not None and shown > settings.n:  # a quick check does not replace a larger evaluation

@@ -22,8 +22,9 @@ def register(subparsers) -> None:
                              "t' = t / (S - (S - 1) t) (SD3's shift; 1 evenly spaced; default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i")
     parser.add_argument("--class", dest="class_label", default=None, help="class name or id (default: random)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance (class-conditional models; 1: none)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (class-conditional models; 1: none; default: the pipeline's, "
+                             "what the run's previews used)")
     parser.add_argument("--no-guide", action="store_true",
                         help="guidance from the model alone, without the pipeline's guide/ (when it has one)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
@@ -60,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipe_dir, local_device(args.device), progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     check_stepping(setting.solver, setting.steps, setting.tolerance, "--steps", "--atol")
+    guidance = pipe.scheduler.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
-                               args.guidance_scale, args.eta, args.guidance_interval)
+                               guidance, args.eta, args.guidance_interval)
     images, nfes = [], []
     with tqdm(total=args.n, desc="sampling", unit="img", delay=1) as bar:  # an early error prints alone
         for batch in batches:
@@ -76,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
         save_image(image_grid(torch.stack(images)), args.grid)
     written = " and ".join(str(path) for path in (args.grid, args.outdir) if path is not None)
     nfe = nfes[0] if len(set(nfes)) == 1 else nfes
-    print(f"{args.n} images, {setting.label}, NFE per batch {nfe}: wrote {written}")
+    shown = f", guidance {guidance:g}" if pipe.scheduler.config.num_classes else ""
+    print(f"{args.n} images, {setting.label}{shown}, NFE per batch {nfe}: wrote {written}")
     return 0
