@@ -47,8 +47,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from latentflow.card import CARD_NAME, card_evaluation_size, write_model_card
     from latentflow.eval.sweep import EvaluationSettings, evaluate_pipeline
     from latentflow.export import load_pipeline
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     pipe = load_pipeline(args.pipe_dir, device, progress=False, guide=not args.no_guide)
     if args.guidance_scale is None:  # the pipeline's default
-        settings = dataclasses.replace(settings, guidance_scale=pipe.scheduler.config.guidance_scale)
+        settings.guidance_scale = pipe.scheduler.config.guidance_scale
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
     shown = card_evaluation_size(args.pipe_dir)
     if shown is not None and shown > settings.n:  # a quick check does not replace a larger evaluation
