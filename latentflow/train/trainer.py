@@ -518,6 +518,7 @@ class Trainer:
                                   self.config.data.cache, f"checkpoint {info.path}")
         check_same_model(model_config, dict(self.unwrapped.config), info.path)
         check_same_task(info.path.parent.parent / ckpt.CONFIG_FILE, self.config, info.path)
+        self._check_same_cache(info.path)  # all three before anything loads
         self.accelerator.load_state(str(info.path))
         # read on the CPU and copied into the EMA's tensors: safetensors refuses the 'cpu:0' of a gloo process
         self.ema.load_state_dict(load_file(info.path / EMA_FILE))
@@ -534,14 +535,17 @@ class Trainer:
             raise LatentflowError(
                 f"data.streams {wanted} differs from checkpoint {folder}'s {saved['data_streams']}: the data "
                 f"position would not carry over; set data.streams: {saved['data_streams']} or leave it unset")
-        trained_on = saved.get("cache_fingerprint")
+        return TrainState(**{**saved, "cache_fingerprint": self.state.cache_fingerprint})
+
+    def _check_same_cache(self, folder: Path) -> None:
+        """Refuse a checkpoint that recorded another cache's fingerprint than data.cache's."""
+        trained_on = json.loads((folder / STATE_FILE).read_text()).get("cache_fingerprint")
         if trained_on is not None and trained_on != self.state.cache_fingerprint:
             raise LatentflowError(
                 f"checkpoint {folder} was trained on another cache than data.cache {self.config.data.cache} (or on "
                 f"it before it was re-encoded or extended: its manifest differs), so neither the data position nor "
                 f"the latents' normalisation would carry over; resume on the cache it trained on, or start a new "
                 f"run from these weights with --init")
-        return TrainState(**{**saved, "cache_fingerprint": self.state.cache_fingerprint})
 
     # --------------------------------------------------------------- samples
     def sample_latents(self) -> tuple[torch.Tensor, float | None]:
