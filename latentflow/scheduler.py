@@ -97,6 +97,11 @@ class LatentFlowScheduler(SchedulerMixin, ConfigMixin):
         defaults = {"noise": "ddim", "average_velocity": "flowmap"}
         return self.config.solver or defaults.get(self.config.prediction_type, "euler")
 
+    def guidance(self, scale: float | None) -> float:
+        """`scale`, or when None the pipeline's default `guidance_scale`: one rule for the pipeline, `sample` and
+        `evaluate`."""
+        return float(self.config.guidance_scale) if scale is None else scale
+
     @property
     def null_class_id(self) -> int:
         """The class id of the null (unconditional) class."""

@@ -183,9 +183,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         x0 = self._initial_noise(batch_size, class_labels, generator, latents, device, dtype)
         labels = self._class_labels(class_labels, x0.shape[0], generator, device)
-        if guidance_scale is None:
-            guidance_scale = self.scheduler.config.guidance_scale
-        field = self._guided_field(labels, guidance_scale, guidance_interval, use_guide)
+        field = self._guided_field(labels, self.scheduler.guidance(guidance_scale), guidance_interval, use_guide)
         if callback_on_step_end is not None:
             _check_callback(settings["solver"], callback_on_step_end_tensor_inputs)
         x1, nfe = self._sample(field, x0, settings, generator, callback_on_step_end)

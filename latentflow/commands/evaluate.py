@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         time_shifts=args.time_shift)
     settings.check()
     pipe = load_pipeline(args.pipe_dir, device, progress=False, guide=not args.no_guide)
-    if args.guidance_scale is None:  # the pipeline's default
-        settings.guidance_scale = pipe.scheduler.config.guidance_scale
+    settings.guidance_scale = pipe.scheduler.guidance(args.guidance_scale)
     paths = evaluate_pipeline(pipe, args.pipe_dir, settings, args.out or args.pipe_dir / "evaluation")
     shown = card_evaluation_size(args.pipe_dir)
     if shown is not None and shown > settings.n:  # a quick check does not replace a larger evaluation

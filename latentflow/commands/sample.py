@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipe_dir, local_device(args.device), progress=False, guide=not args.no_guide)
     setting = SamplerSetting(args.solver or pipe.scheduler.default_solver, args.steps, args.atol, args.time_shift)
     check_stepping(setting.solver, setting.steps, setting.tolerance, "--steps", "--atol")
-    guidance = pipe.scheduler.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    guidance = pipe.scheduler.guidance(args.guidance_scale)
     batches = generate_batches(pipe, args.n, setting, args.batch_size, args.seed, args.class_label,
                                guidance, args.eta, args.guidance_interval)
     images, nfes = [], []
